@@ -1,0 +1,1 @@
+"""Benchmarks run by ``dynamo-ext bench``; each prints JSON and compares against a baseline."""

@@ -1,0 +1,177 @@
+"""Typed configuration, loaded from a YAML/TOML file, then ``DYNAMO_EXT_*`` env vars, then flags.
+
+One msgspec Struct per component. ``load_config`` merges the three sources in that order
+and validates once at start: a wrong value fails with a ``ConfigError`` naming the field
+path (``scorer.overlap_weight``), never later inside the hot path.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import msgspec
+import yaml
+
+from dynamo_ext.errors import ConfigError
+from dynamo_ext.protocol import WorkerRegistration
+
+ScorerMode = Literal["kv", "dynamo", "round_robin", "random", "least_loaded"]
+
+
+class ScorerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Cost of sending a request to a worker; the lowest cost wins.
+
+    ``kv`` (default), in blocks of work:
+
+        cost = overlap_weight * (new_prefill_blocks + queued_prefill_blocks)
+             + active_decode_blocks
+             + running_weight * running + waiting_weight * waiting
+             + kv_full_penalty * prompt_blocks   (only when kv_usage >= kv_high_watermark)
+
+    where ``new_prefill_blocks = prompt_blocks - gpu_hits - sum(offload_hits)
+    + sum(offload_hits[t] * tier_costs[t])``: an offload-tier hit costs a fraction of a
+    recompute (``offload_score`` = blocks saved). Queued prefill and active decode blocks
+    take the larger of the router's own prediction and the worker's last metrics.
+
+    ``dynamo`` reproduces Dynamo's KV router: ``overlap_weight * potential_prefill_blocks +
+    potential_decode_blocks`` with GPU overlap only, softmax sampling at ``temperature``.
+    """
+
+    mode: ScorerMode = "kv"
+    overlap_weight: float = 1.0
+    tier_costs: dict[str, float] = msgspec.field(
+        default_factory=lambda: {"CPU": 0.1, "DISK": 0.3, "STORAGE": 0.3, "REMOTE": 0.5}
+    )
+    running_weight: float = 1.0
+    waiting_weight: float = 8.0
+    kv_high_watermark: float = 0.95
+    kv_full_penalty: float = 1.0
+    temperature: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.overlap_weight < 0:
+            raise ConfigError("scorer.overlap_weight", "must be >= 0")
+        if self.temperature < 0:
+            raise ConfigError("scorer.temperature", "must be >= 0")
+        for tier, c in self.tier_costs.items():
+            if not 0.0 <= c <= 1.0:
+                raise ConfigError(f"scorer.tier_costs.{tier}", "must be within [0, 1]")
+
+
+class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    bind: str = "tcp://127.0.0.1:5600"  # ROUTER socket: route, register, report
+    metrics_port: int = 9091  # Prometheus HTTP; 0 disables
+    metrics_host: str = "127.0.0.1"
+    block_size: int = 16
+    hash_mode: Literal["engine", "tokens"] = "engine"
+    hash_algo: str = "sha256"
+    hash_seed: str | None = None
+    worker_timeout_s: float = 5.0  # no metrics for this long: worker down
+    failure_holdoff_s: float = 5.0  # after a WorkerFailed report, ignore metrics this long
+    request_ttl_s: float = 600.0  # forget predicted load of requests never reported done
+    replay_timeout_s: float = 2.0
+    initial_replay: bool = True  # on start, fetch each publisher's buffered history
+    max_blocks_per_worker: int = 0  # 0: unbounded; engines bound their own caches
+    log_decisions: bool = False
+    workers: list[WorkerRegistration] = []
+    scorer: ScorerConfig = msgspec.field(default_factory=ScorerConfig)
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ConfigError("block_size", f"must be > 0, got {self.block_size}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("metrics_port", f"not a port: {self.metrics_port}")
+        for name in ("worker_timeout_s", "request_ttl_s", "replay_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, "must be > 0")
+        ids = [w.worker_id for w in self.workers]
+        dup = {w for w in ids if ids.count(w) > 1}
+        if dup:
+            raise ConfigError("workers", f"duplicate worker_id {sorted(dup)}")
+
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {p}: {exc}") from exc
+    try:
+        data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError("config", f"{p} is not valid {p.suffix or 'YAML'}: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{p} must hold a mapping at top level")
+    return data
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = data
+    for part in parts[:-1]:
+        nxt = cur.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(dotted, f"{part!r} is not a mapping")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def env_overrides(prefix: str, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """``DYNAMO_EXT_ROUTER__SCORER__OVERLAP_WEIGHT=2`` -> ``{"scorer": {"overlap_weight": 2}}``.
+
+    Values are parsed as YAML scalars so numbers and booleans keep their type.
+    """
+    out: dict[str, Any] = {}
+    env = os.environ if environ is None else environ
+    for key, raw in env.items():
+        if not key.startswith(prefix):
+            continue
+        dotted = key[len(prefix) :].lower().replace("__", ".")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set_path(out, dotted, value)
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def build(cls: type[T], data: dict[str, Any]) -> T:
+    try:
+        return msgspec.convert(data, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        # msgspec says e.g. "Expected `float`, got `str` - at `$.scorer.overlap_weight`".
+        msg = str(exc)
+        field = msg.rsplit("at `$.", 1)[1].rstrip("`") if "at `$." in msg else cls.__name__
+        raise ConfigError(field, msg) from exc
+
+
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    env_prefix: str = "DYNAMO_EXT_ROUTER__",
+    environ: dict[str, str] | None = None,
+) -> T:
+    data: dict[str, Any] = read_config_file(path) if path else {}
+    data = _merge(data, env_overrides(env_prefix, environ))
+    data = _merge(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    return build(cls, data)

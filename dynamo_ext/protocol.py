@@ -1,0 +1,245 @@
+"""Wire messages of dynamo-ext: every byte that crosses a socket is one of these Structs.
+
+Two families live here. The KV event Structs mirror ``vllm/distributed/kv_events.py`` of
+vLLM 0.32 field for field (same tags, same ``array_like`` batch, same ``omit_defaults``), so
+the router decodes a stock vLLM stream unchanged and our own publishers (offload tiers,
+the mocker) emit bytes a vLLM consumer could read. The control family (metrics, registration,
+routing) is ours: tagged unions on one ZMQ ROUTER socket, framed as
+``[PROTOCOL_HEADER, payload]`` so a peer speaking another version is refused with an error
+instead of being misread. Nothing here imports an engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal
+
+import msgspec
+
+PROTOCOL_VERSION: Final = 1
+PROTOCOL_HEADER: Final = b"dynamo-ext/1"
+
+# vLLM's ZmqEventPublisher end-of-replay marker: seq -1 as 8 signed big-endian bytes.
+REPLAY_END_SEQ: Final = (-1).to_bytes(8, "big", signed=True)
+
+MEDIUM_GPU: Final = "GPU"
+MEDIUM_CPU: Final = "CPU"
+MEDIUM_DISK: Final = "DISK"
+MEDIUM_STORAGE: Final = "STORAGE"  # vLLM's name for its own storage offload tier
+MEDIUM_REMOTE: Final = "REMOTE"
+
+# A vLLM block hash on the wire: int (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1, the default)
+# or the raw sha256 bytes.
+ExternalBlockHash = bytes | int
+
+Role = Literal["prefill", "decode", "both"]
+RequestRole = Literal["prefill", "decode", "aggregated"]
+
+
+# --------------------------------------------------------------------------------------
+# KV events, identical to vLLM's (vllm/distributed/kv_events.py).
+# --------------------------------------------------------------------------------------
+class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float
+    events: list[Any]
+    data_parallel_rank: int | None = None
+
+
+class KVCacheEvent(msgspec.Struct, omit_defaults=True, gc=False, tag=True):
+    """Base of the tagged KV cache events (tag field ``type`` = class name)."""
+
+
+class BlockStored(KVCacheEvent):
+    block_hashes: list[ExternalBlockHash]
+    parent_block_hash: ExternalBlockHash | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+    extra_keys: list[tuple[Any, ...] | None] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+    session_id: str | None = None
+
+
+class BlockRemoved(KVCacheEvent):
+    block_hashes: list[ExternalBlockHash]
+    medium: str | None
+    group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+
+
+class AllBlocksCleared(KVCacheEvent):
+    pass
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+class KVEventBatch(EventBatch):
+    events: list[KVEvent]
+
+
+# --------------------------------------------------------------------------------------
+# Worker -> router: load metrics (PUB, same [topic, seq, payload] framing as KV events).
+# --------------------------------------------------------------------------------------
+class WorkerMetrics(msgspec.Struct, tag="metrics", omit_defaults=True, gc=False):
+    worker_id: str
+    heartbeat: int
+    ts: float
+    role: Role = "both"
+    running: int = 0
+    waiting: int = 0
+    kv_used_blocks: int = 0
+    kv_total_blocks: int = 0
+    # Blocks held per offload tier ("CPU", "DISK", "REMOTE", ...).
+    offload_blocks: dict[str, int] = {}
+    prefill_queue_tokens: int = 0
+    # Prefix-cache counters of the engine (monotonic), for hit-rate metrics.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+
+# --------------------------------------------------------------------------------------
+# Control plane on the router's ROUTER socket.
+# --------------------------------------------------------------------------------------
+class WorkerRegistration(msgspec.Struct, tag="register", omit_defaults=True):
+    worker_id: str
+    role: Role = "both"
+    http_endpoint: str | None = None  # base URL of the worker's OpenAI server
+    kv_events_endpoint: str | None = None  # ZMQ PUB of vLLM KV events
+    kv_events_topic: str = ""
+    replay_endpoint: str | None = None  # ZMQ ROUTER replay socket of the publisher
+    metrics_endpoint: str | None = None  # ZMQ PUB of WorkerMetrics
+    nixl_endpoint: str | None = None  # NIXL side channel host:port
+    block_size: int | None = None
+    model: str | None = None
+
+
+class WorkerDeregistration(msgspec.Struct, tag="deregister"):
+    worker_id: str
+
+
+class RouteRequest(msgspec.Struct, tag="route", omit_defaults=True):
+    """Ask for a worker. Give ``token_ids`` or the prompt's precomputed ``block_hashes``."""
+
+    request_id: str
+    role: RequestRole = "aggregated"
+    token_ids: list[int] | None = None
+    block_hashes: list[int] | None = None
+    num_tokens: int | None = None  # prompt length when only hashes are sent
+    exclude_workers: list[str] = []
+    # Reserve predicted load on the chosen worker until RequestFinished (default) or not.
+    track: bool = True
+    explain: bool = False  # return the score of every candidate, not only the winner
+
+
+class PrefillFinished(msgspec.Struct, tag="prefill_done"):
+    """The request's prompt is in the worker's cache: its prefill load is gone."""
+
+    request_id: str
+
+
+class RequestFinished(msgspec.Struct, tag="finished"):
+    request_id: str
+
+
+class WorkerFailed(msgspec.Struct, tag="worker_failed"):
+    """A caller saw the worker refuse or drop a connection: stop routing to it now."""
+
+    worker_id: str
+    reason: str = ""
+
+
+class RouterQuery(msgspec.Struct, tag="query"):
+    """Ask for the router's view of the fleet (debugging, tests, gateways)."""
+
+    what: Literal["workers"] = "workers"
+
+
+ControlMessage = (
+    WorkerRegistration
+    | WorkerDeregistration
+    | RouteRequest
+    | PrefillFinished
+    | RequestFinished
+    | WorkerFailed
+    | RouterQuery
+)
+
+
+class WorkerScore(msgspec.Struct, omit_defaults=True, gc=False):
+    worker_id: str
+    # Prompt blocks found per tier, counted along the worker's longest cached prefix.
+    prefix_hit_blocks: dict[str, int]
+    offload_score: float  # blocks of recompute saved by offload-tier hits
+    new_prefill_blocks: float  # blocks that must be recomputed (offload hits partly)
+    running: int
+    waiting: int
+    kv_usage: float
+    predicted_prefill_tokens: int  # routed, prefill not yet reported done
+    predicted_active_blocks: int  # routed, not yet reported finished
+    cost: float
+
+
+class RouteResponse(msgspec.Struct, tag="routed", omit_defaults=True):
+    request_id: str
+    worker_id: str
+    http_endpoint: str | None
+    nixl_endpoint: str | None
+    num_blocks: int
+    chosen: WorkerScore
+    candidates: list[WorkerScore] = []
+    decision_us: float = 0.0
+
+
+class Ack(msgspec.Struct, tag="ack"):
+    ok: bool = True
+    detail: str = ""
+
+
+class WorkerState(msgspec.Struct, omit_defaults=True):
+    worker_id: str
+    role: Role
+    up: bool
+    http_endpoint: str | None
+    indexed_blocks: dict[str, int]
+    last_metrics: WorkerMetrics | None = None
+
+
+class FleetState(msgspec.Struct, tag="fleet"):
+    workers: list[WorkerState]
+
+
+class ErrorReply(msgspec.Struct, tag="error"):
+    code: str  # bad_request | no_worker | version | internal
+    message: str
+    request_id: str | None = None
+
+
+ReplyMessage = RouteResponse | Ack | FleetState | ErrorReply
+
+# Shared encoders/decoders: building them once keeps per-message allocation off the hot path.
+encoder = msgspec.msgpack.Encoder()
+kv_batch_decoder = msgspec.msgpack.Decoder(KVEventBatch)
+metrics_decoder = msgspec.msgpack.Decoder(WorkerMetrics)
+control_decoder = msgspec.msgpack.Decoder(ControlMessage)
+reply_decoder = msgspec.msgpack.Decoder(ReplyMessage)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return encoder.encode(msg)
+
+
+def seq_bytes(seq: int) -> bytes:
+    return seq.to_bytes(8, "big")
+
+
+def seq_from_bytes(raw: bytes) -> int:
+    if len(raw) != 8:
+        raise msgspec.DecodeError(f"sequence frame must be 8 bytes, got {len(raw)}")
+    return int.from_bytes(raw, "big", signed=True)

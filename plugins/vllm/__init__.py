@@ -1,0 +1,1 @@
+"""vLLM plugin: translates between a stock vLLM engine and the dynamo-ext protocol."""

@@ -1,0 +1,286 @@
+"""Global prefix index: which worker caches which block, per storage tier.
+
+Layout: one dict per tier mapping a block hash to a bitmask of the workers holding it (bit =
+the worker's slot). Because block hashes are chained (a block's hash covers its whole
+prefix), a prompt's blocks match a worker up to the first block it lacks, so
+``find_matches`` walks the prompt's hashes once, AND-ing masks, and stops as soon as no
+candidate is left: one dict lookup and a few int ops per block, whatever the fleet size.
+
+Why not a radix tree of nodes as Dynamo's Rust indexer: in Python every node is an object of
+~100+ bytes and every step a pointer chase through attribute dicts; a flat dict keyed by the
+chained hash is the same tree, addressed by path hash, at ~80 bytes per block. The price is
+that clearing one worker scans its tiers (O(blocks)); that happens on a worker restart,
+not per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from dynamo_ext.protocol import MEDIUM_CPU, MEDIUM_DISK, MEDIUM_GPU, MEDIUM_REMOTE, MEDIUM_STORAGE
+
+# Lookup order after the GPU prefix: an engine tries its host memory first, then disk, then
+# a remote pool; an unknown tier name goes last.
+TIER_ORDER: tuple[str, ...] = (MEDIUM_GPU, MEDIUM_CPU, MEDIUM_DISK, MEDIUM_STORAGE, MEDIUM_REMOTE)
+
+MAX_WORKERS = 4096
+
+
+class PrefixMatches:
+    """Result of ``find_matches``: each worker's longest cached prefix of a prompt.
+
+    ``gpu[worker]`` blocks are in the worker's device cache; ``offload[worker][tier]`` blocks
+    continue that prefix from an offload tier (what an engine with an offload connector
+    loads instead of recomputing). Workers with no hit are absent.
+    """
+
+    __slots__ = ("gpu", "offload", "num_blocks")
+
+    def __init__(
+        self, gpu: dict[str, int], offload: dict[str, dict[str, int]], num_blocks: int
+    ) -> None:
+        self.gpu = gpu
+        self.offload = offload
+        self.num_blocks = num_blocks
+
+    def total(self, worker_id: str) -> int:
+        off = self.offload.get(worker_id)
+        return self.gpu.get(worker_id, 0) + (sum(off.values()) if off else 0)
+
+    def per_tier(self, worker_id: str) -> dict[str, int]:
+        out = {MEDIUM_GPU: self.gpu.get(worker_id, 0)}
+        off = self.offload.get(worker_id)
+        if off:
+            out.update(off)
+        return out
+
+
+class KvIndex:
+    """In-memory global index. Not thread-safe: one event loop owns it."""
+
+    def __init__(self, max_blocks_per_worker: int = 0) -> None:
+        self._tiers: dict[str, dict[int, int]] = {MEDIUM_GPU: {}}
+        self._tier_rank: dict[str, int] = {t: i for i, t in enumerate(TIER_ORDER)}
+        self._slots: dict[str, int] = {}
+        self._ids: list[str | None] = []
+        self._bits: list[int] = []
+        self._free: list[int] = []
+        self._counts: list[dict[str, int]] = []
+        self._all_mask = 0
+        self.max_blocks_per_worker = max_blocks_per_worker
+        self.dropped_over_capacity = 0
+
+    # ---- workers -------------------------------------------------------------------
+    def add_worker(self, worker_id: str) -> int:
+        slot = self._slots.get(worker_id)
+        if slot is not None:
+            return slot
+        if self._free:
+            slot = self._free.pop()
+            self._ids[slot] = worker_id
+            self._counts[slot] = {}
+        else:
+            slot = len(self._ids)
+            if slot >= MAX_WORKERS:
+                raise ValueError(f"index holds at most {MAX_WORKERS} workers")
+            self._ids.append(worker_id)
+            self._bits.append(1 << slot)
+            self._counts.append({})
+        self._slots[worker_id] = slot
+        self._all_mask |= self._bits[slot]
+        return slot
+
+    def remove_worker(self, worker_id: str) -> None:
+        slot = self._slots.pop(worker_id, None)
+        if slot is None:
+            return
+        self._clear_slot(slot)
+        self._all_mask &= ~self._bits[slot]
+        self._ids[slot] = None
+        self._free.append(slot)
+
+    def clear_worker(self, worker_id: str, tier: str | None = None) -> None:
+        """The worker's cache was cleared: one tier (AllBlocksCleared) or all (a restart)."""
+        slot = self._slots.get(worker_id)
+        if slot is not None:
+            self._clear_slot(slot, tier)
+
+    def _clear_slot(self, slot: int, tier: str | None = None) -> None:
+        b = self._bits[slot]
+        nb = ~b
+        for t, d in self._tiers.items():
+            if tier is not None and t != tier:
+                continue
+            hit = [(h, m) for h, m in d.items() if m & b]
+            for h, m in hit:
+                m &= nb
+                if m:
+                    d[h] = m
+                else:
+                    del d[h]
+            self._counts[slot].pop(t, None)
+
+    def workers(self) -> list[str]:
+        return list(self._slots)
+
+    def slot_of(self, worker_id: str) -> int | None:
+        return self._slots.get(worker_id)
+
+    def mask_of(self, worker_ids: Iterable[str]) -> int:
+        m = 0
+        slots, bits = self._slots, self._bits
+        for w in worker_ids:
+            s = slots.get(w)
+            if s is not None:
+                m |= bits[s]
+        return m
+
+    def block_counts(self, worker_id: str) -> dict[str, int]:
+        slot = self._slots.get(worker_id)
+        return dict(self._counts[slot]) if slot is not None else {}
+
+    def num_entries(self) -> int:
+        """Distinct (tier, block) keys held: the unit of ``bytes_per_block``."""
+        return sum(len(d) for d in self._tiers.values())
+
+    # ---- events (hot path) -----------------------------------------------------------
+    def store(self, slot: int, hashes: Sequence[int], tier: str = MEDIUM_GPU) -> int:
+        """Mark ``hashes`` cached by the worker in ``slot``; returns blocks newly added."""
+        d = self._tiers.get(tier)
+        if d is None:
+            d = self._tiers[tier] = {}
+            self._tier_rank.setdefault(tier, len(self._tier_rank))
+        counts = self._counts[slot]
+        cap = self.max_blocks_per_worker
+        if cap and counts.get(tier, 0) + len(hashes) > cap:
+            room = max(0, cap - counts.get(tier, 0))
+            self.dropped_over_capacity += len(hashes) - room
+            hashes = hashes[:room]
+        b = self._bits[slot]
+        get = d.get
+        added = 0
+        for h in hashes:
+            old = get(h, 0)
+            if not old & b:
+                # A block held by one worker shares that worker's bit object: no new int.
+                d[h] = old | b if old else b
+                added += 1
+        if added:
+            counts[tier] = counts.get(tier, 0) + added
+        return added
+
+    def remove(self, slot: int, hashes: Iterable[int], tier: str = MEDIUM_GPU) -> int:
+        d = self._tiers.get(tier)
+        if d is None:
+            return 0
+        b = self._bits[slot]
+        nb = ~b
+        get = d.get
+        removed = 0
+        for h in hashes:
+            old = get(h)
+            if old is not None and old & b:
+                m = old & nb
+                if m:
+                    d[h] = m
+                else:
+                    del d[h]
+                removed += 1
+        if removed:
+            counts = self._counts[slot]
+            counts[tier] = counts.get(tier, 0) - removed
+        return removed
+
+    # ---- queries (hot path) ----------------------------------------------------------
+    def find_matches(self, hashes: Sequence[int], candidates: int | None = None) -> PrefixMatches:
+        """Each candidate worker's longest cached prefix of ``hashes``, per tier.
+
+        ``candidates`` is a worker mask (``mask_of``); None means every worker.
+        """
+        alive = self._all_mask if candidates is None else candidates & self._all_mask
+        ids = self._ids
+        n = len(hashes)
+        gpu_len: dict[int, int] = {}
+        get = self._tiers[MEDIUM_GPU].get
+        i = 0
+        for h in hashes:
+            m = get(h, 0) & alive
+            if m != alive:
+                if i:
+                    dropped = alive ^ m
+                    while dropped:
+                        low = dropped & -dropped
+                        gpu_len[low.bit_length() - 1] = i
+                        dropped ^= low
+                alive = m
+                if not alive:
+                    break
+            i += 1
+        else:
+            while alive:
+                low = alive & -alive
+                gpu_len[low.bit_length() - 1] = n
+                alive ^= low
+        gpu = {ids[s]: ln for s, ln in gpu_len.items()}  # type: ignore[misc]
+        offload: dict[str, dict[str, int]] = {}
+        if len(self._tiers) > 1:
+            tiers = [
+                (t, d)
+                for t, d in sorted(self._tiers.items(), key=lambda kv: self._tier_rank[kv[0]])
+                if t != MEDIUM_GPU and d
+            ]
+            if tiers:
+                cand = self._all_mask if candidates is None else candidates & self._all_mask
+                self._offload_walk(hashes, cand, gpu_len, tiers, offload)
+        return PrefixMatches(gpu, offload, n)
+
+    def _offload_walk(
+        self,
+        hashes: Sequence[int],
+        cand: int,
+        gpu_len: dict[int, int],
+        tiers: list[tuple[str, dict[int, int]]],
+        out: dict[str, dict[str, int]],
+    ) -> None:
+        """Continue each worker's GPU prefix through its offload tiers (first tier wins)."""
+        n = len(hashes)
+        start_at: dict[int, int] = {}
+        for s, ln in gpu_len.items():
+            if ln < n:
+                start_at[ln] = start_at.get(ln, 0) | self._bits[s]
+        with_gpu = 0
+        for s in gpu_len:
+            with_gpu |= self._bits[s]
+        zero = cand & ~with_gpu
+        if zero:
+            start_at[0] = start_at.get(0, 0) | zero
+        starts = sorted(start_at)
+        counts: dict[int, dict[str, int]] = {}
+        ids = self._ids
+        alive = 0
+        si = 0
+        i = starts[0] if starts else n
+        while i < n:
+            if si < len(starts) and starts[si] == i:
+                alive |= start_at[i]
+                si += 1
+            if not alive:
+                if si >= len(starts):
+                    break
+                i = starts[si]
+                continue
+            h = hashes[i]
+            cont = 0
+            for t, d in tiers:
+                m = d.get(h, 0) & alive & ~cont
+                if m:
+                    cont |= m
+                    while m:
+                        low = m & -m
+                        c = counts.setdefault(low.bit_length() - 1, {})
+                        c[t] = c.get(t, 0) + 1
+                        m ^= low
+            alive = cont
+            i += 1
+        for s, c in counts.items():
+            out[ids[s]] = c  # type: ignore[index]

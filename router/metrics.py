@@ -1,0 +1,74 @@
+"""Prometheus metrics of the router, on a registry of its own (several routers may share a
+process in tests). Names follow Prometheus conventions with a ``dynamo_ext_router_`` prefix.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "dynamo_ext_router_"
+        self.decisions = Counter(
+            p + "decisions", "Routing decisions", ["worker", "role"], registry=r
+        )
+        self.decision_seconds = Histogram(
+            p + "decision_seconds",
+            "Time to answer a route request (hashing, find_matches, scoring)",
+            buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1),
+            registry=r,
+        )
+        self.prompt_blocks = Counter(
+            p + "prompt_blocks", "Prompt blocks routed, per chosen worker", ["worker"], registry=r
+        )
+        self.hit_blocks = Counter(
+            p + "prefix_hit_blocks",
+            "Prompt blocks found cached on the chosen worker, per tier",
+            ["worker", "tier"],
+            registry=r,
+        )
+        self.worker_hit_rate = Gauge(
+            p + "worker_prefix_hit_rate",
+            "Cumulative share of routed prompt blocks found cached on the worker",
+            ["worker"],
+            registry=r,
+        )
+        self.kv_events = Counter(
+            p + "kv_events", "KV events applied", ["worker", "type"], registry=r
+        )
+        self.kv_blocks = Counter(
+            p + "kv_blocks_applied", "Blocks stored/removed by applied KV events", ["op"], registry=r
+        )
+        self.seq_gaps = Counter(
+            p + "seq_gaps", "Sequence gaps seen on KV event streams", ["worker"], registry=r
+        )
+        self.replays = Counter(
+            p + "replays", "Replay requests to a publisher, by result", ["worker", "result"],
+            registry=r,
+        )
+        self.restarts = Counter(
+            p + "worker_restarts", "Worker processes seen restarting (cache reset)", ["worker"],
+            registry=r,
+        )
+        self.malformed = Counter(
+            p + "malformed_messages", "Messages dropped as malformed or unknown", ["source"],
+            registry=r,
+        )
+        self.hash_mismatch = Counter(
+            p + "hash_mismatch",
+            "BlockStored events whose hashes the router could not reproduce",
+            ["worker"],
+            registry=r,
+        )
+        self.workers_up = Gauge(p + "workers_up", "Workers eligible for traffic", registry=r)
+        self.workers_down = Gauge(p + "workers_down", "Workers marked down", registry=r)
+        self.worker_up = Gauge(p + "worker_up", "1 if the worker gets traffic", ["worker"],
+                               registry=r)
+        self.indexed_blocks = Gauge(
+            p + "indexed_blocks", "Distinct blocks in the index, per tier", ["tier"], registry=r
+        )
+        self.active_requests = Gauge(
+            p + "active_requests", "Routed requests not yet reported finished", registry=r
+        )
