@@ -64,7 +64,7 @@ class ScorerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     bind: str = "tcp://127.0.0.1:5600"  # ROUTER socket: route, register, report
-    metrics_port: int = 9091  # Prometheus HTTP; 0 disables
+    metrics_port: int | None = 9091  # Prometheus HTTP; 0: any free port; None: off
     metrics_host: str = "127.0.0.1"
     block_size: int = 16
     hash_mode: Literal["engine", "tokens"] = "engine"
@@ -83,7 +83,7 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.block_size <= 0:
             raise ConfigError("block_size", f"must be > 0, got {self.block_size}")
-        if not 0 <= self.metrics_port <= 65535:
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError("metrics_port", f"not a port: {self.metrics_port}")
         for name in ("worker_timeout_s", "request_ttl_s", "replay_timeout_s"):
             if getattr(self, name) <= 0:

@@ -84,6 +84,30 @@ class KVEventBatch(EventBatch):
     events: list[KVEvent]
 
 
+# Lean views of the same bytes for the router's ingest path when it trusts the engine's
+# hashes: decoding skips token_ids and the other fields instead of building them.
+class StoredHashes(msgspec.Struct, tag="BlockStored", gc=False):
+    block_hashes: list[ExternalBlockHash]
+    parent_block_hash: ExternalBlockHash | None
+    block_size: int
+    medium: str | None = None
+
+
+class RemovedHashes(msgspec.Struct, tag="BlockRemoved", gc=False):
+    block_hashes: list[ExternalBlockHash]
+    medium: str | None = None
+
+
+class Cleared(msgspec.Struct, tag="AllBlocksCleared", gc=False):
+    pass
+
+
+class HashesBatch(msgspec.Struct, array_like=True, gc=False):
+    ts: float
+    events: list[StoredHashes | RemovedHashes | Cleared]
+    data_parallel_rank: int | None = None
+
+
 # --------------------------------------------------------------------------------------
 # Worker -> router: load metrics (PUB, same [topic, seq, payload] framing as KV events).
 # --------------------------------------------------------------------------------------
@@ -226,6 +250,7 @@ ReplyMessage = RouteResponse | Ack | FleetState | ErrorReply
 # Shared encoders/decoders: building them once keeps per-message allocation off the hot path.
 encoder = msgspec.msgpack.Encoder()
 kv_batch_decoder = msgspec.msgpack.Decoder(KVEventBatch)
+hashes_batch_decoder = msgspec.msgpack.Decoder(HashesBatch)
 metrics_decoder = msgspec.msgpack.Decoder(WorkerMetrics)
 control_decoder = msgspec.msgpack.Decoder(ControlMessage)
 reply_decoder = msgspec.msgpack.Decoder(ReplyMessage)

@@ -4,12 +4,46 @@ process in tests). Names follow Prometheus conventions with a ``dynamo_ext_route
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+WorkerCounters = Callable[[], list[tuple[str, int, int, int]]]
+
+
+class _PerWorker(Collector):
+    """Per-worker counts kept as plain ints on the hot path, exported at scrape time."""
+
+    def __init__(self, source: WorkerCounters) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        p = "dynamo_ext_router_"
+        ev = CounterMetricFamily(p + "kv_events", "KV events applied", labels=["worker"])
+        blocks = CounterMetricFamily(
+            p + "prompt_blocks", "Prompt blocks routed, per chosen worker", labels=["worker"]
+        )
+        rate = GaugeMetricFamily(
+            p + "worker_prefix_hit_rate",
+            "Share of routed prompt blocks found cached on the chosen worker",
+            labels=["worker"],
+        )
+        for wid, events, routed, hits in self._source():
+            ev.add_metric([wid], events)
+            blocks.add_metric([wid], routed)
+            rate.add_metric([wid], hits / routed if routed else 0.0)
+        yield ev
+        yield blocks
+        yield rate
 
 
 class RouterMetrics:
-    def __init__(self) -> None:
+    def __init__(self, per_worker: WorkerCounters | None = None) -> None:
         r = self.registry = CollectorRegistry()
+        if per_worker is not None:
+            r.register(_PerWorker(per_worker))
         p = "dynamo_ext_router_"
         self.decisions = Counter(
             p + "decisions", "Routing decisions", ["worker", "role"], registry=r
@@ -20,23 +54,11 @@ class RouterMetrics:
             buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1),
             registry=r,
         )
-        self.prompt_blocks = Counter(
-            p + "prompt_blocks", "Prompt blocks routed, per chosen worker", ["worker"], registry=r
-        )
         self.hit_blocks = Counter(
             p + "prefix_hit_blocks",
             "Prompt blocks found cached on the chosen worker, per tier",
             ["worker", "tier"],
             registry=r,
-        )
-        self.worker_hit_rate = Gauge(
-            p + "worker_prefix_hit_rate",
-            "Cumulative share of routed prompt blocks found cached on the worker",
-            ["worker"],
-            registry=r,
-        )
-        self.kv_events = Counter(
-            p + "kv_events", "KV events applied", ["worker", "type"], registry=r
         )
         self.kv_blocks = Counter(
             p + "kv_blocks_applied", "Blocks stored/removed by applied KV events", ["op"], registry=r

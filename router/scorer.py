@@ -20,9 +20,18 @@ from dynamo_ext.router.sequences import WorkerLoad
 
 @dataclass(slots=True)
 class Candidate:
+    """A worker as the scorer sees it. The router's own ``WorkerEntry`` has the same fields.
+
+    ``base``/``kv_full`` cache the request-independent part of the cost; whoever changes
+    ``metrics`` or ``load`` sets ``dirty`` so the scorer recomputes them once.
+    """
+
     worker_id: str
     metrics: WorkerMetrics | None
     load: WorkerLoad
+    dirty: bool = True
+    base: float = 0.0
+    kv_full: bool = False
 
 
 class Scorer:
@@ -32,44 +41,62 @@ class Scorer:
         self._rng = random.Random(config.seed)
         self._rr = 0
 
-    def _kv_cost(
-        self, c: Candidate, matches: PrefixMatches, n: int
-    ) -> tuple[float, float, float, dict[str, int]]:
+    def refresh(self, c: Candidate) -> None:
+        """Recompute the load part of ``kv`` cost: queued prefill, decode blocks, requests."""
         cfg = self.config
-        bs = self.block_size
-        gpu = matches.gpu.get(c.worker_id, 0)
-        off = matches.offload.get(c.worker_id)
-        saved = 0.0
-        off_hits = 0
-        if off:
-            costs = cfg.tier_costs
-            for tier, k in off.items():
-                off_hits += k
-                saved += k * (1.0 - costs.get(tier, 1.0))
-        new_prefill = n - gpu - saved
         m = c.metrics
         ld = c.load
         if m is not None:
-            queued = max(ld.prefill_tokens, m.prefill_queue_tokens) / bs
+            queued = max(ld.prefill_tokens, m.prefill_queue_tokens) / self.block_size
             decode = max(ld.active_blocks, m.kv_used_blocks)
             running = max(ld.requests, m.running)
             waiting = m.waiting
-            usage = m.kv_used_blocks / m.kv_total_blocks if m.kv_total_blocks else 0.0
+            c.kv_full = bool(m.kv_total_blocks) and (
+                m.kv_used_blocks / m.kv_total_blocks >= cfg.kv_high_watermark
+            )
         else:
-            queued = ld.prefill_tokens / bs
+            queued = ld.prefill_tokens / self.block_size
             decode = ld.active_blocks
             running = ld.requests
             waiting = 0
-            usage = 0.0
-        cost = (
-            cfg.overlap_weight * (new_prefill + queued)
+            c.kv_full = False
+        c.base = (
+            cfg.overlap_weight * queued
             + decode
             + cfg.running_weight * running
             + cfg.waiting_weight * waiting
         )
-        if usage >= cfg.kv_high_watermark:
-            cost += cfg.kv_full_penalty * n
-        return cost, saved, new_prefill, off or {}
+        c.dirty = False
+
+    def _saved(self, off: dict[str, int] | None) -> float:
+        if not off:
+            return 0.0
+        costs = self.config.tier_costs
+        return sum(k * (1.0 - costs.get(tier, 1.0)) for tier, k in off.items())
+
+    def _kv_costs(
+        self, cands: Sequence[Candidate], matches: PrefixMatches, pos: dict[str, int]
+    ) -> list[float]:
+        cfg = self.config
+        n = matches.num_blocks
+        for c in cands:
+            if c.dirty:
+                self.refresh(c)
+        ow_n = cfg.overlap_weight * n
+        full_n = ow_n + cfg.kv_full_penalty * n
+        costs = [c.base + (full_n if c.kv_full else ow_n) for c in cands]
+        gpu, off = matches.gpu, matches.offload
+        ow = cfg.overlap_weight
+        # Only workers with a hit differ from their base: visit those, not the fleet.
+        for wid, g in gpu.items():
+            i = pos.get(wid)
+            if i is not None:
+                costs[i] -= ow * g
+        for wid, o in off.items():
+            i = pos.get(wid)
+            if i is not None:
+                costs[i] -= ow * self._saved(o)
+        return costs
 
     def _dynamo_cost(self, c: Candidate, matches: PrefixMatches, n: int) -> float:
         # Dynamo: potential prefill blocks (prompt minus device overlap, plus the prefill
@@ -85,15 +112,18 @@ class Scorer:
         candidates: Sequence[Candidate],
         matches: PrefixMatches,
         explain: bool = False,
+        pos: dict[str, int] | None = None,
     ) -> tuple[WorkerScore, list[WorkerScore]]:
+        """Pick a worker. ``pos`` maps worker id to its index in ``candidates`` (cacheable)."""
         if not candidates:
             raise ValueError("no candidates")
         n = matches.num_blocks
         mode = self.config.mode
         costs: list[float]
         if mode == "kv":
-            parts = [self._kv_cost(c, matches, n) for c in candidates]
-            costs = [p[0] for p in parts]
+            if pos is None:
+                pos = {c.worker_id: i for i, c in enumerate(candidates)}
+            costs = self._kv_costs(candidates, matches, pos)
             best = self._argmin(costs, candidates)
         elif mode == "dynamo":
             costs = [self._dynamo_cost(c, matches, n) for c in candidates]
@@ -122,9 +152,10 @@ class Scorer:
 
     def _argmin(self, costs: list[float], candidates: Sequence[Candidate]) -> int:
         lo = min(costs)
+        first = costs.index(lo)
+        if costs.count(lo) == 1:
+            return first
         ties = [i for i, c in enumerate(costs) if c == lo]
-        if len(ties) == 1:
-            return ties[0]
         # Equal cost: prefer fewer reserved requests, then spread at random.
         fewest = min(candidates[i].load.requests for i in ties)
         ties = [i for i in ties if candidates[i].load.requests == fewest]
@@ -141,8 +172,8 @@ class Scorer:
         return self._rng.choices(range(len(logits)), weights=weights)[0]
 
     def _score(self, c: Candidate, matches: PrefixMatches, cost: float) -> WorkerScore:
-        n = matches.num_blocks
-        _, saved, new_prefill, _ = self._kv_cost(c, matches, n)
+        saved = self._saved(matches.offload.get(c.worker_id))
+        new_prefill = matches.num_blocks - matches.gpu.get(c.worker_id, 0) - saved
         m = c.metrics
         hits = matches.per_tier(c.worker_id)
         if not hits.get(MEDIUM_GPU):

@@ -56,23 +56,25 @@ class ActiveSequences:
         wl.active_blocks += blocks
         wl.prefill_tokens += prefill_tokens
 
-    def prefill_done(self, request_id: str) -> bool:
+    def prefill_done(self, request_id: str) -> str | None:
+        """Returns the request's worker, or None for an unknown request."""
         s = self._seqs.get(request_id)
         if s is None:
-            return False
+            return None
         self.load(s.worker_id).prefill_tokens -= s.prefill_tokens
         s.prefill_tokens = 0
-        return True
+        return s.worker_id
 
-    def finish(self, request_id: str) -> bool:
+    def finish(self, request_id: str) -> str | None:
+        """Returns the request's worker, or None for an unknown request."""
         s = self._seqs.pop(request_id, None)
         if s is None:
-            return False
+            return None
         wl = self.load(s.worker_id)
         wl.requests -= 1
         wl.active_blocks -= s.blocks
         wl.prefill_tokens -= s.prefill_tokens
-        return True
+        return s.worker_id
 
     def drop_worker(self, worker_id: str) -> list[str]:
         """Forget a dead worker's requests; returns their ids (callers may migrate them)."""
@@ -84,17 +86,18 @@ class ActiveSequences:
         wl.requests = wl.active_blocks = wl.prefill_tokens = 0
         return gone
 
-    def expire(self, now: float | None = None) -> int:
+    def expire(self, now: float | None = None) -> list[str]:
+        """Drop requests past their TTL; returns the workers whose load changed."""
         now = time.monotonic() if now is None else now
-        n = 0
+        touched: list[str] = []
         while self._seqs:
             rid, s = next(iter(self._seqs.items()))
             if s.deadline > now:
                 break
             self.finish(rid)
-            n += 1
-        self.expired += n
-        return n
+            touched.append(s.worker_id)
+        self.expired += len(touched)
+        return touched
 
     def __len__(self) -> int:
         return len(self._seqs)

@@ -50,8 +50,13 @@ from dynamo_ext.protocol import (
     WorkerMetrics,
     WorkerRegistration,
     WorkerState,
+    Cleared,
+    HashesBatch,
+    RemovedHashes,
+    StoredHashes,
     control_decoder,
     encode,
+    hashes_batch_decoder,
     kv_batch_decoder,
     metrics_decoder,
     seq_bytes,
@@ -78,7 +83,8 @@ class WorkerEntry:
     __slots__ = (
         "worker_id", "reg", "slot", "static", "metrics", "load", "last_seen", "failed_until",
         "up", "last_seq", "dup_floor", "kv_task", "xlat", "hash_checked", "m_up",
-        "routed_blocks", "hit_blocks",
+        "routed_blocks", "hit_blocks", "events_applied", "m_children", "dirty", "base",
+        "kv_full",
     )
 
     def __init__(self, reg: WorkerRegistration, slot: int, load: WorkerLoad, static: bool):
@@ -100,6 +106,12 @@ class WorkerEntry:
         self.m_up: object = None
         self.routed_blocks = 0
         self.hit_blocks = 0
+        self.events_applied = 0  # exported as a counter by a collector, not per event
+        self.m_children: dict[str, object] = {}
+        # Scorer cache: the request-independent part of this worker's cost.
+        self.dirty = True
+        self.base = 0.0
+        self.kv_full = False
 
 
 class RouterServer:
@@ -113,9 +125,9 @@ class RouterServer:
         self.hasher = BlockHasher(
             config.block_size, config.hash_mode, config.hash_algo, config.hash_seed
         )
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(self._worker_counters)
         self.workers: dict[str, WorkerEntry] = {}
-        self._cand_cache: dict[str, list[WorkerEntry]] = {}
+        self._cand_cache: dict[str, tuple[list[WorkerEntry], int, dict[str, int]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_sub: zmq.asyncio.Socket | None = None
         self._metrics_endpoints: set[str] = set()
@@ -136,7 +148,7 @@ class RouterServer:
         self._metrics_sub = self.ctx.socket(zmq.SUB)
         self._metrics_sub.setsockopt(zmq.LINGER, 0)
         self._metrics_sub.setsockopt(zmq.SUBSCRIBE, b"")
-        if self.config.metrics_port:
+        if self.config.metrics_port is not None:
             self._start_http()
         for reg in self.config.workers:
             self._add_worker(reg, static=True)
@@ -246,13 +258,18 @@ class RouterServer:
         self.metrics.workers_up.set(n_up)
         self.metrics.workers_down.set(len(self.workers) - n_up)
 
-    def _candidates(self, role: str) -> list[WorkerEntry]:
+    def _candidates(self, role: str) -> tuple[list[WorkerEntry], int, dict[str, int]]:
+        """Live workers for a request role, their index mask and positions (cached)."""
         c = self._cand_cache.get(role)
         if c is None:
             roles = _ROLES_FOR.get(role, ("both",))
             ups = [w for w in self.workers.values() if w.up]
-            c = [w for w in ups if w.reg.role in roles] or (ups if role == "aggregated" else [])
-            self._cand_cache[role] = c
+            ws = [w for w in ups if w.reg.role in roles] or (ups if role == "aggregated" else [])
+            c = self._cand_cache[role] = (
+                ws,
+                self.index.mask_of(w.worker_id for w in ws),
+                {w.worker_id: i for i, w in enumerate(ws)},
+            )
         return c
 
     # ------------------------------------------------------------------ KV events
@@ -291,7 +308,7 @@ class RouterServer:
             return
         seq = int.from_bytes(frames[1], "big")
         try:
-            batch = kv_batch_decoder.decode(frames[2])
+            batch = self._decode_kv(w, frames[2])
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self._malformed("kv", w.worker_id, exc)
             # The batch is lost to us but its seq is not a gap: replaying it won't help.
@@ -347,7 +364,7 @@ class RouterServer:
                 if seq <= w.last_seq:
                     continue
                 try:
-                    batch = kv_batch_decoder.decode(frames[3])
+                    batch = self._decode_kv(w, frames[3])
                 except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                     self._malformed("replay", w.worker_id, exc)
                     continue
@@ -370,14 +387,23 @@ class RouterServer:
                      w.worker_id, start, w.last_seq)
         return True
 
-    def _apply_batch(self, w: WorkerEntry, batch: KVEventBatch) -> None:
+    def _decode_kv(self, w: WorkerEntry, payload: bytes) -> KVEventBatch | HashesBatch:
+        # Token ids are only needed to hash them (tokens mode) or to check once that the
+        # router reproduces the engine's hashes; otherwise skip them while decoding.
+        if self.config.hash_mode == "tokens" or not w.hash_checked:
+            return kv_batch_decoder.decode(payload)
+        return hashes_batch_decoder.decode(payload)
+
+    def _apply_batch(self, w: WorkerEntry, batch: KVEventBatch | HashesBatch) -> None:
         index = self.index
         slot = w.slot
         tokens_mode = self.config.hash_mode == "tokens"
         stored = removed = 0
         for ev in batch.events:
             t = type(ev)
-            if t is BlockStored:
+            if t is StoredHashes:
+                stored += index.store(slot, _ints(ev.block_hashes), ev.medium or MEDIUM_GPU)  # type: ignore[union-attr]
+            elif t is BlockStored:
                 tier = ev.medium or MEDIUM_GPU  # type: ignore[union-attr]
                 hashes = _ints(ev.block_hashes)  # type: ignore[union-attr]
                 if tokens_mode:
@@ -388,7 +414,7 @@ class RouterServer:
                 elif not w.hash_checked:
                     self._check_hash(w, ev, hashes)  # type: ignore[arg-type]
                 stored += index.store(slot, hashes, tier)
-            elif t is BlockRemoved:
+            elif t is BlockRemoved or t is RemovedHashes:
                 tier = ev.medium or MEDIUM_GPU  # type: ignore[union-attr]
                 hashes = _ints(ev.block_hashes)  # type: ignore[union-attr]
                 if tokens_mode:
@@ -397,10 +423,10 @@ class RouterServer:
                         continue
                     hashes = [x.pop(h) for h in hashes if h in x]
                 removed += index.remove(slot, hashes, tier)
-            elif t is AllBlocksCleared:
+            elif t is AllBlocksCleared or t is Cleared:
                 index.clear_worker(w.worker_id, MEDIUM_GPU)
                 w.xlat.pop(MEDIUM_GPU, None)
-            self.metrics.kv_events.labels(w.worker_id, t.__name__).inc()
+        w.events_applied += len(batch.events)
         if stored:
             self.metrics.kv_blocks.labels("stored").inc(stored)
         if removed:
@@ -478,6 +504,7 @@ class RouterServer:
             self.index.clear_worker(w.worker_id)
             w.xlat.clear()
         w.metrics = m
+        w.dirty = True
         now = time.monotonic()
         w.last_seen = now
         if not w.up and now >= w.failed_until:
@@ -489,7 +516,8 @@ class RouterServer:
         while True:
             await asyncio.sleep(period)
             self.check_liveness()
-            self.sequences.expire()
+            for wid in self.sequences.expire():
+                self._touch(wid)
             self.metrics.active_requests.set(len(self.sequences))
             for tier, d in self.index._tiers.items():
                 self.metrics.indexed_blocks.labels(tier).set(len(d))
@@ -551,9 +579,9 @@ class RouterServer:
         if t is RouteRequest:
             return self.route(msg)  # type: ignore[arg-type]
         if t is RequestFinished:
-            return Ack(self.sequences.finish(msg.request_id))  # type: ignore[attr-defined]
+            return Ack(self._touch(self.sequences.finish(msg.request_id)))  # type: ignore[attr-defined]
         if t is PrefillFinished:
-            return Ack(self.sequences.prefill_done(msg.request_id))  # type: ignore[attr-defined]
+            return Ack(self._touch(self.sequences.prefill_done(msg.request_id)))  # type: ignore[attr-defined]
         if t is WorkerRegistration:
             self._add_worker(msg, static=False)  # type: ignore[arg-type]
             return Ack(True, f"registered {msg.worker_id}")  # type: ignore[attr-defined]
@@ -568,6 +596,15 @@ class RouterServer:
         if t is RouterQuery:
             return self.fleet_state()
         return ErrorReply("bad_request", f"unexpected message {t.__name__}")
+
+    def _touch(self, worker_id: str | None) -> bool:
+        """The worker's load changed: its cached scorer cost is stale."""
+        if worker_id is None:
+            return False
+        w = self.workers.get(worker_id)
+        if w is not None:
+            w.dirty = True
+        return True
 
     def report_failure(self, worker_id: str, reason: str) -> bool:
         w = self.workers.get(worker_id)
@@ -599,34 +636,43 @@ class RouterServer:
             num_tokens = len(req.token_ids)
         else:
             return ErrorReply("bad_request", "give token_ids or block_hashes", req.request_id)
-        cands: list[WorkerEntry] = self._candidates(req.role)
+        cands, mask, pos = self._candidates(req.role)
         if req.exclude_workers:
             ex = set(req.exclude_workers)
             cands = [w for w in cands if w.worker_id not in ex]
+            mask = self.index.mask_of(w.worker_id for w in cands)
+            pos = {w.worker_id: i for i, w in enumerate(cands)}
         if not cands:
             return ErrorReply("no_worker", f"no live worker for role {req.role}", req.request_id)
-        mask = self.index.mask_of(w.worker_id for w in cands)
         matches = self.index.find_matches(hashes, mask)
-        chosen, scores = self.scorer.select(cands, matches, req.explain)  # type: ignore[arg-type]
+        chosen, scores = self.scorer.select(cands, matches, req.explain, pos)  # type: ignore[arg-type]
         w = self.workers[chosen.worker_id]
         if req.track:
             cached_tokens = matches.gpu.get(w.worker_id, 0) * bs
             self.sequences.add(
                 req.request_id, w.worker_id, len(hashes) + 1, max(0, num_tokens - cached_tokens)
             )
+            w.dirty = True
         dt = time.perf_counter() - t0
         m = self.metrics
         m.decision_seconds.observe(dt)
-        m.decisions.labels(w.worker_id, req.role).inc()
+        kids = w.m_children
+        key = "d:" + req.role
+        child = kids.get(key)
+        if child is None:
+            child = kids[key] = m.decisions.labels(w.worker_id, req.role)
+        child.inc()  # type: ignore[attr-defined]
         if hashes:
             hit = 0
             for tier, k in chosen.prefix_hit_blocks.items():
-                m.hit_blocks.labels(w.worker_id, tier).inc(k)
+                key = "h:" + tier
+                child = kids.get(key)
+                if child is None:
+                    child = kids[key] = m.hit_blocks.labels(w.worker_id, tier)
+                child.inc(k)  # type: ignore[attr-defined]
                 hit += k
-            m.prompt_blocks.labels(w.worker_id).inc(len(hashes))
             w.routed_blocks += len(hashes)
             w.hit_blocks += hit
-            m.worker_hit_rate.labels(w.worker_id).set(w.hit_blocks / w.routed_blocks)
         if self.config.log_decisions:
             log.info("route %s (%s, %d blocks) -> %s cost=%.1f hits=%s offload_score=%.1f "
                      "load=%d/%d", req.request_id, req.role, len(hashes), w.worker_id,
@@ -638,6 +684,13 @@ class RouterServer:
             num_blocks=len(hashes), chosen=chosen, candidates=scores, decision_us=dt * 1e6,
         )
 
+    def _worker_counters(self) -> list[tuple[str, int, int, int]]:
+        """(worker, KV events applied, routed prompt blocks, hit blocks) for the collector."""
+        return [
+            (w.worker_id, w.events_applied, w.routed_blocks, w.hit_blocks)
+            for w in list(self.workers.values())
+        ]
+
     # convenience for embedding (tests, the demo)
     def register(self, regs: Iterable[WorkerRegistration]) -> None:
         for r in regs:
@@ -645,8 +698,10 @@ class RouterServer:
 
 
 def _ints(hashes: list[int | bytes]) -> list[int]:
-    """vLLM sends int hashes by default; raw sha256 bytes become the same 64-bit int."""
-    for h in hashes:
-        if type(h) is not int:
-            return [h if type(h) is int else to_external(h) for h in hashes]  # type: ignore[arg-type]
+    """vLLM sends int hashes by default; raw sha256 bytes become the same 64-bit int.
+
+    A publisher uses one representation for all its hashes, so the first one tells.
+    """
+    if hashes and type(hashes[0]) is not int:
+        return [h if type(h) is int else to_external(h) for h in hashes]  # type: ignore[arg-type]
     return hashes  # type: ignore[return-value]

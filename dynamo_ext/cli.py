@@ -1,0 +1,142 @@
+"""``dynamo-ext``: the one command line of the project.
+
+    dynamo-ext router [--config FILE] [--bind EP] [--block-size N] ...   run the router sidecar
+    dynamo-ext router --demo                                             router + synthetic fleet
+    dynamo-ext bench router [--workers 8,64,256] [--blocks N] [--json]   router hot-path benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+from dynamo_ext.errors import ConfigError
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _parse_worker(spec: str) -> dict[str, Any]:
+    """``id=w0,kv=tcp://h:5557,replay=tcp://h:5558,metrics=tcp://h:5559,http=http://h:8000``"""
+    keys = {
+        "id": "worker_id", "role": "role", "kv": "kv_events_endpoint",
+        "topic": "kv_events_topic", "replay": "replay_endpoint", "metrics": "metrics_endpoint",
+        "http": "http_endpoint", "nixl": "nixl_endpoint",
+    }
+    out: dict[str, Any] = {}
+    for part in spec.split(","):
+        k, sep, v = part.partition("=")
+        if not sep or k not in keys:
+            raise ConfigError("--worker", f"bad item {part!r} in {spec!r} (keys: {sorted(keys)})")
+        out[keys[k]] = v
+    if "worker_id" not in out:
+        raise ConfigError("--worker", f"{spec!r} has no id=")
+    return out
+
+
+def _router_main(args: argparse.Namespace) -> int:
+    from dynamo_ext.config import RouterConfig, load_config
+    from dynamo_ext.router.server import RouterServer
+
+    overrides: dict[str, Any] = {
+        "bind": args.bind, "metrics_port": args.metrics_port, "block_size": args.block_size,
+        "hash_mode": args.hash_mode, "hash_algo": args.hash_algo,
+        "worker_timeout_s": args.worker_timeout,
+    }
+    if args.scorer:
+        overrides["scorer"] = {"mode": args.scorer}
+    if args.log_decisions:
+        overrides["log_decisions"] = True
+    if args.worker:
+        overrides["workers"] = [_parse_worker(w) for w in args.worker]
+    if args.demo:
+        from dynamo_ext.router.demo import run_demo
+
+        return asyncio.run(run_demo(args.demo_workers, args.demo_requests))
+    cfg = load_config(RouterConfig, args.config, overrides)
+
+    async def main() -> None:
+        srv = RouterServer(cfg)
+        await srv.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        logging.getLogger("dynamo_ext.router").info("shutting down")
+        await srv.stop()
+
+    asyncio.run(main())
+    return 0
+
+
+def _bench_main(args: argparse.Namespace) -> int:
+    if args.what == "router":
+        from dynamo_ext.benchmarks.router_bench import run
+
+        workers = [int(x) for x in args.workers.split(",")]
+        res = run(workers, args.blocks, args.queries, peer=not args.no_peer)
+        if args.json:
+            print(json.dumps(res))
+        else:
+            print(json.dumps(res, indent=2))
+        return 0
+    raise ConfigError("bench", f"unknown benchmark {args.what!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dynamo-ext", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("router", help="run the KV-aware router sidecar")
+    r.add_argument("--config", help="YAML or TOML file (RouterConfig fields)")
+    r.add_argument("--bind", help="control socket, e.g. tcp://0.0.0.0:5600")
+    r.add_argument("--metrics-port", type=int, help="Prometheus port (0: any free port)")
+    r.add_argument("--block-size", type=int, help="tokens per KV block, as the engines")
+    r.add_argument("--hash-mode", choices=["engine", "tokens"])
+    r.add_argument("--hash-algo", help="engine hash: sha256 | sha256_cbor | xxhash | xxhash_cbor")
+    r.add_argument("--scorer", choices=["kv", "dynamo", "round_robin", "random", "least_loaded"])
+    r.add_argument("--worker-timeout", type=float, help="seconds without metrics: worker down")
+    r.add_argument("--worker", action="append",
+                   help="static worker: id=w0,kv=tcp://h:5557,replay=...,metrics=...,http=...")
+    r.add_argument("--log-decisions", action="store_true", help="log every decision's breakdown")
+    r.add_argument("--demo", action="store_true",
+                   help="run the router with a synthetic fleet over real sockets and exit")
+    r.add_argument("--demo-workers", type=int, default=4)
+    r.add_argument("--demo-requests", type=int, default=40)
+    r.set_defaults(func=_router_main)
+
+    b = sub.add_parser("bench", help="benchmarks (JSON output)")
+    b.add_argument("what", choices=["router"])
+    b.add_argument("--workers", default="8,64,256", help="fleet sizes, comma separated")
+    b.add_argument("--blocks", type=int, default=1_000_000, help="blocks indexed per fleet")
+    b.add_argument("--queries", type=int, default=2000, help="route calls timed per size")
+    b.add_argument("--no-peer", action="store_true", help="skip Dynamo's radix tree baseline")
+    b.add_argument("--json", action="store_true", help="one JSON object on one line")
+    b.set_defaults(func=_bench_main)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"dynamo-ext: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
