@@ -158,6 +158,11 @@ class MetricsPublisher:
         with self._lock:
             self._pub.send_multipart((self._topic, seq_bytes(next(self._seq)), encode(m)))
 
+    def send_frames(self, frames: list[bytes]) -> None:
+        """Send arbitrary frames on the PUB socket (fault-injection in tests)."""
+        with self._lock:
+            self._pub.send_multipart(frames)
+
     def start(self, snapshot: Callable[[int], WorkerMetrics], period_s: float = 0.5) -> None:
         """Call ``snapshot(heartbeat)`` every period and publish what it returns."""
 

@@ -197,9 +197,11 @@ class KvIndex:
 
         ``candidates`` is a worker mask (``mask_of``); None means every worker.
         """
+        n = len(hashes)
+        if not n:
+            return PrefixMatches({}, {}, 0)
         alive = self._all_mask if candidates is None else candidates & self._all_mask
         ids = self._ids
-        n = len(hashes)
         gpu_len: dict[int, int] = {}
         get = self._tiers[MEDIUM_GPU].get
         i = 0

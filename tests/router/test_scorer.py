@@ -1,0 +1,108 @@
+"""Cost functions and selection policies."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from dynamo_ext.config import ScorerConfig
+from dynamo_ext.protocol import WorkerMetrics
+from dynamo_ext.router.indexer import PrefixMatches
+from dynamo_ext.router.scorer import Candidate, Scorer
+from dynamo_ext.router.sequences import WorkerLoad
+
+
+def cand(wid: str, running: int = 0, waiting: int = 0, used: int = 0, total: int = 1000,
+         prefill_q: int = 0, load: WorkerLoad | None = None) -> Candidate:
+    m = WorkerMetrics(wid, 1, 0.0, running=running, waiting=waiting, kv_used_blocks=used,
+                      kv_total_blocks=total, prefill_queue_tokens=prefill_q)
+    return Candidate(wid, m, load or WorkerLoad())
+
+
+def test_kv_prefers_the_cached_prefix_when_load_is_equal() -> None:
+    s = Scorer(ScorerConfig(seed=0), block_size=16)
+    cs = [cand("a"), cand("b")]
+    chosen, _ = s.select(cs, PrefixMatches({"b": 30}, {}, 32))
+    assert chosen.worker_id == "b"
+    assert chosen.prefix_hit_blocks == {"GPU": 30}
+    assert chosen.new_prefill_blocks == 2
+
+
+def test_kv_load_outweighs_a_small_hit() -> None:
+    s = Scorer(ScorerConfig(seed=0), block_size=16)
+    cs = [cand("a"), cand("b", running=4, waiting=3, used=400)]
+    chosen, scores = s.select(cs, PrefixMatches({"b": 4}, {}, 32), explain=True)
+    assert chosen.worker_id == "a"
+    by = {x.worker_id: x for x in scores}
+    # a: 32 new blocks; b: 28 new + 400 decode + 4 running + 8 * 3 waiting
+    assert by["a"].cost == 32 and by["b"].cost == 28 + 400 + 4 + 24
+
+
+def test_offload_hits_are_cheaper_than_recompute_but_not_free() -> None:
+    s = Scorer(ScorerConfig(seed=0, tier_costs={"CPU": 0.1, "DISK": 0.5}), block_size=16)
+    cs = [cand("gpu"), cand("cpu"), cand("disk"), cand("none")]
+    m = PrefixMatches({"gpu": 20}, {"cpu": {"CPU": 20}, "disk": {"DISK": 20}}, 20)
+    _, scores = s.select(cs, m, explain=True)
+    cost = {x.worker_id: x.cost for x in scores}
+    assert cost["gpu"] < cost["cpu"] < cost["disk"] < cost["none"]
+    off = {x.worker_id: x.offload_score for x in scores}
+    assert off["cpu"] == pytest.approx(18.0) and off["disk"] == pytest.approx(10.0)
+
+
+def test_predicted_load_spreads_a_burst_before_metrics_catch_up() -> None:
+    s = Scorer(ScorerConfig(seed=0), block_size=16)
+    loads = {w: WorkerLoad() for w in "abc"}
+    cs = [cand(w, load=loads[w]) for w in "abc"]
+    picks = []
+    for _ in range(6):
+        chosen, _ = s.select(cs, PrefixMatches({}, {}, 8))
+        picks.append(chosen.worker_id)
+        ld = loads[chosen.worker_id]
+        ld.requests += 1
+        ld.active_blocks += 8
+        for c in cs:
+            c.dirty = True
+    assert collections.Counter(picks) == {"a": 2, "b": 2, "c": 2}
+
+
+def test_full_kv_cache_is_penalized() -> None:
+    s = Scorer(ScorerConfig(seed=0, kv_full_penalty=10.0), block_size=16)
+    cs = [cand("full", used=990, total=1000), cand("free", used=900, total=1000)]
+    chosen, _ = s.select(cs, PrefixMatches({"full": 8}, {}, 8))
+    assert chosen.worker_id == "free"
+
+
+def test_dynamo_cost_formula_and_temperature() -> None:
+    cfg = ScorerConfig(mode="dynamo", overlap_weight=2.0, seed=1)
+    s = Scorer(cfg, block_size=16)
+    la = WorkerLoad()
+    la.active_blocks, la.prefill_tokens = 10, 32
+    cs = [Candidate("a", None, la), Candidate("b", None, WorkerLoad())]
+    _, scores = s.select(cs, PrefixMatches({"a": 6}, {}, 8), explain=True)
+    cost = {x.worker_id: x.cost for x in scores}
+    # a: 2 * ((8 - 6) + 32/16) + (10 + 8) = 26;  b: 2 * 8 + 8 = 24
+    assert cost == {"a": 26.0, "b": 24.0}
+    # temperature 0 is argmin; a high temperature samples both
+    assert {s.select(cs, PrefixMatches({"a": 6}, {}, 8))[0].worker_id for _ in range(20)} == {"b"}
+    hot = Scorer(ScorerConfig(mode="dynamo", overlap_weight=2.0, temperature=5.0, seed=1), 16)
+    picks = collections.Counter(
+        hot.select(cs, PrefixMatches({"a": 6}, {}, 8))[0].worker_id for _ in range(400)
+    )
+    assert picks["a"] > 100 and picks["b"] > picks["a"]
+
+
+def test_baseline_policies() -> None:
+    cs = [cand("a", running=3), cand("b", running=1), cand("c", running=2)]
+    m = PrefixMatches({"a": 8}, {}, 8)
+    rr = Scorer(ScorerConfig(mode="round_robin"), 16)
+    assert [rr.select(cs, m)[0].worker_id for _ in range(4)] == ["a", "b", "c", "a"]
+    ll = Scorer(ScorerConfig(mode="least_loaded"), 16)
+    assert ll.select(cs, m)[0].worker_id == "b"
+    rnd = Scorer(ScorerConfig(mode="random", seed=3), 16)
+    assert {rnd.select(cs, m)[0].worker_id for _ in range(50)} == {"a", "b", "c"}
+
+
+def test_no_candidates_is_an_error() -> None:
+    with pytest.raises(ValueError):
+        Scorer(ScorerConfig(), 16).select([], PrefixMatches({}, {}, 1))
