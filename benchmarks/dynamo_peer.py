@@ -42,7 +42,7 @@ os.environ.setdefault("DYN_LOG", "error")
 try:
     from dynamo._core import RadixTree as _RadixTree
 except ImportError:  # the peer is optional (extra "bench")
-    _RadixTree = None
+    _RadixTree = None  # type: ignore[misc, assignment]
 
 _json_encode = msgspec.json.Encoder().encode
 
@@ -69,12 +69,10 @@ def encode_stored(
     the first one, which the worker must already hold.
     """
     if len(block_hashes) != len(local_hashes):
-        raise ValueError(
-            f"{len(block_hashes)} block hashes but {len(local_hashes)} local hashes"
-        )
+        raise ValueError(f"{len(block_hashes)} block hashes but {len(local_hashes)} local hashes")
     blocks = [
         {"block_hash": _u64(b), "tokens_hash": _u64(t)}
-        for b, t in zip(block_hashes, local_hashes)
+        for b, t in zip(block_hashes, local_hashes, strict=False)
     ]
     parent = None if parent_hash is None else _u64(parent_hash)
     return _json_encode(

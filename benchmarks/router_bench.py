@@ -73,8 +73,15 @@ class Workload:
                 parent = None
                 for i in range(0, len(chain), BLOCKS_PER_EVENT):
                     hs = chain[i : i + BLOCKS_PER_EVENT]
-                    ev = BlockStored(hs, parent, tokens[: len(hs) * BLOCK_SIZE], BLOCK_SIZE,
-                                     None, "GPU", None)
+                    ev = BlockStored(
+                        hs,  # type: ignore[arg-type]
+                        parent,
+                        tokens[: len(hs) * BLOCK_SIZE],
+                        BLOCK_SIZE,
+                        None,
+                        "GPU",
+                        None,
+                    )
                     out.append((w, encode(KVEventBatch(ts=0.0, events=[ev]))))
                     parent = hs[-1]
         return out
@@ -127,8 +134,10 @@ def bench_one(workers: int, blocks: int, queries: int, peer: bool) -> dict[str, 
         "ingest_batches_per_s": round(len(frames) / ingest_s),
     }
     # Routing latency, per prompt size.
-    prompts = {"4k": [wl.prompt(4096 // BLOCK_SIZE) for _ in range(queries)],
-               "32k": [wl.prompt(32768 // BLOCK_SIZE) for _ in range(max(50, queries // 4))]}
+    prompts = {
+        "4k": [wl.prompt(4096 // BLOCK_SIZE) for _ in range(queries)],
+        "32k": [wl.prompt(32768 // BLOCK_SIZE) for _ in range(max(50, queries // 4))],
+    }
     hit_blocks = 0
     for name, ps in prompts.items():
         lat: list[float] = []
@@ -252,10 +261,12 @@ def run(workers: list[int], blocks: int, queries: int = 1000, peer: bool = True)
             "measured_min": min(r["ingest_events_per_s"] for r in results),
         },
         "route_p99_us_64w_4k": {
-            "target": TARGETS["route_p99_us_64w_4k"], "measured": r64["route_p99_us_4k"],
+            "target": TARGETS["route_p99_us_64w_4k"],
+            "measured": r64["route_p99_us_4k"],
         },
         "bytes_per_block": {
-            "target": TARGETS["bytes_per_block"], "measured": out["bytes_per_block"],
+            "target": TARGETS["bytes_per_block"],
+            "measured": out["bytes_per_block"],
         },
     }
     for v in out["targets"].values():

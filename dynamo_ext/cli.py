@@ -1,8 +1,8 @@
 """``dynamo-ext``: the one command line of the project.
 
-    dynamo-ext router [--config FILE] [--bind EP] [--block-size N] ...   run the router sidecar
-    dynamo-ext router --demo                                             router + synthetic fleet
-    dynamo-ext bench router [--workers 8,64,256] [--blocks N] [--json]   router hot-path benchmark
+dynamo-ext router [--config FILE] [--bind EP] [--block-size N] ...   run the router sidecar
+dynamo-ext router --demo                                             router + synthetic fleet
+dynamo-ext bench router [--workers 8,64,256] [--blocks N] [--json]   router hot-path benchmark
 """
 
 from __future__ import annotations
@@ -28,9 +28,14 @@ def _setup_logging(level: str) -> None:
 def _parse_worker(spec: str) -> dict[str, Any]:
     """``id=w0,kv=tcp://h:5557,replay=tcp://h:5558,metrics=tcp://h:5559,http=http://h:8000``"""
     keys = {
-        "id": "worker_id", "role": "role", "kv": "kv_events_endpoint",
-        "topic": "kv_events_topic", "replay": "replay_endpoint", "metrics": "metrics_endpoint",
-        "http": "http_endpoint", "nixl": "nixl_endpoint",
+        "id": "worker_id",
+        "role": "role",
+        "kv": "kv_events_endpoint",
+        "topic": "kv_events_topic",
+        "replay": "replay_endpoint",
+        "metrics": "metrics_endpoint",
+        "http": "http_endpoint",
+        "nixl": "nixl_endpoint",
     }
     out: dict[str, Any] = {}
     for part in spec.split(","):
@@ -48,8 +53,11 @@ def _router_main(args: argparse.Namespace) -> int:
     from dynamo_ext.router.server import RouterServer
 
     overrides: dict[str, Any] = {
-        "bind": args.bind, "metrics_port": args.metrics_port, "block_size": args.block_size,
-        "hash_mode": args.hash_mode, "hash_algo": args.hash_algo,
+        "bind": args.bind,
+        "metrics_port": args.metrics_port,
+        "block_size": args.block_size,
+        "hash_mode": args.hash_mode,
+        "hash_algo": args.hash_algo,
         "worker_timeout_s": args.worker_timeout,
     }
     if args.scorer:
@@ -94,8 +102,9 @@ def _bench_main(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dynamo-ext", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="dynamo-ext", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--log-level", default="INFO")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -108,11 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--hash-algo", help="engine hash: sha256 | sha256_cbor | xxhash | xxhash_cbor")
     r.add_argument("--scorer", choices=["kv", "dynamo", "round_robin", "random", "least_loaded"])
     r.add_argument("--worker-timeout", type=float, help="seconds without metrics: worker down")
-    r.add_argument("--worker", action="append",
-                   help="static worker: id=w0,kv=tcp://h:5557,replay=...,metrics=...,http=...")
+    r.add_argument(
+        "--worker",
+        action="append",
+        help="static worker: id=w0,kv=tcp://h:5557,replay=...,metrics=...,http=...",
+    )
     r.add_argument("--log-decisions", action="store_true", help="log every decision's breakdown")
-    r.add_argument("--demo", action="store_true",
-                   help="run the router with a synthetic fleet over real sockets and exit")
+    r.add_argument(
+        "--demo",
+        action="store_true",
+        help="run the router with a synthetic fleet over real sockets and exit",
+    )
     r.add_argument("--demo-workers", type=int, default=4)
     r.add_argument("--demo-requests", type=int, default=40)
     r.set_defaults(func=_router_main)

@@ -86,8 +86,9 @@ class KvEventPublisher:
         ``skip=True`` consumes the sequence number and buffers the batch without sending it:
         what a subscriber sees when PUB drops a message (tests of gap recovery use it).
         """
-        batch = KVEventBatch(ts=time.time() if ts is None else ts, events=events,
-                             data_parallel_rank=self._dp_rank)
+        batch = KVEventBatch(
+            ts=time.time() if ts is None else ts, events=events, data_parallel_rank=self._dp_rank
+        )
         return self.publish_raw(encode(batch), skip=skip)
 
     def publish_raw(self, payload: bytes, *, skip: bool = False) -> int:

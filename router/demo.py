@@ -42,15 +42,21 @@ class DemoWorker:
 
     def registration(self) -> WorkerRegistration:
         return WorkerRegistration(
-            worker_id=self.worker_id, kv_events_endpoint=self.kv.endpoint,
-            replay_endpoint=self.kv.replay_endpoint, metrics_endpoint=self.metrics.endpoint,
-            http_endpoint=f"http://demo/{self.worker_id}", block_size=BLOCK_SIZE,
+            worker_id=self.worker_id,
+            kv_events_endpoint=self.kv.endpoint,
+            replay_endpoint=self.kv.replay_endpoint,
+            metrics_endpoint=self.metrics.endpoint,
+            http_endpoint=f"http://demo/{self.worker_id}",
+            block_size=BLOCK_SIZE,
         )
 
     def snapshot(self, heartbeat: int) -> WorkerMetrics:
         return WorkerMetrics(
-            worker_id=self.worker_id, heartbeat=heartbeat, ts=time.time(),
-            running=self.running, kv_used_blocks=len(self.cache),
+            worker_id=self.worker_id,
+            heartbeat=heartbeat,
+            ts=time.time(),
+            running=self.running,
+            kv_used_blocks=len(self.cache),
             kv_total_blocks=self.capacity,
         )
 
@@ -70,13 +76,14 @@ class DemoWorker:
             evicted.append(self.cache.popitem(last=False)[0])
         events: list[BlockRemoved | BlockStored] = []
         if evicted:
-            events.append(BlockRemoved(evicted, None))
+            events.append(BlockRemoved(evicted, None))  # type: ignore[arg-type]
         if new:
             for h in new:
                 self.cache[h] = None
             parent = hashes[hit - 1] if hit else None
             toks = tokens[hit * BLOCK_SIZE : len(hashes) * BLOCK_SIZE]
-            events.append(BlockStored(new, parent, toks, BLOCK_SIZE, None, None, None))
+            ev = BlockStored(new, parent, toks, BLOCK_SIZE, None, None, None)  # type: ignore[arg-type]
+            events.append(ev)
         if events:
             self.kv.publish(events)  # type: ignore[arg-type]
         return hit
@@ -103,13 +110,18 @@ def conversations(n: int, seed: int = 0) -> list[list[list[int]]]:
 
 async def _run(policy: str, workers: int, requests: int, verbose: bool) -> dict[str, float]:
     cfg = RouterConfig(
-        bind="tcp://127.0.0.1:0", metrics_port=None, block_size=BLOCK_SIZE,
-        worker_timeout_s=2.0, scorer=ScorerConfig(mode=policy, seed=0),  # type: ignore[arg-type]
+        bind="tcp://127.0.0.1:0",
+        metrics_port=None,
+        block_size=BLOCK_SIZE,
+        worker_timeout_s=2.0,
+        scorer=ScorerConfig(mode=policy, seed=0),  # type: ignore[arg-type]
     )
     srv = RouterServer(cfg)
     await srv.start()
     hasher = BlockHasher(BLOCK_SIZE)
-    fleet = [DemoWorker(f"worker-{i}", capacity=CAPACITY_BLOCKS, hasher=hasher) for i in range(workers)]
+    fleet = [
+        DemoWorker(f"worker-{i}", capacity=CAPACITY_BLOCKS, hasher=hasher) for i in range(workers)
+    ]
     by_id = {w.worker_id: w for w in fleet}
     assert srv.bound_endpoint is not None
     prompt_blocks = hit_blocks = predicted = 0
@@ -138,9 +150,12 @@ async def _run(policy: str, workers: int, requests: int, verbose: bool) -> dict[
                 hit_blocks += hit
                 predicted += r.chosen.prefix_hit_blocks.get("GPU", 0)
                 if verbose:
-                    print(f"  {rid:>16}  conv {c:>2} turn {t}  {n:>3} blocks -> {r.worker_id}"
-                          f"  hit {hit:>3} (router predicted {r.chosen.prefix_hit_blocks.get('GPU', 0):>3})"
-                          f"  cost {r.chosen.cost:7.1f}  {r.decision_us:6.0f} us")
+                    said = r.chosen.prefix_hit_blocks.get("GPU", 0)
+                    print(
+                        f"  {rid:>16}  conv {c:>2} turn {t}  {n:>3} blocks -> {r.worker_id}"
+                        f"  hit {hit:>3} (router predicted {said:>3})"
+                        f"  cost {r.chosen.cost:7.1f}  {r.decision_us:6.0f} us"
+                    )
                 await asyncio.sleep(0.01)  # let the events reach the router
     finally:
         await srv.stop()

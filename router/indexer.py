@@ -223,7 +223,7 @@ class KvIndex:
                 low = alive & -alive
                 gpu_len[low.bit_length() - 1] = n
                 alive ^= low
-        gpu = {ids[s]: ln for s, ln in gpu_len.items()}  # type: ignore[misc]
+        gpu: dict[str, int] = {ids[s]: ln for s, ln in gpu_len.items()}  # type: ignore[misc]
         offload: dict[str, dict[str, int]] = {}
         if len(self._tiers) > 1:
             tiers = [

@@ -61,21 +61,30 @@ class RouterMetrics:
             registry=r,
         )
         self.kv_blocks = Counter(
-            p + "kv_blocks_applied", "Blocks stored/removed by applied KV events", ["op"], registry=r
+            p + "kv_blocks_applied",
+            "Blocks stored/removed by applied KV events",
+            ["op"],
+            registry=r,
         )
         self.seq_gaps = Counter(
             p + "seq_gaps", "Sequence gaps seen on KV event streams", ["worker"], registry=r
         )
         self.replays = Counter(
-            p + "replays", "Replay requests to a publisher, by result", ["worker", "result"],
+            p + "replays",
+            "Replay requests to a publisher, by result",
+            ["worker", "result"],
             registry=r,
         )
         self.restarts = Counter(
-            p + "worker_restarts", "Worker processes seen restarting (cache reset)", ["worker"],
+            p + "worker_restarts",
+            "Worker processes seen restarting (cache reset)",
+            ["worker"],
             registry=r,
         )
         self.malformed = Counter(
-            p + "malformed_messages", "Messages dropped as malformed or unknown", ["source"],
+            p + "malformed_messages",
+            "Messages dropped as malformed or unknown",
+            ["source"],
             registry=r,
         )
         self.hash_mismatch = Counter(
@@ -86,8 +95,9 @@ class RouterMetrics:
         )
         self.workers_up = Gauge(p + "workers_up", "Workers eligible for traffic", registry=r)
         self.workers_down = Gauge(p + "workers_down", "Workers marked down", registry=r)
-        self.worker_up = Gauge(p + "worker_up", "1 if the worker gets traffic", ["worker"],
-                               registry=r)
+        self.worker_up = Gauge(
+            p + "worker_up", "1 if the worker gets traffic", ["worker"], registry=r
+        )
         self.indexed_blocks = Gauge(
             p + "indexed_blocks", "Distinct blocks in the index, per tier", ["tier"], registry=r
         )

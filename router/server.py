@@ -37,23 +37,23 @@ from dynamo_ext.protocol import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
+    Cleared,
     ErrorReply,
     FleetState,
+    HashesBatch,
     KVEventBatch,
     PrefillFinished,
+    RemovedHashes,
     RequestFinished,
     RouteRequest,
     RouteResponse,
     RouterQuery,
+    StoredHashes,
     WorkerDeregistration,
     WorkerFailed,
     WorkerMetrics,
     WorkerRegistration,
     WorkerState,
-    Cleared,
-    HashesBatch,
-    RemovedHashes,
-    StoredHashes,
     control_decoder,
     encode,
     hashes_batch_decoder,
@@ -81,9 +81,27 @@ class WorkerEntry:
     """Everything the router knows about one worker; doubles as a scorer candidate."""
 
     __slots__ = (
-        "worker_id", "reg", "slot", "static", "metrics", "load", "last_seen", "failed_until",
-        "up", "last_seq", "dup_floor", "kv_task", "xlat", "hash_checked", "m_up",
-        "routed_blocks", "hit_blocks", "events_applied", "m_children", "dirty", "base",
+        "worker_id",
+        "reg",
+        "slot",
+        "static",
+        "metrics",
+        "load",
+        "last_seen",
+        "failed_until",
+        "up",
+        "last_seq",
+        "dup_floor",
+        "kv_task",
+        "xlat",
+        "hash_checked",
+        "m_up",
+        "routed_blocks",
+        "hit_blocks",
+        "events_applied",
+        "m_children",
+        "dirty",
+        "base",
         "kv_full",
     )
 
@@ -159,21 +177,28 @@ class RouterServer:
         ]
         log.info(
             "router listening on %s (block_size=%d hash_mode=%s scorer=%s, %d static workers)",
-            self.bound_endpoint, self.config.block_size, self.config.hash_mode,
-            self.config.scorer.mode, len(self.config.workers),
+            self.bound_endpoint,
+            self.config.block_size,
+            self.config.hash_mode,
+            self.config.scorer.mode,
+            len(self.config.workers),
         )
 
     def _start_http(self) -> None:
         from prometheus_client import start_http_server
 
+        assert self.config.metrics_port is not None
+        assert self.config.metrics_port is not None
         server, _thread = start_http_server(
-            self.config.metrics_port, addr=self.config.metrics_host,
+            self.config.metrics_port,
+            addr=self.config.metrics_host,
             registry=self.metrics.registry,
         )
         self._http_server = server
         self.metrics_port = server.server_port
-        log.info("router metrics on http://%s:%d/metrics", self.config.metrics_host,
-                 self.metrics_port)
+        log.info(
+            "router metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port
+        )
 
     async def stop(self) -> None:
         tasks = self._tasks + [w.kv_task for w in self.workers.values() if w.kv_task]
@@ -223,16 +248,24 @@ class RouterServer:
             self._metrics_sub.connect(reg.metrics_endpoint)
             self._metrics_endpoints.add(reg.metrics_endpoint)
         self._set_up(w, True, "registered")
-        log.info("worker %s added (role=%s kv=%s metrics=%s http=%s)", reg.worker_id, reg.role,
-                 reg.kv_events_endpoint, reg.metrics_endpoint, reg.http_endpoint)
+        log.info(
+            "worker %s added (role=%s kv=%s metrics=%s http=%s)",
+            reg.worker_id,
+            reg.role,
+            reg.kv_events_endpoint,
+            reg.metrics_endpoint,
+            reg.http_endpoint,
+        )
         return w
 
     def _drop_worker(self, w: WorkerEntry, remove_from_index: bool = True) -> None:
         if w.kv_task is not None:
             w.kv_task.cancel()
         ep = w.reg.metrics_endpoint
-        if ep and ep in self._metrics_endpoints and not any(
-            o.reg.metrics_endpoint == ep for o in self.workers.values() if o is not w
+        if (
+            ep
+            and ep in self._metrics_endpoints
+            and not any(o.reg.metrics_endpoint == ep for o in self.workers.values() if o is not w)
         ):
             assert self._metrics_sub is not None
             with contextlib.suppress(zmq.ZMQError):
@@ -322,8 +355,12 @@ class RouterServer:
             if seq >= w.dup_floor:
                 return  # already applied from a replay
             # The publisher's counter went back: a new process with an empty cache.
-            log.warning("worker %s KV seq went back %d -> %d: restart, clearing its index",
-                        w.worker_id, last, seq)
+            log.warning(
+                "worker %s KV seq went back %d -> %d: restart, clearing its index",
+                w.worker_id,
+                last,
+                seq,
+            )
             self.metrics.restarts.labels(w.worker_id).inc()
             self.index.clear_worker(w.worker_id)
             w.xlat.clear()
@@ -351,8 +388,12 @@ class RouterServer:
             while True:
                 if not await dealer.poll(timeout_ms):
                     self.metrics.replays.labels(w.worker_id, "timeout").inc()
-                    log.warning("replay from %s (seq %d) timed out after %d batches",
-                                w.worker_id, start, applied)
+                    log.warning(
+                        "replay from %s (seq %d) timed out after %d batches",
+                        w.worker_id,
+                        start,
+                        applied,
+                    )
                     return False
                 frames = await dealer.recv_multipart()
                 if len(frames) != 4 or len(frames[2]) != 8:
@@ -383,8 +424,13 @@ class RouterServer:
         w.dup_floor = start
         self.metrics.replays.labels(w.worker_id, "ok").inc()
         if applied:
-            log.info("replayed %d KV batches from worker %s (seq %d..%d)", applied,
-                     w.worker_id, start, w.last_seq)
+            log.info(
+                "replayed %d KV batches from worker %s (seq %d..%d)",
+                applied,
+                w.worker_id,
+                start,
+                w.last_seq,
+            )
         return True
 
     def _decode_kv(self, w: WorkerEntry, payload: bytes) -> KVEventBatch | HashesBatch:
@@ -456,7 +502,7 @@ class RouterServer:
         if len(local) != len(hashes):
             self._malformed("kv", w.worker_id, "token_ids do not cover block_hashes")
             return None
-        x.update(zip(hashes, local))
+        x.update(zip(hashes, local, strict=True))
         return local
 
     def _check_hash(self, w: WorkerEntry, ev: BlockStored, hashes: list[int]) -> None:
@@ -472,7 +518,8 @@ class RouterServer:
             log.error(
                 "worker %s: engine block hashes differ from the router's (%s): check "
                 "hash_algo / hash_seed (PYTHONHASHSEED) or use hash_mode 'tokens'",
-                w.worker_id, self.config.hash_algo,
+                w.worker_id,
+                self.config.hash_algo,
             )
 
     # ------------------------------------------------------------------ metrics events
@@ -498,8 +545,12 @@ class RouterServer:
             return
         prev = w.metrics
         if prev is not None and m.heartbeat < prev.heartbeat:
-            log.warning("worker %s heartbeat went back %d -> %d: restarted, clearing its index",
-                        w.worker_id, prev.heartbeat, m.heartbeat)
+            log.warning(
+                "worker %s heartbeat went back %d -> %d: restarted, clearing its index",
+                w.worker_id,
+                prev.heartbeat,
+                m.heartbeat,
+            )
             self.metrics.restarts.labels(w.worker_id).inc()
             self.index.clear_worker(w.worker_id)
             w.xlat.clear()
@@ -615,15 +666,19 @@ class RouterServer:
         return True
 
     def fleet_state(self) -> FleetState:
-        return FleetState([
-            WorkerState(
-                worker_id=w.worker_id, role=w.reg.role, up=w.up,
-                http_endpoint=w.reg.http_endpoint,
-                indexed_blocks=self.index.block_counts(w.worker_id),
-                last_metrics=w.metrics,
-            )
-            for w in self.workers.values()
-        ])
+        return FleetState(
+            [
+                WorkerState(
+                    worker_id=w.worker_id,
+                    role=w.reg.role,
+                    up=w.up,
+                    http_endpoint=w.reg.http_endpoint,
+                    indexed_blocks=self.index.block_counts(w.worker_id),
+                    last_metrics=w.metrics,
+                )
+                for w in self.workers.values()
+            ]
+        )
 
     def route(self, req: RouteRequest) -> msgspec.Struct:
         t0 = time.perf_counter()
@@ -674,14 +729,27 @@ class RouterServer:
             w.routed_blocks += len(hashes)
             w.hit_blocks += hit
         if self.config.log_decisions:
-            log.info("route %s (%s, %d blocks) -> %s cost=%.1f hits=%s offload_score=%.1f "
-                     "load=%d/%d", req.request_id, req.role, len(hashes), w.worker_id,
-                     chosen.cost, chosen.prefix_hit_blocks, chosen.offload_score,
-                     chosen.running, chosen.waiting)
+            log.info(
+                "route %s (%s, %d blocks) -> %s cost=%.1f hits=%s offload_score=%.1f load=%d/%d",
+                req.request_id,
+                req.role,
+                len(hashes),
+                w.worker_id,
+                chosen.cost,
+                chosen.prefix_hit_blocks,
+                chosen.offload_score,
+                chosen.running,
+                chosen.waiting,
+            )
         return RouteResponse(
-            request_id=req.request_id, worker_id=w.worker_id,
-            http_endpoint=w.reg.http_endpoint, nixl_endpoint=w.reg.nixl_endpoint,
-            num_blocks=len(hashes), chosen=chosen, candidates=scores, decision_us=dt * 1e6,
+            request_id=req.request_id,
+            worker_id=w.worker_id,
+            http_endpoint=w.reg.http_endpoint,
+            nixl_endpoint=w.reg.nixl_endpoint,
+            num_blocks=len(hashes),
+            chosen=chosen,
+            candidates=scores,
+            decision_us=dt * 1e6,
         )
 
     def _worker_counters(self) -> list[tuple[str, int, int, int]]:

@@ -94,7 +94,8 @@ def test_pre_encoded_bytes() -> None:
             "stored": {
                 "parent_hash": None,
                 "blocks": [
-                    {"block_hash": b, "tokens_hash": h} for b, h in zip(W2_SEQ, W2_LOCAL)
+                    {"block_hash": b, "tokens_hash": h}
+                    for b, h in zip(W2_SEQ, W2_LOCAL, strict=False)
                 ],
             }
         },

@@ -13,8 +13,9 @@ def test_file_then_env_then_flags(tmp_path) -> None:
         "workers:\n  - worker_id: w0\n    kv_events_endpoint: tcp://127.0.0.1:5557\n"
     )
     env = {"DYNAMO_EXT_ROUTER__SCORER__OVERLAP_WEIGHT": "3.5", "DYNAMO_EXT_ROUTER__BIND": "x"}
-    cfg = load_config(RouterConfig, f, {"bind": "tcp://127.0.0.1:7000", "block_size": None},
-                      environ=env)
+    cfg = load_config(
+        RouterConfig, f, {"bind": "tcp://127.0.0.1:7000", "block_size": None}, environ=env
+    )
     assert cfg.block_size == 128  # None flags do not override
     assert cfg.scorer.overlap_weight == 3.5 and cfg.scorer.mode == "dynamo"
     assert cfg.bind == "tcp://127.0.0.1:7000"

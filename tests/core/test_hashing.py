@@ -55,8 +55,9 @@ def test_tokens_mode_is_stable_across_processes() -> None:
     here = token_block_hashes(toks, 16)
     code = "from dynamo_ext.hashing import token_block_hashes as t; print(t(list(range(100)), 16))"
     env = dict(os.environ, PYTHONHASHSEED="123")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == str(here)
     assert len(here) == 6 and len(set(here)) == 6
     # Chained: the same block content after a different prefix hashes differently.

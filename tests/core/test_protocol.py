@@ -15,12 +15,23 @@ def _vllm_batch():
         ts=1234.5,
         events=[
             kv.BlockStored(
-                block_hashes=[2**63 + 5, 17], parent_block_hash=None, token_ids=list(range(32)),
-                block_size=16, lora_id=None, medium="GPU", lora_name=None,
+                block_hashes=[2**63 + 5, 17],
+                parent_block_hash=None,
+                token_ids=list(range(32)),
+                block_size=16,
+                lora_id=None,
+                medium="GPU",
+                lora_name=None,
             ),
             kv.BlockStored(
-                block_hashes=[b"\x01" * 32], parent_block_hash=17, token_ids=list(range(16)),
-                block_size=16, lora_id=3, medium="CPU", lora_name="ad", extra_keys=[("ad",)],
+                block_hashes=[b"\x01" * 32],
+                parent_block_hash=17,
+                token_ids=list(range(16)),
+                block_size=16,
+                lora_id=3,
+                medium="CPU",
+                lora_name="ad",
+                extra_keys=[("ad",)],
                 group_idx=0,
             ),
             kv.BlockRemoved(block_hashes=[17], medium="GPU"),
@@ -48,8 +59,17 @@ def test_our_encoding_is_byte_identical_to_vllm() -> None:
         ts=1234.5,
         events=[
             p.BlockStored([2**63 + 5, 17], None, list(range(32)), 16, None, "GPU", None),
-            p.BlockStored([b"\x01" * 32], 17, list(range(16)), 16, 3, "CPU", "ad",
-                          extra_keys=[("ad",)], group_idx=0),
+            p.BlockStored(
+                [b"\x01" * 32],
+                17,
+                list(range(16)),
+                16,
+                3,
+                "CPU",
+                "ad",
+                extra_keys=[("ad",)],
+                group_idx=0,
+            ),
             p.BlockRemoved([17], "GPU"),
             p.AllBlocksCleared(),
         ],
@@ -71,8 +91,7 @@ def test_lean_ingest_decoder_reads_the_same_bytes() -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b"\xc1", msgspec.msgpack.encode([1.0, [["Nope", 1]]]),
-     msgspec.msgpack.encode({"ts": 1})],
+    [b"", b"\xc1", msgspec.msgpack.encode([1.0, [["Nope", 1]]]), msgspec.msgpack.encode({"ts": 1})],
 )
 def test_malformed_payload_raises_decode_error(raw: bytes) -> None:
     with pytest.raises((msgspec.DecodeError, msgspec.ValidationError)):

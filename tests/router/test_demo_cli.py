@@ -9,9 +9,21 @@ import sys
 
 def test_demo_kv_routing_beats_round_robin() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "dynamo_ext.cli", "--log-level", "WARNING", "router", "--demo",
-         "--demo-requests", "40"],
-        capture_output=True, text=True, timeout=120, check=True,
+        [
+            sys.executable,
+            "-m",
+            "dynamo_ext.cli",
+            "--log-level",
+            "WARNING",
+            "router",
+            "--demo",
+            "--demo-requests",
+            "40",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout
     summary = json.loads(out.strip().splitlines()[-1].removeprefix("summary: "))
     assert summary["kv"]["predicted_equals_actual"] is True
@@ -24,12 +36,16 @@ def test_bad_flag_value_fails_with_the_field_name(tmp_path) -> None:
     cfg.write_text("scorer:\n  temperature: -1\n")
     p = subprocess.run(
         [sys.executable, "-m", "dynamo_ext.cli", "router", "--config", str(cfg)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert p.returncode == 2
     assert "temperature" in p.stderr
     p = subprocess.run(
         [sys.executable, "-m", "dynamo_ext.cli", "router", "--worker", "kv=tcp://x:1"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert p.returncode == 2 and "--worker" in p.stderr

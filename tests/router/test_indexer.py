@@ -121,8 +121,11 @@ ops = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(ops=ops, queries=st.lists(st.lists(st.integers(0, 12), max_size=8), min_size=1, max_size=5),
-       cand=st.one_of(st.none(), st.sets(st.integers(0, 4))))
+@given(
+    ops=ops,
+    queries=st.lists(st.lists(st.integers(0, 12), max_size=8), min_size=1, max_size=5),
+    cand=st.one_of(st.none(), st.sets(st.integers(0, 4))),
+)
 def test_index_matches_brute_force_model(ops, queries, cand) -> None:
     idx = KvIndex()
     model = Model()

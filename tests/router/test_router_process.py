@@ -15,7 +15,6 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from dynamo_ext.testing import free_port, wait_for
 from dynamo_ext.errors import NoWorkerAvailable, ProtocolError
 from dynamo_ext.hashing import BlockHasher
 from dynamo_ext.protocol import (
@@ -25,11 +24,11 @@ from dynamo_ext.protocol import (
     ErrorReply,
     WorkerMetrics,
     WorkerRegistration,
-    encode,
     reply_decoder,
 )
 from dynamo_ext.publisher import KvEventPublisher, MetricsPublisher
 from dynamo_ext.router.client import RouterClient
+from dynamo_ext.testing import free_port, wait_for
 
 BS = 16
 HASHER = BlockHasher(BS)
@@ -40,8 +39,15 @@ HASHES = HASHER.hash_tokens(TOKENS)
 def stored(tokens: list[int], start_block: int, end_block: int) -> BlockStored:
     hs = HASHER.hash_tokens(tokens)
     parent = hs[start_block - 1] if start_block else None
-    return BlockStored(hs[start_block:end_block], parent,
-                       tokens[start_block * BS : end_block * BS], BS, None, None, None)
+    return BlockStored(
+        hs[start_block:end_block],
+        parent,
+        tokens[start_block * BS : end_block * BS],
+        BS,
+        None,
+        None,
+        None,
+    )
 
 
 class Fleet:
@@ -52,9 +58,13 @@ class Fleet:
 
     def reg(self, i: int, **kw) -> WorkerRegistration:
         return WorkerRegistration(
-            self.ids[i], kv_events_endpoint=self.kv[i].endpoint,
-            replay_endpoint=self.kv[i].replay_endpoint, metrics_endpoint=self.metrics[i].endpoint,
-            http_endpoint=f"http://127.0.0.1:{8000 + i}", block_size=BS, **kw,
+            self.ids[i],
+            kv_events_endpoint=self.kv[i].endpoint,
+            replay_endpoint=self.kv[i].replay_endpoint,
+            metrics_endpoint=self.metrics[i].endpoint,
+            http_endpoint=f"http://127.0.0.1:{8000 + i}",
+            block_size=BS,
+            **kw,
         )
 
     def beat(self, i: int, period: float = 0.1, **kw) -> None:
@@ -153,14 +163,19 @@ def test_sequence_gap_is_recovered_through_replay(router_factory, fleet) -> None
 
 def test_restarted_router_rebuilds_its_index_from_replay(router_factory, fleet) -> None:
     static = [
-        {"worker_id": "w0", "kv_events_endpoint": fleet.kv[0].endpoint,
-         "replay_endpoint": fleet.kv[0].replay_endpoint, "block_size": BS},
+        {
+            "worker_id": "w0",
+            "kv_events_endpoint": fleet.kv[0].endpoint,
+            "replay_endpoint": fleet.kv[0].replay_endpoint,
+            "block_size": BS,
+        },
     ]
     fleet.kv[0].publish([stored(TOKENS, 0, 5)])  # before any router exists
     router = router_factory(block_size=BS, workers=static)
 
     async def main(expect: int):
         async with RouterClient(router.endpoint) as c:
+
             async def ok():
                 return await indexed(c, "w0") == expect
 
@@ -257,8 +272,13 @@ def test_malformed_input_is_counted_dropped_and_survived(router_factory, fleet) 
             await s.send_multipart([PROTOCOL_HEADER, b"\x00" * 7 + b"\x02", b"\x93garbage"])
             rep = reply_decoder.decode((await s.recv_multipart())[2])
             assert isinstance(rep, ErrorReply) and rep.code == "bad_request"
-            await s.send_multipart([PROTOCOL_HEADER, b"\x00" * 7 + b"\x03",
-                                    msgspec.msgpack.encode({"type": "launch_missiles"})])
+            await s.send_multipart(
+                [
+                    PROTOCOL_HEADER,
+                    b"\x00" * 7 + b"\x03",
+                    msgspec.msgpack.encode({"type": "launch_missiles"}),
+                ]
+            )
             rep = reply_decoder.decode((await s.recv_multipart())[2])
             assert isinstance(rep, ErrorReply) and rep.code == "bad_request"
             await s.send_multipart([b"only-one-frame"])
@@ -276,8 +296,11 @@ def test_malformed_input_is_counted_dropped_and_survived(router_factory, fleet) 
 
     run(main())
     text = router.scrape()
-    kv_bad = [ln for ln in text.splitlines()
-              if ln.startswith('dynamo_ext_router_malformed_messages_total{source="kv"}')]
+    kv_bad = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith('dynamo_ext_router_malformed_messages_total{source="kv"}')
+    ]
     assert kv_bad and float(kv_bad[0].split()[-1]) == 3.0
     assert 'dynamo_ext_router_malformed_messages_total{source="control"} 4.0' in text
     assert 'dynamo_ext_router_malformed_messages_total{source="metrics"} 3.0' in text
@@ -314,30 +337,62 @@ def test_heartbeat_going_back_means_a_restarted_worker(router_factory, fleet) ->
 def test_vllm_own_publisher_feeds_the_router(router_factory) -> None:
     kv = pytest.importorskip("vllm.distributed.kv_events")
 
-
     port, rport = free_port(), free_port()
-    pub = kv.ZmqEventPublisher(0, endpoint=f"tcp://*:{port}",
-                               replay_endpoint=f"tcp://*:{rport}", topic="kv")
+    pub = kv.ZmqEventPublisher(
+        0, endpoint=f"tcp://*:{port}", replay_endpoint=f"tcp://*:{rport}", topic="kv"
+    )
     try:
-        pub.publish(kv.KVEventBatch(ts=time.time(), events=[
-            kv.BlockStored(block_hashes=HASHES[:3], parent_block_hash=None,
-                           token_ids=TOKENS[: 3 * BS], block_size=BS, lora_id=None,
-                           medium="GPU", lora_name=None)]))
-        router = router_factory(block_size=BS, workers=[{
-            "worker_id": "vllm-0", "kv_events_endpoint": f"tcp://127.0.0.1:{port}",
-            "kv_events_topic": "kv", "replay_endpoint": f"tcp://127.0.0.1:{rport}",
-        }])
+        pub.publish(
+            kv.KVEventBatch(
+                ts=time.time(),
+                events=[
+                    kv.BlockStored(
+                        block_hashes=HASHES[:3],
+                        parent_block_hash=None,
+                        token_ids=TOKENS[: 3 * BS],
+                        block_size=BS,
+                        lora_id=None,
+                        medium="GPU",
+                        lora_name=None,
+                    )
+                ],
+            )
+        )
+        router = router_factory(
+            block_size=BS,
+            workers=[
+                {
+                    "worker_id": "vllm-0",
+                    "kv_events_endpoint": f"tcp://127.0.0.1:{port}",
+                    "kv_events_topic": "kv",
+                    "replay_endpoint": f"tcp://127.0.0.1:{rport}",
+                }
+            ],
+        )
 
         async def main():
             async with RouterClient(router.endpoint) as c:
+
                 async def three():
                     return await indexed(c, "vllm-0") == 3
 
                 await wait_for(three)  # from the replay: published before the router
-                pub.publish(kv.KVEventBatch(ts=time.time(), events=[
-                    kv.BlockStored(block_hashes=HASHES[3:5], parent_block_hash=HASHES[2],
-                                   token_ids=TOKENS[3 * BS : 5 * BS], block_size=BS,
-                                   lora_id=None, medium="CPU", lora_name=None)]))
+                pub.publish(
+                    kv.KVEventBatch(
+                        ts=time.time(),
+                        events=[
+                            kv.BlockStored(
+                                block_hashes=HASHES[3:5],
+                                parent_block_hash=HASHES[2],
+                                token_ids=TOKENS[3 * BS : 5 * BS],
+                                block_size=BS,
+                                lora_id=None,
+                                medium="CPU",
+                                lora_name=None,
+                            )
+                        ],
+                    )
+                )
 
                 async def five():
                     return await indexed(c, "vllm-0") == 5

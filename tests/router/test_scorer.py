@@ -13,10 +13,25 @@ from dynamo_ext.router.scorer import Candidate, Scorer
 from dynamo_ext.router.sequences import WorkerLoad
 
 
-def cand(wid: str, running: int = 0, waiting: int = 0, used: int = 0, total: int = 1000,
-         prefill_q: int = 0, load: WorkerLoad | None = None) -> Candidate:
-    m = WorkerMetrics(wid, 1, 0.0, running=running, waiting=waiting, kv_used_blocks=used,
-                      kv_total_blocks=total, prefill_queue_tokens=prefill_q)
+def cand(
+    wid: str,
+    running: int = 0,
+    waiting: int = 0,
+    used: int = 0,
+    total: int = 1000,
+    prefill_q: int = 0,
+    load: WorkerLoad | None = None,
+) -> Candidate:
+    m = WorkerMetrics(
+        wid,
+        1,
+        0.0,
+        running=running,
+        waiting=waiting,
+        kv_used_blocks=used,
+        kv_total_blocks=total,
+        prefill_queue_tokens=prefill_q,
+    )
     return Candidate(wid, m, load or WorkerLoad())
 
 
