@@ -98,7 +98,7 @@ def _bench_main(args: argparse.Namespace) -> int:
         else:
             print(json.dumps(res, indent=2))
         return 0
-    raise ConfigError("bench", f"unknown benchmark {args.what!r}")
+    raise ConfigError("bench", f"unknown benchmark {args.what!r}")  # pragma: no cover
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,13 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_router_main)
 
     b = sub.add_parser("bench", help="benchmarks (JSON output)")
-    b.add_argument("what", choices=["router"])
-    b.add_argument("--workers", default="8,64,256", help="fleet sizes, comma separated")
-    b.add_argument("--blocks", type=int, default=1_000_000, help="blocks indexed per fleet")
-    b.add_argument("--queries", type=int, default=2000, help="route calls timed per size")
-    b.add_argument("--no-peer", action="store_true", help="skip Dynamo's radix tree baseline")
-    b.add_argument("--json", action="store_true", help="one JSON object on one line")
-    b.set_defaults(func=_bench_main)
+    bsub = b.add_subparsers(dest="what", required=True)
+    br = bsub.add_parser("router", help="router hot path vs Dynamo's radix tree")
+    br.add_argument("--workers", default="8,64,256", help="fleet sizes, comma separated")
+    br.add_argument("--blocks", type=int, default=1_000_000, help="blocks indexed per fleet")
+    br.add_argument("--queries", type=int, default=2000, help="route calls timed per size")
+    br.add_argument("--no-peer", action="store_true", help="skip Dynamo's radix tree baseline")
+    br.add_argument("--json", action="store_true", help="one JSON object on one line")
+    br.set_defaults(func=_bench_main)
+    from dynamo_ext.benchmarks import prefill_bench
+
+    bp = bsub.add_parser("prefill", help="batch prefill scheduler vs vLLM's stock scheduler")
+    prefill_bench.add_arguments(bp)
+    bp.set_defaults(func=prefill_bench.main)
     return p
 
 

@@ -1,0 +1,128 @@
+"""The worker-side configuration of the vLLM plugin, from one place.
+
+Read from ``kv_transfer_config.kv_connector_extra_config`` when the worker runs our
+connector, else from ``DYNAMO_EXT_*`` environment variables (extra config wins). Validated
+once at start: a bad value stops vLLM with a ``ConfigError`` naming the field.
+
+=========================  ===========================  ======================================
+extra config key           environment variable         meaning
+=========================  ===========================  ======================================
+``router``                 ``DYNAMO_EXT_ROUTER``        router control socket to register with
+``worker_id``              ``DYNAMO_EXT_WORKER_ID``     id in the router (default host:port)
+``role``                   ``DYNAMO_EXT_ROLE``          prefill | decode | both
+``metrics_endpoint``       ``DYNAMO_EXT_METRICS``       PUB for WorkerMetrics, e.g. tcp://*:5559
+``metrics_period_s``       ``DYNAMO_EXT_METRICS_PERIOD``seconds between metrics messages (0.5)
+``http_endpoint``          ``DYNAMO_EXT_HTTP``          URL the router hands to gateways
+``advertise_host``         ``DYNAMO_EXT_HOST``          host in advertised tcp://* endpoints
+=========================  ===========================  ======================================
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any, Literal
+
+import msgspec
+
+from dynamo_ext.config import build
+from dynamo_ext.errors import ConfigError
+
+_ENV = {
+    "router": "DYNAMO_EXT_ROUTER",
+    "worker_id": "DYNAMO_EXT_WORKER_ID",
+    "role": "DYNAMO_EXT_ROLE",
+    "metrics_endpoint": "DYNAMO_EXT_METRICS",
+    "metrics_period_s": "DYNAMO_EXT_METRICS_PERIOD",
+    "http_endpoint": "DYNAMO_EXT_HTTP",
+    "advertise_host": "DYNAMO_EXT_HOST",
+}
+
+# Keys of kv_connector_extra_config that belong to other code (vLLM's NixlConnector,
+# composed offload connectors, batch prefill), accepted and passed through.
+PASSTHROUGH_KEYS = {
+    "backends",
+    "connectors",
+    "batch_prefill",
+    "offload",
+    "enforce_handshake_compat",
+}
+
+
+class WorkerPluginConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    router: str | None = None
+    worker_id: str | None = None
+    role: Literal["prefill", "decode", "both"] | None = None
+    metrics_endpoint: str | None = None
+    metrics_period_s: float = 0.5
+    http_endpoint: str | None = None
+    advertise_host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        for name in ("router", "metrics_endpoint"):
+            v = getattr(self, name)
+            if v is not None and not v.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ConfigError(name, f"must be a ZMQ endpoint like tcp://host:port, got {v!r}")
+        if self.metrics_period_s <= 0:
+            raise ConfigError("metrics_period_s", "must be > 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.router is not None or self.metrics_endpoint is not None
+
+
+def _argv_value(flag: str) -> str | None:
+    argv = sys.argv
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def load_worker_config(
+    extra: dict[str, Any] | None, env: dict[str, str] | None = None
+) -> WorkerPluginConfig:
+    env = dict(os.environ) if env is None else env
+    data: dict[str, Any] = {}
+    for key, var in _ENV.items():
+        if var in env and env[var] != "":
+            data[key] = env[var]
+    for key, value in (extra or {}).items():
+        if key in PASSTHROUGH_KEYS:
+            continue
+        data[key] = value
+    try:
+        cfg = build(WorkerPluginConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"kv_connector_extra_config.{exc.field}", str(exc)) from exc
+    return cfg
+
+
+def default_http_endpoint(cfg: WorkerPluginConfig) -> str:
+    """The OpenAI server's URL: explicit, else from this process's --host/--port flags."""
+    if cfg.http_endpoint:
+        return cfg.http_endpoint
+    host = _argv_value("--host") or cfg.advertise_host
+    if host in ("0.0.0.0", "::", ""):
+        host = cfg.advertise_host
+    port = _argv_value("--port") or "8000"
+    return f"http://{host}:{port}"
+
+
+def default_worker_id(cfg: WorkerPluginConfig) -> str:
+    if cfg.worker_id:
+        return cfg.worker_id
+    return f"{socket.gethostname()}:{_argv_value('--port') or '8000'}"
+
+
+def advertise(endpoint: str | None, host: str) -> str | None:
+    """``tcp://*:5557`` is where a publisher binds; subscribers connect to ``tcp://host:5557``."""
+    if endpoint is None:
+        return None
+    for wildcard in ("tcp://*:", "tcp://0.0.0.0:", "tcp://[::]:"):
+        if endpoint.startswith(wildcard):
+            return f"tcp://{host}:{endpoint[len(wildcard) :]}"
+    return endpoint
