@@ -142,6 +142,9 @@ class WorkerRegistration(msgspec.Struct, tag="register", omit_defaults=True):
     nixl_endpoint: str | None = None  # NIXL side channel host:port
     block_size: int | None = None
     model: str | None = None
+    # Unique per process start: a registration repeated by the same process (a keep-alive
+    # that heals a router restart) keeps the index; a new instance id means an empty cache.
+    instance_id: str = ""
 
 
 class WorkerDeregistration(msgspec.Struct, tag="deregister"):

@@ -234,7 +234,9 @@ class RouterServer:
             )
         old = self.workers.get(reg.worker_id)
         if old is not None:
-            # A registration comes from a starting process: its cache is empty.
+            if reg.instance_id and reg == old.reg:
+                return old  # keep-alive from the same process: nothing changed
+            # A new process (or new endpoints): its cache starts empty.
             self._drop_worker(old, remove_from_index=False)
             self.index.clear_worker(reg.worker_id)
         slot = self.index.add_worker(reg.worker_id)

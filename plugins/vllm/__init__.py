@@ -23,10 +23,25 @@ log = logging.getLogger("dynamo_ext.plugins.vllm")
 CONNECTOR_NAME = "DynamoExtConnector"
 
 
+def _setup_logging() -> None:
+    """vLLM configures only its own logger: give ours a handler in vLLM processes."""
+    root = logging.getLogger("dynamo_ext")
+    if root.handlers or logging.getLogger().handlers:
+        return
+    h = logging.StreamHandler()
+    h.setFormatter(
+        logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s", "%m-%d %H:%M:%S")
+    )
+    root.addHandler(h)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
 def register() -> None:
     """``vllm.general_plugins`` hook: called once per vLLM process, before engines start."""
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
+    _setup_logging()
     if CONNECTOR_NAME in KVConnectorFactory._registry:
         return
     KVConnectorFactory.register_connector(

@@ -34,8 +34,11 @@ def tiny_model() -> Path:
 
 def kv_events_args(pub_port: int, replay_port: int) -> list[str]:
     cfg = {
-        "enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv",
-        "endpoint": f"tcp://*:{pub_port}", "replay_endpoint": f"tcp://*:{replay_port}",
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "topic": "kv",
+        "endpoint": f"tcp://*:{pub_port}",
+        "replay_endpoint": f"tcp://*:{replay_port}",
     }
     return ["--kv-events-config", json.dumps(cfg)]
 
@@ -46,11 +49,14 @@ def start_vllm(tiny_model: Path, tmp_path_factory) -> Iterator[Callable[..., Vll
     servers: list[VllmServer] = []
     logs = tmp_path_factory.mktemp("vllm-logs")
 
-    def start(extra_args: list[str], env: dict[str, str] | None = None,
-              wait: bool = True) -> VllmServer:
+    def start(
+        extra_args: list[str], env: dict[str, str] | None = None, wait: bool = True
+    ) -> VllmServer:
         port = free_port()
         s = VllmServer(
-            tiny_model, port, extra_args=[*CPU_FAST_ARGS, *extra_args],
+            tiny_model,
+            port,
+            extra_args=[*CPU_FAST_ARGS, *extra_args],
             env={**os.environ, **CPU_FAST_ENV, **(env or {})},
             log_path=logs / f"vllm-{port}.log",
         )

@@ -1,0 +1,250 @@
+"""Worker metrics and registration, from vLLM's own scheduler stats.
+
+``DynamoExtStatLogger`` is a ``vllm.stat_logger_plugins`` entry point: vLLM's ``AsyncLLM``
+(the API server process) constructs it next to its own loggers and calls ``record`` with the
+``SchedulerStats`` of every engine step. We keep the latest numbers and a daemon thread
+publishes them as ``WorkerMetrics`` on a fixed period, so the router sees a heartbeat even
+when the engine is idle and no step runs. A second daemon thread registers the worker with
+the router and repeats the registration as a keep-alive, which heals a router restart; a
+router that is down never blocks or fails the engine: metrics are dropped by the PUB socket
+and registration retries with backoff (both counted, and logged once per outage).
+
+It is inert unless the worker is configured for dynamo-ext: our connector in
+``--kv-transfer-config`` or ``DYNAMO_EXT_ROUTER`` / ``DYNAMO_EXT_METRICS`` in the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+import msgspec
+import zmq
+from vllm.config import VllmConfig
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from dynamo_ext.plugins.vllm import CONNECTOR_NAME
+from dynamo_ext.plugins.vllm.config import (
+    WorkerPluginConfig,
+    advertise,
+    default_http_endpoint,
+    default_worker_id,
+    load_worker_config,
+)
+from dynamo_ext.protocol import (
+    PROTOCOL_HEADER,
+    Ack,
+    Role,
+    WorkerMetrics,
+    WorkerRegistration,
+    encode,
+    reply_decoder,
+)
+from dynamo_ext.publisher import MetricsPublisher
+
+log = logging.getLogger("dynamo_ext.plugins.vllm.stats")
+
+PREFILL_QUEUE_KEY = "dynamo_ext_prefill_queue_tokens"
+KEEPALIVE_S = 5.0
+
+
+def _role_of(vllm_config: VllmConfig, cfg: WorkerPluginConfig) -> Role:
+    if cfg.role is not None:
+        return cfg.role
+    kvt = vllm_config.kv_transfer_config
+    if kvt is not None and kvt.kv_connector is not None:
+        if kvt.kv_role == "kv_producer":
+            return "prefill"
+        if kvt.kv_role == "kv_consumer":
+            return "decode"
+    return "both"
+
+
+def worker_config_of(vllm_config: VllmConfig) -> WorkerPluginConfig:
+    kvt = vllm_config.kv_transfer_config
+    extra = None
+    if kvt is not None and kvt.kv_connector == CONNECTOR_NAME:
+        extra = kvt.kv_connector_extra_config
+    return load_worker_config(extra)
+
+
+class Registrar:
+    """Registers with the router and keeps the registration alive, off the engine's path."""
+
+    def __init__(self, router: str, reg: WorkerRegistration) -> None:
+        self.router = router
+        self.reg = reg
+        self.registered = False
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="dynamo-ext-reg")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _once(self, sock: zmq.Socket, corr: int) -> bool:
+        sock.send_multipart([PROTOCOL_HEADER, corr.to_bytes(8, "big"), encode(self.reg)])
+        if not sock.poll(2000):
+            return False
+        frames = sock.recv_multipart()
+        if len(frames) != 3:
+            return False
+        try:
+            reply = reply_decoder.decode(frames[2])
+        except msgspec.DecodeError:
+            return False
+        if not isinstance(reply, Ack):
+            log.error(
+                "router %s refused registration of %s: %s", self.router, self.reg.worker_id, reply
+            )
+        return isinstance(reply, Ack) and reply.ok
+
+    def _run(self) -> None:
+        ctx = zmq.Context.instance()
+        corr = 0
+        backoff = 0.5
+        while not self._stop.is_set():
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.router)
+            try:
+                while not self._stop.is_set():
+                    corr += 1
+                    ok = self._once(sock, corr)
+                    if ok and not self.registered:
+                        log.info(
+                            "registered worker %s (role %s) with router %s",
+                            self.reg.worker_id,
+                            self.reg.role,
+                            self.router,
+                        )
+                    if not ok:
+                        self.failures += 1
+                        if self.registered or self.failures == 1:
+                            log.warning(
+                                "router %s unreachable; worker keeps serving, "
+                                "retrying registration",
+                                self.router,
+                            )
+                        self.registered = False
+                        break  # a fresh socket: a DEALER may hold a stale reply
+                    self.registered = True
+                    backoff = 0.5
+                    self._stop.wait(KEEPALIVE_S)
+            finally:
+                sock.close(0)
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, KEEPALIVE_S)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class DynamoExtStatLogger(StatLoggerBase):
+    def __init__(self, vllm_config: VllmConfig, engine_index: int = 0) -> None:
+        self.vllm_config = vllm_config
+        self.engine_index = engine_index
+        self.cfg = worker_config_of(vllm_config)
+        self.active = self.cfg.enabled
+        if not self.active:
+            return
+        self.worker_id = default_worker_id(self.cfg)
+        self.role = _role_of(vllm_config, self.cfg)
+        self._lock = threading.Lock()
+        self._running = 0
+        self._waiting = 0
+        self._usage = 0.0
+        self._prefill_queue = 0
+        self._queries = 0
+        self._hits = 0
+        ep = self.cfg.metrics_endpoint or f"tcp://{self.cfg.advertise_host}:0"
+        self.publisher = MetricsPublisher(ep)
+        self.publisher.start(self.snapshot, self.cfg.metrics_period_s)
+        self.registrar: Registrar | None = None
+        if self.cfg.router is not None:
+            self.registrar = Registrar(self.cfg.router, self.registration())
+            self.registrar.start()
+        log.info(
+            "dynamo-ext worker %s (role %s): metrics on %s every %.2fs, router %s",
+            self.worker_id,
+            self.role,
+            self.publisher.endpoint,
+            self.cfg.metrics_period_s,
+            self.cfg.router or "(none)",
+        )
+
+    def registration(self) -> WorkerRegistration:
+        host = self.cfg.advertise_host
+        kve = self.vllm_config.kv_events_config
+        kv_ep = replay_ep = None
+        topic = ""
+        if kve is not None and kve.enable_kv_cache_events and kve.publisher == "zmq":
+            kv_ep = advertise(kve.endpoint, host)
+            replay_ep = advertise(kve.replay_endpoint, host)
+            topic = kve.topic
+        nixl_port = os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT")
+        return WorkerRegistration(
+            worker_id=self.worker_id,
+            role=self.role,
+            http_endpoint=default_http_endpoint(self.cfg),
+            kv_events_endpoint=kv_ep,
+            kv_events_topic=topic,
+            replay_endpoint=replay_ep,
+            metrics_endpoint=advertise(self.publisher.endpoint, host),
+            nixl_endpoint=f"{host}:{nixl_port}" if nixl_port else None,
+            block_size=self.vllm_config.cache_config.block_size,
+            model=self.vllm_config.model_config.served_model_name
+            if isinstance(self.vllm_config.model_config.served_model_name, str)
+            else None,
+            instance_id=uuid.uuid4().hex,
+        )
+
+    def snapshot(self, heartbeat: int) -> WorkerMetrics:
+        total = self.vllm_config.cache_config.num_gpu_blocks or 0
+        with self._lock:
+            return WorkerMetrics(
+                worker_id=self.worker_id,
+                heartbeat=heartbeat,
+                ts=time.time(),
+                role=self.role,
+                running=self._running,
+                waiting=self._waiting,
+                kv_used_blocks=round(self._usage * total),
+                kv_total_blocks=total,
+                prefill_queue_tokens=self._prefill_queue,
+                prefix_cache_queries=self._queries,
+                prefix_cache_hits=self._hits,
+            )
+
+    def record(
+        self,
+        scheduler_stats: Any,
+        iteration_stats: Any,
+        mm_cache_stats: Any = None,
+        engine_idx: int = 0,
+    ) -> None:
+        if not self.active or scheduler_stats is None:
+            return
+        s = scheduler_stats
+        with self._lock:
+            self._running = s.num_running_reqs
+            self._waiting = s.num_waiting_reqs + getattr(s, "num_skipped_waiting_reqs", 0)
+            self._usage = s.kv_cache_usage
+            self._prefill_queue = s.num_kv_fetch_reqs_by_stage.get(PREFILL_QUEUE_KEY, 0)
+            pc = s.prefix_cache_stats
+            if pc is not None:
+                self._queries += pc.queries
+                self._hits += pc.hits
+
+    def log_engine_initialized(self) -> None:
+        if self.active:
+            log.info(
+                "dynamo-ext worker %s: %s KV blocks of %d tokens",
+                self.worker_id,
+                self.vllm_config.cache_config.num_gpu_blocks,
+                self.vllm_config.cache_config.block_size,
+            )
