@@ -146,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     bp = bsub.add_parser("prefill", help="batch prefill scheduler vs vLLM's stock scheduler")
     prefill_bench.add_arguments(bp)
     bp.set_defaults(func=prefill_bench.main)
+    from dynamo_ext.benchmarks import replay
+
+    brp = bsub.add_parser("replay", help="replay a Mooncake trace through simulated workers")
+    replay.add_arguments(brp)
+    brp.set_defaults(func=replay.main)
+
+    from dynamo_ext import mocker
+
+    m = sub.add_parser("mocker", help="simulated vLLM workers (KV events, metrics, HTTP)")
+    mocker.add_arguments(m)
+    m.set_defaults(func=mocker.main)
     return p
 
 
