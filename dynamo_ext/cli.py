@@ -87,6 +87,28 @@ def _router_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _frontend_main(args: argparse.Namespace) -> int:
+    from dynamo_ext.config import load_config
+    from dynamo_ext.frontend.app import run
+    from dynamo_ext.frontend.config import FrontendConfig
+
+    overrides: dict[str, Any] = {
+        "model": args.model,
+        "served_model_name": args.served_model_name,
+        "host": args.host,
+        "port": args.port,
+        "router": args.router,
+        "max_model_len": args.max_model_len,
+        "min_remote_prefill_tokens": args.min_remote_prefill_tokens,
+        "migration_limit": args.migration_limit,
+    }
+    if args.no_disaggregation:
+        overrides["disaggregation"] = False
+    cfg = load_config(FrontendConfig, args.config, overrides, env_prefix="DYNAMO_EXT_FRONTEND__")
+    run(cfg)
+    return 0
+
+
 def _bench_main(args: argparse.Namespace) -> int:
     if args.what == "router":
         from dynamo_ext.benchmarks.router_bench import run
@@ -151,6 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
     brp = bsub.add_parser("replay", help="replay a Mooncake trace through simulated workers")
     replay.add_arguments(brp)
     brp.set_defaults(func=replay.main)
+
+    fe = sub.add_parser("frontend", help="OpenAI-compatible HTTP frontend over the router")
+    fe.add_argument("--config", help="YAML or TOML file (FrontendConfig fields)")
+    fe.add_argument("--model", help="model folder (tokenizer, chat template)")
+    fe.add_argument("--served-model-name")
+    fe.add_argument("--host")
+    fe.add_argument("--port", type=int)
+    fe.add_argument("--router", help="router control socket, e.g. tcp://127.0.0.1:5600")
+    fe.add_argument("--max-model-len", type=int)
+    fe.add_argument(
+        "--no-disaggregation", action="store_true", help="never use remote prefill workers"
+    )
+    fe.add_argument("--min-remote-prefill-tokens", type=int)
+    fe.add_argument("--migration-limit", type=int)
+    fe.set_defaults(func=_frontend_main)
 
     from dynamo_ext import mocker
 

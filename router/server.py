@@ -749,6 +749,7 @@ class RouterServer:
             http_endpoint=w.reg.http_endpoint,
             nixl_endpoint=w.reg.nixl_endpoint,
             num_blocks=len(hashes),
+            block_size=bs,
             chosen=chosen,
             candidates=scores,
             decision_us=dt * 1e6,

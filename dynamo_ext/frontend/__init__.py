@@ -1,0 +1,1 @@
+"""OpenAI-compatible frontend: tokenizes, asks the router, forwards, disaggregates, migrates."""

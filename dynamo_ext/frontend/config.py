@@ -1,0 +1,46 @@
+"""Frontend configuration (file, ``DYNAMO_EXT_FRONTEND__*`` env, flags; see dynamo_ext.config).
+
+Conditional disaggregation defaults: a request is prefilled on a remote prefill worker only
+when the decode worker would have to compute at least ``min_remote_prefill_tokens`` prompt
+tokens itself (what is not already in its cache) and the chosen prefill worker's queue holds
+at most ``max_prefill_queue_tokens``; otherwise the decode worker prefills locally, which
+avoids a transfer that costs more than it saves on short or mostly cached prompts.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from dynamo_ext.errors import ConfigError
+
+
+class FrontendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    model: str  # model folder: its tokenizer and chat template are used here
+    served_model_name: str | None = None  # name clients use (default: ``model``)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    router: str = "tcp://127.0.0.1:5600"
+    router_timeout_s: float = 2.0
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    # conditional disaggregation
+    disaggregation: bool = True
+    min_remote_prefill_tokens: int = 256
+    max_prefill_queue_tokens: int = 16384
+    # fault tolerance
+    migration_limit: int = 3
+    upstream_connect_timeout_s: float = 2.0
+    request_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError("port", f"not a port: {self.port}")
+        if self.migration_limit < 0:
+            raise ConfigError("migration_limit", "must be >= 0")
+        if self.min_remote_prefill_tokens < 0:
+            raise ConfigError("min_remote_prefill_tokens", "must be >= 0")
+        if not self.router.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError("router", f"must be a ZMQ endpoint, got {self.router!r}")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model

@@ -1,0 +1,88 @@
+"""Prometheus metrics of the frontend, named as Dynamo's frontend names them
+(``dynamo_frontend_*``), plus the disaggregation and migration counters of dynamo-ext."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ITL = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_TOK = (16, 64, 256, 1024, 4096, 16384, 65536)
+
+
+class FrontendMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "dynamo_frontend_"
+        self.requests = Counter(
+            p + "requests",
+            "Requests by endpoint, streaming and final status",
+            ["model", "endpoint", "request_type", "status"],
+            registry=r,
+        )
+        self.inflight = Gauge(p + "inflight_requests", "Requests in flight", ["model"], registry=r)
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds",
+            "Time to first token",
+            ["model"],
+            buckets=_LAT,
+            registry=r,
+        )
+        self.itl = Histogram(
+            p + "inter_token_latency_seconds",
+            "Time between tokens",
+            ["model"],
+            buckets=_ITL,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            p + "request_duration_seconds",
+            "End-to-end request latency",
+            ["model"],
+            buckets=_LAT,
+            registry=r,
+        )
+        self.isl = Histogram(
+            p + "input_sequence_tokens",
+            "Prompt tokens per request",
+            ["model"],
+            buckets=_TOK,
+            registry=r,
+        )
+        self.osl = Histogram(
+            p + "output_sequence_tokens",
+            "Generated tokens per request",
+            ["model"],
+            buckets=_TOK,
+            registry=r,
+        )
+        self.input_tokens = Counter(p + "input_tokens", "Prompt tokens", ["model"], registry=r)
+        self.output_tokens = Counter(p + "output_tokens", "Generated tokens", ["model"], registry=r)
+        q = "dynamo_ext_frontend_"
+        self.prompt_blocks = Counter(
+            q + "prompt_blocks", "Prompt blocks routed", ["model"], registry=r
+        )
+        self.hit_blocks = Counter(
+            q + "prefix_hit_blocks",
+            "Prompt blocks the router found cached on the chosen worker",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_hit_rate = Gauge(
+            q + "prefix_hit_rate",
+            "Cumulative share of prompt blocks found cached",
+            ["model"],
+            registry=r,
+        )
+        self.prefill = Counter(
+            q + "prefill",
+            "Requests by where their prompt was prefilled",
+            ["model", "where"],
+            registry=r,
+        )
+        self.migrations = Counter(
+            q + "migrations",
+            "Requests moved to another worker after a worker failure",
+            ["model", "reason"],
+            registry=r,
+        )
