@@ -1,0 +1,167 @@
+"""A whole dynamo-ext system on one machine: router, vLLM workers, frontend, as processes.
+
+Used by ``examples/`` (aggregated and disaggregated deployments of the tiny local model),
+by the end-to-end tests and by ``dynamo-ext bench serve``. Every worker is a stock vLLM
+OpenAI server started with flags only: vLLM's own ``--kv-events-config``, our connector in
+``--kv-transfer-config`` for prefill/decode roles, and ``DYNAMO_EXT_*`` variables for the
+stat-logger plugin (metrics + registration). Everything is stopped on ``stop()`` / exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dynamo_ext.engine_proc import CPU_FAST_ARGS, CPU_FAST_ENV, VllmServer, free_port
+from dynamo_ext.testing import RouterProc
+
+ROLE_TO_KV = {"prefill": "kv_producer", "decode": "kv_consumer"}
+
+
+@dataclass
+class Worker:
+    worker_id: str
+    role: str
+    server: VllmServer
+    nixl_port: int | None = None
+
+
+def worker_args(role: str, worker_id: str, router: str, nixl_port: int | None) -> list[str]:
+    kv_events = {
+        "enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv",
+        "endpoint": f"tcp://*:{free_port()}", "replay_endpoint": f"tcp://*:{free_port()}",
+    }
+    args = ["--kv-events-config", json.dumps(kv_events), "--enable-prompt-tokens-details"]
+    if role in ROLE_TO_KV:
+        kvt = {
+            "kv_connector": "DynamoExtConnector",
+            "kv_role": ROLE_TO_KV[role],
+            "kv_buffer_device": "cpu",
+            "kv_connector_extra_config": {"router": router, "worker_id": worker_id,
+                                          "metrics_period_s": 0.2},
+        }
+        args += ["--kv-transfer-config", json.dumps(kvt)]
+    return args
+
+
+@dataclass
+class LocalFleet:
+    model: Path
+    aggregated: int = 1
+    prefill: int = 0
+    decode: int = 0
+    workdir: Path = field(default_factory=lambda: Path("out/fleet"))
+    frontend_port: int | None = None
+    router_config: dict[str, Any] = field(default_factory=dict)
+    frontend_args: list[str] = field(default_factory=list)
+    served_model_name: str = "tiny-llama"
+    router: RouterProc | None = None
+    workers: list[Worker] = field(default_factory=list)
+    frontend: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.frontend_port}"
+
+    def start(self) -> LocalFleet:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg = {"block_size": 128, "worker_timeout_s": 3.0, **self.router_config}
+        self.router = RouterProc(self.workdir, cfg).start()
+        plan = ([("prefill", f"prefill-{i}") for i in range(self.prefill)]
+                + [("decode", f"decode-{i}") for i in range(self.decode)]
+                + [("both", f"worker-{i}") for i in range(self.aggregated)])
+        for role, wid in plan:
+            self.add_worker(role, wid, wait=False)
+        for w in self.workers:
+            w.server.wait_ready()
+        self._start_frontend()
+        self.wait_registered()
+        return self
+
+    def add_worker(self, role: str, worker_id: str, wait: bool = True) -> Worker:
+        assert self.router is not None
+        nixl = free_port() if role in ROLE_TO_KV else None
+        env = {**os.environ, **CPU_FAST_ENV, "DYNAMO_EXT_ROUTER": self.router.endpoint,
+               "DYNAMO_EXT_WORKER_ID": worker_id, "DYNAMO_EXT_METRICS_PERIOD": "0.2"}
+        if nixl is not None:
+            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(nixl)
+        port = free_port()
+        s = VllmServer(self.model, port, [*CPU_FAST_ARGS, *worker_args(role, worker_id,
+                                                                           self.router.endpoint,
+                                                                           nixl)],
+                       env, self.workdir / f"{worker_id}.log")
+        s.start()
+        w = Worker(worker_id, role, s, nixl)
+        self.workers.append(w)
+        if wait:
+            s.wait_ready()
+        return w
+
+    def _start_frontend(self) -> None:
+        assert self.router is not None
+        self.frontend_port = self.frontend_port or free_port()
+        log = open(self.workdir / "frontend.log", "ab")
+        self.frontend = subprocess.Popen(
+            [sys.executable, "-m", "dynamo_ext.cli", "frontend", "--model", str(self.model),
+             "--served-model-name", self.served_model_name, "--port", str(self.frontend_port),
+             "--router", self.router.endpoint, *self.frontend_args],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.frontend.poll() is not None:
+                raise RuntimeError(f"frontend exited: see {self.workdir / 'frontend.log'}")
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("frontend did not become healthy in 60 s")
+
+    def wait_registered(self, timeout: float = 60) -> None:
+        """Until the router lists every worker as up with metrics."""
+        import asyncio
+
+        from dynamo_ext.router.client import RouterClient
+
+        assert self.router is not None
+        want = {w.worker_id for w in self.workers if w.server.is_alive()}
+
+        async def check() -> bool:
+            async with RouterClient(self.router.endpoint) as c:  # type: ignore[union-attr]
+                st = await c.workers()
+            up = {w.worker_id for w in st.workers if w.up and w.last_metrics is not None}
+            return want <= up
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if asyncio.run(check()):
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"workers {sorted(want)} not all registered with the router")
+
+    def stop(self) -> None:
+        if self.frontend is not None and self.frontend.poll() is None:
+            os.killpg(self.frontend.pid, signal.SIGTERM)
+            try:
+                self.frontend.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.frontend.pid, signal.SIGKILL)
+        for w in self.workers:
+            w.server.stop()
+        if self.router is not None:
+            self.router.stop()
+
+    def __enter__(self) -> LocalFleet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
