@@ -168,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     bp = bsub.add_parser("prefill", help="batch prefill scheduler vs vLLM's stock scheduler")
     prefill_bench.add_arguments(bp)
     bp.set_defaults(func=prefill_bench.main)
+    from dynamo_ext.benchmarks import serve_bench
+
+    bs = bsub.add_parser("serve", help="prefix-sharing load through the frontend, per router mode")
+    serve_bench.add_arguments(bs)
+    bs.set_defaults(func=serve_bench.main)
     from dynamo_ext.benchmarks import replay
 
     brp = bsub.add_parser("replay", help="replay a Mooncake trace through simulated workers")

@@ -36,8 +36,11 @@ class Worker:
 
 def worker_args(role: str, worker_id: str, router: str, nixl_port: int | None) -> list[str]:
     kv_events = {
-        "enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv",
-        "endpoint": f"tcp://*:{free_port()}", "replay_endpoint": f"tcp://*:{free_port()}",
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "topic": "kv",
+        "endpoint": f"tcp://*:{free_port()}",
+        "replay_endpoint": f"tcp://*:{free_port()}",
     }
     args = ["--kv-events-config", json.dumps(kv_events), "--enable-prompt-tokens-details"]
     if role in ROLE_TO_KV:
@@ -45,8 +48,11 @@ def worker_args(role: str, worker_id: str, router: str, nixl_port: int | None) -
             "kv_connector": "DynamoExtConnector",
             "kv_role": ROLE_TO_KV[role],
             "kv_buffer_device": "cpu",
-            "kv_connector_extra_config": {"router": router, "worker_id": worker_id,
-                                          "metrics_period_s": 0.2},
+            "kv_connector_extra_config": {
+                "router": router,
+                "worker_id": worker_id,
+                "metrics_period_s": 0.2,
+            },
         }
         args += ["--kv-transfer-config", json.dumps(kvt)]
     return args
@@ -75,9 +81,11 @@ class LocalFleet:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = {"block_size": 128, "worker_timeout_s": 3.0, **self.router_config}
         self.router = RouterProc(self.workdir, cfg).start()
-        plan = ([("prefill", f"prefill-{i}") for i in range(self.prefill)]
-                + [("decode", f"decode-{i}") for i in range(self.decode)]
-                + [("both", f"worker-{i}") for i in range(self.aggregated)])
+        plan = (
+            [("prefill", f"prefill-{i}") for i in range(self.prefill)]
+            + [("decode", f"decode-{i}") for i in range(self.decode)]
+            + [("both", f"worker-{i}") for i in range(self.aggregated)]
+        )
         for role, wid in plan:
             self.add_worker(role, wid, wait=False)
         for w in self.workers:
@@ -89,15 +97,23 @@ class LocalFleet:
     def add_worker(self, role: str, worker_id: str, wait: bool = True) -> Worker:
         assert self.router is not None
         nixl = free_port() if role in ROLE_TO_KV else None
-        env = {**os.environ, **CPU_FAST_ENV, "DYNAMO_EXT_ROUTER": self.router.endpoint,
-               "DYNAMO_EXT_WORKER_ID": worker_id, "DYNAMO_EXT_METRICS_PERIOD": "0.2"}
+        env = {
+            **os.environ,
+            **CPU_FAST_ENV,
+            "DYNAMO_EXT_ROUTER": self.router.endpoint,
+            "DYNAMO_EXT_WORKER_ID": worker_id,
+            "DYNAMO_EXT_METRICS_PERIOD": "0.2",
+        }
         if nixl is not None:
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(nixl)
         port = free_port()
-        s = VllmServer(self.model, port, [*CPU_FAST_ARGS, *worker_args(role, worker_id,
-                                                                           self.router.endpoint,
-                                                                           nixl)],
-                       env, self.workdir / f"{worker_id}.log")
+        s = VllmServer(
+            self.model,
+            port,
+            [*CPU_FAST_ARGS, *worker_args(role, worker_id, self.router.endpoint, nixl)],
+            env,
+            self.workdir / f"{worker_id}.log",
+        )
         s.start()
         w = Worker(worker_id, role, s, nixl)
         self.workers.append(w)
@@ -110,10 +126,24 @@ class LocalFleet:
         self.frontend_port = self.frontend_port or free_port()
         log = open(self.workdir / "frontend.log", "ab")
         self.frontend = subprocess.Popen(
-            [sys.executable, "-m", "dynamo_ext.cli", "frontend", "--model", str(self.model),
-             "--served-model-name", self.served_model_name, "--port", str(self.frontend_port),
-             "--router", self.router.endpoint, *self.frontend_args],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "dynamo_ext.cli",
+                "frontend",
+                "--model",
+                str(self.model),
+                "--served-model-name",
+                self.served_model_name,
+                "--port",
+                str(self.frontend_port),
+                "--router",
+                self.router.endpoint,
+                *self.frontend_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -237,6 +237,7 @@ class WorkerState(msgspec.Struct, omit_defaults=True):
     http_endpoint: str | None
     indexed_blocks: dict[str, int]
     last_metrics: WorkerMetrics | None = None
+    active_requests: int = 0  # routed by this router, not reported finished
 
 
 class FleetState(msgspec.Struct, tag="fleet"):
