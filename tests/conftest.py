@@ -1,13 +1,18 @@
-"""Shared fixtures: router processes started for real and always stopped."""
+"""Shared fixtures: real router processes and real vLLM engines, started once and always
+stopped. vLLM servers use the CPU fast-start flags of ``dynamo_ext.engine_proc`` (one
+engine-core process, eager mode, 1 GiB KV cache, 2048-token context)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from dynamo_ext.engine_proc import CPU_FAST_ARGS, CPU_FAST_ENV, VllmServer, free_port
 from dynamo_ext.testing import RouterProc
+from dynamo_ext.tiny_model import build_tiny_model, default_model_dir
 
 
 @pytest.fixture
@@ -22,3 +27,36 @@ def router_factory(tmp_path: Path) -> Iterator[Callable[..., RouterProc]]:
     yield make
     for p in procs:
         p.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return build_tiny_model(default_model_dir())
+
+
+@pytest.fixture(scope="session")
+def start_vllm(tiny_model: Path, tmp_path_factory) -> Iterator[Callable[..., VllmServer]]:
+    """``start_vllm(args, env, wait=True)`` -> a running server; all are stopped at the end."""
+    servers: list[VllmServer] = []
+    logs = tmp_path_factory.mktemp("vllm-logs")
+
+    def start(
+        extra_args: list[str], env: dict[str, str] | None = None, wait: bool = True
+    ) -> VllmServer:
+        port = free_port()
+        s = VllmServer(
+            tiny_model,
+            port,
+            extra_args=[*CPU_FAST_ARGS, *extra_args],
+            env={**os.environ, **CPU_FAST_ENV, **(env or {})},
+            log_path=logs / f"vllm-{port}.log",
+        )
+        servers.append(s)
+        s.start()
+        if wait:
+            s.wait_ready()
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()

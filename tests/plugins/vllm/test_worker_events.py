@@ -35,14 +35,11 @@ def post(url: str, body: dict, timeout: float = 120) -> dict:
 
 @pytest.fixture(scope="module")
 def router(tmp_path_factory) -> Iterator[RouterProc]:
+    # Created, not started: the workers come up first and must serve without a router.
     p = RouterProc(
         tmp_path_factory.mktemp("router"),
-        {
-            "block_size": BLOCK_SIZE,
-            "worker_timeout_s": 5.0,
-            "log_decisions": True,
-        },
-    ).start()
+        {"block_size": BLOCK_SIZE, "worker_timeout_s": 5.0, "log_decisions": True},
+    )
     yield p
     p.stop()
 
@@ -60,6 +57,11 @@ def workers(router: RouterProc, start_vllm):
         servers[wid] = start_vllm(args, env, wait=False)
     for s in servers.values():
         s.wait_ready()
+    # The router is down: the engine serves anyway.
+    s = servers["w0"]
+    out = post(s.url + "/v1/completions", {"prompt": "hello there", "max_tokens": 2})
+    assert out["usage"]["completion_tokens"] == 2
+    router.start()  # registration retries and lands; the initial replay fetches history
     return servers
 
 
@@ -88,7 +90,11 @@ def test_plugin_discovered_and_workers_registered(router, workers) -> None:
     for wid, s in workers.items():
         assert f[wid].http_endpoint == s.url
         assert f[wid].role == "both"
-        assert "dynamo-ext worker " + wid in s.log_path.read_text()
+        log = s.log_path.read_text()
+        assert "dynamo-ext worker " + wid in log
+        # it started while the router was down, kept serving, and registered once it came up
+        assert "unreachable; worker keeps serving" in log
+        assert f"registered worker {wid} (role both)" in log
 
 
 def test_kv_events_reach_router_and_prefix_routing_matches_engine_hits(router, workers) -> None:

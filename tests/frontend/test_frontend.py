@@ -1,0 +1,283 @@
+"""End to end through real processes: the frontend, the router, and vLLM workers.
+
+Fleet: router; one prefill (kv_producer) and two decode (kv_consumer) vLLM workers with our
+connector, all registered with the router by our plugin; the frontend in front. A plain
+vLLM server that the router does not know serves as the aggregated reference. The worker
+kill test runs last in this module: it takes a decode worker away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+from dynamo_ext.engine_proc import CPU_FAST_ARGS, CPU_FAST_ENV, VllmServer, free_port
+from dynamo_ext.launch import LocalFleet
+from dynamo_ext.router.client import RouterClient
+from dynamo_ext.tiny_model import english_like_text
+
+pytestmark = pytest.mark.engine
+MODEL_NAME = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_model: Path, tmp_path_factory):
+    f = LocalFleet(
+        tiny_model,
+        aggregated=0,
+        prefill=1,
+        decode=2,
+        workdir=tmp_path_factory.mktemp("fleet"),
+        served_model_name=MODEL_NAME,
+    )
+    # the aggregated reference starts alongside the fleet
+    ref = VllmServer(
+        tiny_model,
+        free_port(),
+        list(CPU_FAST_ARGS),
+        {**os.environ, **CPU_FAST_ENV},
+        f.workdir / "reference.log",
+    )
+    ref.start()
+    try:
+        f.start()
+        ref.wait_ready()
+        f.reference = ref  # type: ignore[attr-defined]
+        yield f
+    finally:
+        ref.stop()
+        f.stop()
+
+
+def client(fleet: LocalFleet) -> openai.OpenAI:
+    return openai.OpenAI(base_url=fleet.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def reference(fleet: LocalFleet, prompt: str, max_tokens: int) -> dict:
+    ref: VllmServer = fleet.reference  # type: ignore[attr-defined]
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    req = urllib.request.Request(
+        ref.url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())["choices"][0]
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.split()[-1])
+    return total
+
+
+def test_openai_client_completions_and_chat(fleet) -> None:
+    c = client(fleet)
+    assert [m.id for m in c.models.list().data] == [MODEL_NAME]
+    prompt = english_like_text(80, seed=1)
+    unary = c.completions.create(
+        model=MODEL_NAME,
+        prompt=prompt,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert unary.usage.completion_tokens == 12
+    streamed = c.completions.create(
+        model=MODEL_NAME,
+        prompt=prompt,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    assert "".join(ch.choices[0].text for ch in streamed) == unary.choices[0].text
+    assert unary.choices[0].text == reference(fleet, prompt, 12)["text"]
+    msgs = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": english_like_text(30, seed=2)},
+    ]
+    chat = c.chat.completions.create(
+        model=MODEL_NAME,
+        messages=msgs,
+        max_tokens=10,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens == 10
+    chunks = list(
+        c.chat.completions.create(
+            model=MODEL_NAME,
+            messages=msgs,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert text == chat.choices[0].message.content
+
+
+def test_disaggregated_equals_aggregated(fleet) -> None:
+    c = client(fleet)
+    before = metric(fleet.url, "dynamo_ext_frontend_prefill_total", where="remote")
+    for seed in (21, 22, 23):
+        prompt = english_like_text(500, seed=seed)  # > min_remote_prefill_tokens uncached
+        out = c.completions.create(
+            model=MODEL_NAME,
+            prompt=prompt,
+            max_tokens=16,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        ref = reference(fleet, prompt, 16)
+        assert out.choices[0].token_ids == ref["token_ids"]  # type: ignore[attr-defined]
+        assert out.choices[0].text == ref["text"]
+    after = metric(fleet.url, "dynamo_ext_frontend_prefill_total", where="remote")
+    assert after - before == 3  # every one of them was prefilled remotely
+    # the decode workers pulled the prompts instead of computing them
+    pulled = sum(
+        metric(w.server.url, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
+        for w in fleet.workers
+        if w.role == "decode"
+    )
+    assert pulled >= 3 * 384
+
+
+def test_short_prompt_is_prefilled_locally(fleet) -> None:
+    c = client(fleet)
+    before = metric(fleet.url, "dynamo_ext_frontend_prefill_total", where="local")
+    out = c.completions.create(
+        model=MODEL_NAME, prompt="short prompt here", max_tokens=4, temperature=0
+    )
+    assert out.usage.completion_tokens >= 1
+    assert metric(fleet.url, "dynamo_ext_frontend_prefill_total", where="local") == before + 1
+
+
+@pytest.mark.parametrize(
+    "raw, status, needle",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (json.dumps({"model": MODEL_NAME}).encode(), 400, "prompt"),
+        (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "does not exist"),
+        (
+            json.dumps({"model": MODEL_NAME, "prompt": "x", "max_tokens": 0}).encode(),
+            400,
+            "max_tokens",
+        ),
+        (
+            json.dumps({"model": MODEL_NAME, "prompt": "x", "max_tokens": -3}).encode(),
+            400,
+            "max_tokens",
+        ),
+        (
+            json.dumps(
+                {"model": MODEL_NAME, "prompt": english_like_text(2500, seed=5), "max_tokens": 8}
+            ).encode(),
+            400,
+            "maximum context length",
+        ),
+        (json.dumps({"model": MODEL_NAME, "messages": []}).encode(), 400, "messages"),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx(fleet, raw: bytes, status: int, needle: str) -> None:
+    path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
+    req = urllib.request.Request(fleet.url + path, raw, {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=30)
+    assert exc.value.code == status
+    err = json.loads(exc.value.read())["error"]
+    assert needle in err["message"] and err["type"]
+    # and the server keeps serving
+    ok = client(fleet).completions.create(model=MODEL_NAME, prompt="still alive?", max_tokens=2)
+    assert ok.choices[0].text is not None
+
+
+def test_load_from_a_second_process(fleet) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dynamo_ext.benchmarks.serve_bench",
+            "--url",
+            fleet.url,
+            "--model",
+            MODEL_NAME,
+            "--requests",
+            "24",
+            "--concurrency",
+            "8",
+            "--max-tokens",
+            "12",
+            "--timeout",
+            "240",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    print(summary)
+    assert summary["requests"] == 24 and summary["succeeded"] == 24, summary
+    assert summary["lost"] == 0 and summary["duplicated_ids"] == 0
+    assert summary["tokens"] == 24 * 12
+    assert out.returncode == 0
+
+
+def test_killing_the_decode_worker_mid_stream_migrates(fleet) -> None:
+    prompt = english_like_text(300, seed=77)
+    n = 200
+    ref = reference(fleet, prompt, n)
+    before = metric(fleet.url, "dynamo_ext_frontend_migrations_total")
+    c = client(fleet)
+    stream = c.completions.create(
+        model=MODEL_NAME,
+        prompt=prompt,
+        max_tokens=n,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    texts: list[str] = []
+    killed: list[str] = []
+
+    async def serving_worker() -> str:
+        async with RouterClient(fleet.router.endpoint) as rc:  # type: ignore[union-attr]
+            st = await rc.workers()
+        busy = [w.worker_id for w in st.workers if w.role == "decode" and w.active_requests]
+        assert len(busy) == 1, st
+        return busy[0]
+
+    for i, ch in enumerate(stream):
+        texts.append(ch.choices[0].text)
+        if i == 20 and not killed:
+            wid = asyncio.run(serving_worker())
+            victim = next(w for w in fleet.workers if w.worker_id == wid)
+            os.killpg(victim.server.pid, signal.SIGKILL)
+            killed.append(wid)
+    assert killed
+    assert "".join(texts) == ref["text"]  # complete and identical to an undisturbed run
+    assert metric(fleet.url, "dynamo_ext_frontend_migrations_total") == before + 1
+    threading.Event().wait(0)
