@@ -70,7 +70,8 @@ async def _one(
                 ids.add(obj["id"])
                 for ch in obj["choices"]:
                     if ch.get("text") is not None:
-                        chunks += 1
+                        # a chunk may carry several tokens when the engine runs ahead
+                        chunks += len(ch.get("token_ids") or [0])
                         times.append(time.perf_counter())
     except httpx.HTTPError as exc:
         error = repr(exc)

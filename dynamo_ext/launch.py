@@ -45,7 +45,7 @@ def worker_args(role: str, worker_id: str, router: str, nixl_port: int | None) -
     args = ["--kv-events-config", json.dumps(kv_events), "--enable-prompt-tokens-details"]
     if role in ROLE_TO_KV:
         kvt = {
-            "kv_connector": "DynamoExtConnector",
+            "kv_connector": os.environ.get("DYNAMO_EXT_LAUNCH_CONNECTOR", "DynamoExtConnector"),
             "kv_role": ROLE_TO_KV[role],
             "kv_buffer_device": "cpu",
             "kv_connector_extra_config": {
@@ -79,7 +79,12 @@ class LocalFleet:
 
     def start(self) -> LocalFleet:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        cfg = {"block_size": 128, "worker_timeout_s": 3.0, **self.router_config}
+        cfg = {
+            "block_size": 128,
+            "worker_timeout_s": 3.0,
+            "log_decisions": True,
+            **self.router_config,
+        }
         self.router = RouterProc(self.workdir, cfg).start()
         plan = (
             [("prefill", f"prefill-{i}") for i in range(self.prefill)]
@@ -88,9 +93,10 @@ class LocalFleet:
         )
         for role, wid in plan:
             self.add_worker(role, wid, wait=False)
+        self._spawn_frontend()  # starts while the engines load
         for w in self.workers:
             w.server.wait_ready()
-        self._start_frontend()
+        self._wait_frontend()
         self.wait_registered()
         return self
 
@@ -121,7 +127,7 @@ class LocalFleet:
             s.wait_ready()
         return w
 
-    def _start_frontend(self) -> None:
+    def _spawn_frontend(self) -> None:
         assert self.router is not None
         self.frontend_port = self.frontend_port or free_port()
         log = open(self.workdir / "frontend.log", "ab")
@@ -145,7 +151,11 @@ class LocalFleet:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 60
+
+    def _wait_frontend(self) -> None:
+        assert self.frontend is not None
+        # transformers' import alone takes ~10 s, several times that on a loaded 2-core box
+        deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             if self.frontend.poll() is not None:
                 raise RuntimeError(f"frontend exited: see {self.workdir / 'frontend.log'}")
@@ -154,7 +164,7 @@ class LocalFleet:
                 return
             except OSError:
                 time.sleep(0.2)
-        raise RuntimeError("frontend did not become healthy in 60 s")
+        raise RuntimeError("frontend did not become healthy in 240 s")
 
     def wait_registered(self, timeout: float = 60) -> None:
         """Until the router lists every worker as up with metrics."""

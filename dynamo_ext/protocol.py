@@ -220,6 +220,7 @@ class RouteResponse(msgspec.Struct, tag="routed", omit_defaults=True):
     nixl_endpoint: str | None
     num_blocks: int
     chosen: WorkerScore
+    worker_role: Role = "both"
     block_size: int = 0
     candidates: list[WorkerScore] = []
     decision_us: float = 0.0

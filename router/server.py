@@ -751,6 +751,7 @@ class RouterServer:
         return RouteResponse(
             request_id=req.request_id,
             worker_id=w.worker_id,
+            worker_role=w.reg.role,
             http_endpoint=w.reg.http_endpoint,
             nixl_endpoint=w.reg.nixl_endpoint,
             num_blocks=len(hashes),

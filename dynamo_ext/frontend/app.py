@@ -278,7 +278,11 @@ class Frontend:
                 "total_tokens": len(ids) + len(state.generated),
             }
 
-        def chunk(text: str, finish: str | None, first: bool) -> dict[str, Any]:
+        def chunk(
+            text: str, finish: str | None, first: bool, token_ids: list[int]
+        ) -> dict[str, Any]:
+            # token_ids (as vLLM's return_token_ids) lets clients count tokens exactly: a
+            # chunk may carry several when the engine runs ahead of a slow reader.
             if chat:
                 delta: dict[str, Any] = {"content": text}
                 if first:
@@ -286,7 +290,7 @@ class Frontend:
                 choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
                 obj = "chat.completion.chunk"
             else:
-                choice = {"index": 0, "text": text, "finish_reason": finish}
+                choice = {"index": 0, "text": text, "finish_reason": finish, "token_ids": token_ids}
                 obj = "text_completion"
             return {
                 "id": rid,
@@ -318,13 +322,20 @@ class Frontend:
                 try:
                     first = True
                     if first_delta is not None:
-                        yield _sse(chunk(first_delta.text, first_delta.finish_reason, True))
+                        yield _sse(
+                            chunk(
+                                first_delta.text,
+                                first_delta.finish_reason,
+                                True,
+                                first_delta.token_ids,
+                            )
+                        )
                         first = False
                         async for d in gen:
                             t = time.perf_counter()
                             m.itl.labels(model).observe(t - t_last)
                             t_last = t
-                            yield _sse(chunk(d.text, d.finish_reason, first))
+                            yield _sse(chunk(d.text, d.finish_reason, first, d.token_ids))
                     ok = "success"
                     yield b"data: [DONE]\n\n"
                 except BaseException as exc:

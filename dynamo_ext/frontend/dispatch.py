@@ -157,6 +157,8 @@ class Dispatcher:
         self, rid: str, prompt: list[int], d: RouteResponse, sampling: dict[str, Any]
     ) -> dict[str, Any] | None:
         """Prefill on a prefill worker when it pays; returns the decode side's params."""
+        if d.worker_role != "decode":
+            return None  # only a decode (kv_consumer) worker can pull a remote prefill
         cached = d.chosen.prefix_hit_blocks.get(MEDIUM_GPU, 0) * d.block_size
         uncached = len(prompt) - cached
         if uncached < self.cfg.min_remote_prefill_tokens:
