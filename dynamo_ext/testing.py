@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,11 +16,7 @@ from pathlib import Path
 
 import yaml
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dynamo_ext.engine_proc import free_port  # one port policy everywhere
 
 
 async def wait_for(cond: Callable[[], object], timeout: float = 10.0, every: float = 0.05):
