@@ -682,6 +682,7 @@ class RouterServer:
                     http_endpoint=w.reg.http_endpoint,
                     indexed_blocks=self.index.block_counts(w.worker_id),
                     last_metrics=w.metrics,
+                    active_requests=w.load.requests,
                 )
                 for w in self.workers.values()
             ]
