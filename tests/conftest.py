@@ -34,9 +34,10 @@ def tiny_model() -> Path:
     return build_tiny_model(default_model_dir())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def start_vllm(tiny_model: Path, tmp_path_factory) -> Iterator[Callable[..., VllmServer]]:
-    """``start_vllm(args, env, wait=True)`` -> a running server; all are stopped at the end."""
+    """``start_vllm(args, env, wait=True)`` -> a running server; stopped when the module ends,
+    so idle engines of one module don't slow the next one down on a 2-core machine."""
     servers: list[VllmServer] = []
     logs = tmp_path_factory.mktemp("vllm-logs")
 
