@@ -1,13 +1,963 @@
-"""Placeholder: lands with the cluster simulator issue."""
+"""``dynamo-ext bench replay TRACE``: routing quality at fleet scale, by trace replay.
+
+A Mooncake trace (JSON lines: ``timestamp`` ms, ``input_length``, ``output_length``,
+``hash_ids`` of 512-token blocks) is replayed at its arrival times, compressed by
+``--speedup`` (the load multiplier, as Dynamo's ``arrival_speedup_ratio``), in virtual time:
+a discrete-event simulation of ``--workers`` simulated vLLM engines (``MockerCore``: paged
+prefix cache, chunked-prefill batching, roofline step times) behind OUR REAL router logic, a
+``RouterServer`` embedded in this process. The router is fed what it would get over its
+sockets: every step's KV events encoded as vLLM's msgpack ``KVEventBatch`` and passed
+through its sequence-checking ingest (``_on_kv_frames``), ``WorkerMetrics`` encoded and
+decoded every ``--metrics-period`` virtual seconds, ``route`` for each arrival,
+``PrefillFinished`` at the first token and ``RequestFinished`` at the last, as our frontend
+sends them. Nothing waits on a clock, so an hour of trace replays in seconds to minutes.
+
+Prompts: token ids are synthesized from ``hash_ids`` (the same id always gives the same 512
+tokens, the last block cut to ``input_length``) and hashed with the router's own block hash
+(vLLM's sha256 chain at ``--block-size``, which must divide the trace's block or the cache
+of hashed trace blocks is bypassed), so equal ``hash_ids`` prefixes are equal cached
+prefixes.
+
+Policies, compared on the same trace and fleet in one call: ``round_robin``,
+``least_loaded``, ``random``, ``dynamo`` (Dynamo's cost formula in our scorer), ``kv`` (our
+scorer with the router's default weights), ``kv_offload`` (the same scorer, engines
+with a CPU offload tier). Beside them, Dynamo's own simulator and KV router on the same
+trace (``dynamo._core.run_mocker_trace_replay`` of ``ai-dynamo-runtime``, rows
+``dynamo_mocker_rr`` and ``dynamo_mocker_kv``), with its engines given our block size,
+cache size and batching limits (``--dynamo-native`` keeps Dynamo's defaults); its timing
+model is its own.
+
+Output: a text table, a PNG (``--plot``: TTFT CDF and prefix hit rate per policy) and, last,
+one JSON line: ``{"policies": {name: {ttft_p50_ms, ttft_p90_ms, ttft_p99_ms, itl_p50_ms,
+e2e_p50_ms, throughput_tok_s, prefix_hit_rate, load_imbalance, ...}}, "workers", "requests",
+"ratios", ...}``. ``throughput_tok_s`` is prompt plus output tokens per second of the
+replay's span; ``prefix_hit_rate`` the share of prompt tokens found cached (GPU or CPU) when
+the engine first admitted the request; ``load_imbalance`` the busiest worker's routed
+tokens over the mean (1.0 = even), computed the same way for Dynamo's rows.
+
+``--live``: the same trace through the real router process and mocker sockets (routing by
+token ids over ZMQ, streaming over HTTP), for small ``--limit``; its latencies include this
+machine's scheduling noise.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import hashlib
+import heapq
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dynamo_ext.config import RouterConfig, ScorerConfig
+from dynamo_ext.errors import ConfigError
+from dynamo_ext.mocker import ChainHasher, MockerConfig, MockerCore, SimRequest, StepResult
+from dynamo_ext.protocol import (
+    KVEventBatch,
+    PrefillFinished,
+    RequestFinished,
+    RouteRequest,
+    RouteResponse,
+    WorkerRegistration,
+    encode,
+    metrics_decoder,
+    seq_bytes,
+)
+
+ALL_POLICIES = ("round_robin", "least_loaded", "random", "dynamo", "kv", "kv_offload")
+DYNAMO_ROWS = ("dynamo_mocker_rr", "dynamo_mocker_kv")
+
+# Our scorer as the `kv` and `kv_offload` policies run it: the router's defaults. Those
+# weigh a block still to prefill 16x a block held by a running request (decode_weight
+# 1/16), because for time to first token a prefill block costs ~2 ms of GPU time and a
+# held decode block far less; with 1:1 (Dynamo's weighting) the worker that has a shared
+# prefix cached looks busiest and loses the request. A sweep on the sample trace (16
+# workers, speedup 4) of the prefill:decode ratio gave TTFT p50 / p99 of 136 / 2966 ms at
+# 1, 74 / 2957 at 2, 46 / 2896 at 4, 36 / 2913 at 8, 33 / 2853 at 16, 33 / 2863 at 32 and
+# 36 / 2893 at 64; prefix hit rate 0.26 at 1, 0.40 at 16.
+KV_POLICY = ScorerConfig(mode="kv", seed=0)  # the router's defaults
+
+# CPU offload tier of the `kv_offload` engines: 100 GB of pinned host memory per GPU
+# (a typical 8-GPU H100 node has 1-2 TB of RAM), ~2x the GPU KV cache.
+OFFLOAD_CPU_KV_GB = 100.0
+
+
+# ======================================================================================
+# Trace
+# ======================================================================================
+@dataclass(slots=True)
+class TraceRow:
+    arrival_ms: float
+    input_length: int
+    output_length: int
+    hash_ids: list[int]
+    raw: str  # the line as read, to hand the same requests to Dynamo's replayer
+
+
+def load_trace(path: str | Path, limit: int | None = None) -> list[TraceRow]:
+    """Mooncake JSON lines; a bad line fails with its number. Sorted by arrival."""
+    rows: list[TraceRow] = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                d = json.loads(line)
+                row = TraceRow(
+                    float(d["timestamp"]),
+                    int(d["input_length"]),
+                    int(d["output_length"]),
+                    [int(h) for h in d["hash_ids"]],
+                    line,
+                )
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigError("trace", f"{path}:{n}: not a Mooncake row: {exc}") from exc
+            if row.input_length <= 0:
+                raise ConfigError("trace", f"{path}:{n}: input_length must be > 0")
+            rows.append(row)
+            if limit and len(rows) >= limit:
+                break
+    if not rows:
+        raise ConfigError("trace", f"{path} holds no request")
+    rows.sort(key=lambda r: r.arrival_ms)
+    return rows
+
+
+class TracePrompts:
+    """Token ids and router block hashes of a trace's prompts, computed once for all
+    policies. A trace block's hashes depend only on (parent digest, hash id, length), so
+    each distinct one is hashed once."""
+
+    def __init__(
+        self,
+        rows: Sequence[TraceRow],
+        block_size: int,
+        trace_block_size: int = 512,
+        hash_algo: str = "sha256",
+        seed: str = "dynamo-ext-replay",
+    ) -> None:
+        self.rows = rows
+        self.block_size = block_size
+        self.trace_block_size = trace_block_size
+        self._seed = seed.encode()
+        self.hasher = ChainHasher(block_size, hash_algo)
+        self.hashes: list[array[int]] = []
+        self.digests: list[bytes | None] = []
+        cache: dict[tuple[bytes | None, int, int], tuple[list[int], bytes | None]] = {}
+        aligned = trace_block_size % block_size == 0
+        for i, row in enumerate(rows):
+            if not aligned:
+                hs, dg = self.hasher.chain(None, self.tokens(i))
+                self.hashes.append(array("Q", hs))
+                self.digests.append(dg)
+                continue
+            out = array("Q")
+            parent: bytes | None = None
+            left = row.input_length
+            for hid in row.hash_ids:
+                if left <= 0:
+                    break
+                cut = min(trace_block_size, left)
+                key = (parent, hid, cut)
+                hit = cache.get(key)
+                if hit is None:
+                    hit = cache[key] = self.hasher.chain(parent, self._block(hid)[:cut])
+                out.extend(hit[0])
+                parent = hit[1]
+                left -= cut
+            if left > 0:
+                # The ids cover less than input_length: every trace block was full, so the
+                # unique tail starts on a block boundary and continues the chain.
+                hs, parent = self.hasher.chain(parent, self.tokens(i)[len(out) * block_size :])
+                out.extend(hs)
+            self.hashes.append(out)
+            self.digests.append(parent)
+
+    def _block(self, hid: int) -> list[int]:
+        # 512 pseudo-random 16-bit token ids per hash id, from a seeded XOF: fast, stable
+        # across processes and platforms.
+        raw = hashlib.shake_128(self._seed + hid.to_bytes(8, "big", signed=True)).digest(
+            2 * self.trace_block_size
+        )
+        return array("H", raw).tolist()
+
+    def _tail(self, i: int, n: int) -> list[int]:
+        raw = hashlib.shake_128(self._seed + b"tail" + i.to_bytes(8, "big")).digest(2 * n)
+        return array("H", raw).tolist()
+
+    def tokens(self, i: int) -> list[int]:
+        row = self.rows[i]
+        toks: list[int] = []
+        left = row.input_length
+        for hid in row.hash_ids:
+            if left <= 0:
+                break
+            b = self._block(hid)
+            toks.extend(b[:left] if left < len(b) else b)
+            left -= min(left, len(b))
+        if left > 0:
+            toks.extend(self._tail(i, left))
+        return toks
+
+
+# ======================================================================================
+# One policy, in virtual time
+# ======================================================================================
+@dataclass(slots=True)
+class Rec:
+    arrival: float
+    input_length: int
+    output_length: int
+    worker: int = -1
+    first: float | None = None
+    last: float | None = None
+    finish: float | None = None
+    predicted_hit_blocks: int = 0
+    error: str | None = None
+
+
+@dataclass
+class PolicyRun:
+    name: str
+    recs: list[Rec]
+    itl: array[float]
+    cores: list[MockerCore]
+    routed_tokens: list[int]
+    wall_s: float
+    block_size: int
+    kv_events: int = 0
+    metrics_msgs: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _drive(coro: Any) -> None:
+    """Run a router coroutine that completes without awaiting I/O (no gap: no replay)."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+    raise RuntimeError("router ingest awaited I/O inside the virtual-time replay")
+
+
+def simulate(
+    name: str,
+    scorer: ScorerConfig,
+    mcfg: MockerConfig,
+    prompts: TracePrompts,
+    workers: int,
+    speedup: float,
+    metrics_period_s: float,
+) -> PolicyRun:
+    import zmq.asyncio
+
+    from dynamo_ext.router.server import RouterServer
+
+    rows = prompts.rows
+    bs = mcfg.block_size
+    t_wall = time.perf_counter()
+    # Worker registrations of a simulated fleet are not news: keep the router's log quiet.
+    logging.getLogger("dynamo_ext.router").setLevel(logging.WARNING)
+    ctx = zmq.asyncio.Context()
+    srv = RouterServer(
+        RouterConfig(
+            bind="tcp://127.0.0.1:0",
+            metrics_port=None,
+            block_size=bs,
+            request_ttl_s=1e12,  # virtual time outruns the wall clock the TTL counts in
+            scorer=scorer,
+        ),
+        ctx=ctx,
+    )
+    ids = [f"worker-{i}" for i in range(workers)]
+    entries = [srv._add_worker(WorkerRegistration(wid, block_size=bs), static=True) for wid in ids]
+    if not mcfg.emit_token_ids:
+        for e in entries:  # nothing to check the engine's hashes against: trust them
+            e.hash_checked = True
+    pos = {wid: i for i, wid in enumerate(ids)}
+    cores = [MockerCore(mcfg, wid) for wid in ids]
+    seqs = [0] * workers
+    heartbeat = [0] * workers
+    sched: list[float | None] = [None] * workers
+    recs = [Rec(r.arrival_ms / 1e3 / speedup, r.input_length, r.output_length) for r in rows]
+    itl: array[float] = array("d")
+    routed = [0] * workers
+    run = PolicyRun(name, recs, itl, cores, routed, 0.0, bs)
+    # Events: (time, kind, order, arg). At equal times a finished step's KV events reach
+    # the router before an arrival is routed, and metrics come last.
+    WAKE, ARRIVE, METRICS = 0, 1, 2
+    heap: list[tuple[float, int, int, int]] = [
+        (rec.arrival, ARRIVE, i, i) for i, rec in enumerate(recs)
+    ]
+    heapq.heapify(heap)
+    order = len(recs)
+    heapq.heappush(heap, (0.0, METRICS, order, 0))
+    order += 1
+    pending = len(recs)
+
+    def on_step(w: int, res: StepResult) -> None:
+        nonlocal pending
+        if res.events:
+            payload = encode(KVEventBatch(ts=res.end, events=res.events))
+            _drive(srv._on_kv_frames(entries[w], [b"kv", seq_bytes(seqs[w]), payload]))
+            seqs[w] += 1
+            run.kv_events += len(res.events)
+        end = res.end
+        for r in res.emitted:
+            rec: Rec = r.tag
+            if rec.first is None:
+                rec.first = end
+                srv.dispatch(PrefillFinished(r.rid))
+            else:
+                itl.append(end - rec.last)  # type: ignore[operator]
+            rec.last = end
+        for r in res.finished:
+            rec = r.tag
+            rec.finish = end
+            srv.dispatch(RequestFinished(r.rid))
+            r.tokens = []  # the prompt's token list is the bulk of a request's memory
+            pending -= 1
+
+    def reschedule(w: int) -> None:
+        nonlocal order
+        nt = cores[w].next_time()
+        if nt is not None and nt != sched[w]:
+            sched[w] = nt
+            heapq.heappush(heap, (nt, WAKE, order, w))
+            order += 1
+
+    while heap and pending:
+        t, kind, _, arg = heapq.heappop(heap)
+        if kind == WAKE:
+            if sched[arg] != t:
+                continue  # superseded
+            sched[arg] = None
+            res = cores[arg].advance(t)
+            if res is not None:
+                on_step(arg, res)
+            reschedule(arg)
+        elif kind == ARRIVE:
+            i = arg
+            row = rows[i]
+            rec = recs[i]
+            rid = f"r{i}"
+            hashes = prompts.hashes[i].tolist()
+            resp = srv.route(
+                RouteRequest(request_id=rid, block_hashes=hashes, num_tokens=row.input_length)
+            )
+            if not isinstance(resp, RouteResponse):
+                raise RuntimeError(f"router refused request {rid}: {resp}")
+            w = pos[resp.worker_id]
+            rec.worker = w
+            rec.predicted_hit_blocks = sum(resp.chosen.prefix_hit_blocks.values())
+            routed[w] += row.input_length + row.output_length
+            req = SimRequest(
+                rid,
+                prompts.tokens(i),
+                row.output_length,
+                t,
+                hashes=hashes,
+                digest=prompts.digests[i],
+                tag=rec,
+            )
+            if not cores[w].add_request(req, t):
+                rec.error = req.error
+                srv.dispatch(RequestFinished(rid))
+                pending -= 1
+                continue
+            res = cores[w].advance(t)
+            if res is not None:
+                on_step(w, res)
+            reschedule(w)
+        else:
+            for w, core in enumerate(cores):
+                heartbeat[w] += 1
+                # Through the wire format, as the router's metrics SUB would get them.
+                srv.on_metrics(metrics_decoder.decode(encode(core.metrics(heartbeat[w], t))))
+                run.metrics_msgs += 1
+            heapq.heappush(heap, (t + metrics_period_s, METRICS, order, 0))
+            order += 1
+    run.wall_s = time.perf_counter() - t_wall
+    ctx.term()
+    return run
+
+
+# ======================================================================================
+# Figures
+# ======================================================================================
+def pct(xs: Sequence[float], p: float) -> float:
+    """Percentile with linear interpolation (numpy's default); ``xs`` sorted."""
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * p / 100.0
+    lo = math.floor(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _imbalance(per_worker: Sequence[float]) -> float:
+    mean = sum(per_worker) / len(per_worker) if per_worker else 0.0
+    return max(per_worker) / mean if mean else 1.0
+
+
+def summarize(run: PolicyRun) -> dict[str, Any]:
+    done = [r for r in run.recs if r.finish is not None and r.error is None]
+    ttft = sorted((r.first - r.arrival) * 1e3 for r in done if r.first is not None)  # type: ignore[operator]
+    e2e = sorted((r.finish - r.arrival) * 1e3 for r in done)  # type: ignore[operator]
+    itl = sorted(x * 1e3 for x in run.itl)
+    t0 = min(r.arrival for r in run.recs)
+    t1 = max((r.finish for r in done), default=t0)  # type: ignore[type-var]
+    span = max(1e-9, t1 - t0)  # type: ignore[operator]
+    in_tok = sum(r.input_length for r in done)
+    out_tok = sum(max(1, r.output_length) for r in done)
+    queries = sum(c.prefix_queries for c in run.cores)
+    gpu_hits = sum(c.prefix_hits for c in run.cores)
+    cpu_hits = sum(c.cpu_hits for c in run.cores)
+    busy = [c.busy_s for c in run.cores]
+    predicted = sum(r.predicted_hit_blocks for r in run.recs) * run.block_size
+    return {
+        "ttft_p50_ms": round(pct(ttft, 50), 2),
+        "ttft_p90_ms": round(pct(ttft, 90), 2),
+        "ttft_p99_ms": round(pct(ttft, 99), 2),
+        "ttft_mean_ms": round(sum(ttft) / len(ttft), 2) if ttft else float("nan"),
+        "itl_p50_ms": round(pct(itl, 50), 3),
+        "itl_p99_ms": round(pct(itl, 99), 3),
+        "e2e_p50_ms": round(pct(e2e, 50), 2),
+        "e2e_p99_ms": round(pct(e2e, 99), 2),
+        "throughput_tok_s": round((in_tok + out_tok) / span, 1),
+        "output_tok_s": round(out_tok / span, 1),
+        "prefix_hit_rate": round((gpu_hits + cpu_hits) / queries, 4) if queries else 0.0,
+        "gpu_hit_rate": round(gpu_hits / queries, 4) if queries else 0.0,
+        "cpu_hit_rate": round(cpu_hits / queries, 4) if queries else 0.0,
+        "router_predicted_hit_rate": round(
+            predicted / max(1, sum(r.input_length for r in run.recs)), 4
+        ),
+        "load_imbalance": round(_imbalance(run.routed_tokens), 3),
+        "busy_imbalance": round(_imbalance(busy), 3),
+        "utilization": round(sum(busy) / len(busy) / span, 3),
+        "preemptions": sum(c.preemptions for c in run.cores),
+        "completed": len(done),
+        "rejected": sum(1 for r in run.recs if r.error is not None),
+        "kv_event_batches": sum(c.steps for c in run.cores),
+        "sim_span_s": round(span, 2),
+        "wall_s": round(run.wall_s, 2),
+    }
+
+
+# ======================================================================================
+# Dynamo's own simulator on the same trace
+# ======================================================================================
+def dynamo_available() -> bool:
+    try:
+        import importlib.util
+
+        return importlib.util.find_spec("dynamo._core") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def run_dynamo(
+    rows: Sequence[TraceRow],
+    workers: int,
+    speedup: float,
+    mcfg: MockerConfig | None,
+    trace_block_size: int,
+) -> dict[str, tuple[dict[str, Any], list[float]]]:
+    """``{row name: (figures, sorted TTFTs ms)}`` from Dynamo's offline replay."""
+    os.environ.setdefault("DYN_LOG", "error")  # before the import: its logger reads it once
+    from dynamo._core import run_mocker_trace_replay  # type: ignore[import-not-found]
+
+    engine: dict[str, Any] | None = None
+    if mcfg is not None:
+        engine = {
+            "engine": {
+                "block_size": mcfg.block_size,
+                "num_gpu_blocks": mcfg.gpu_blocks(),
+                "max_num_batched_tokens": mcfg.max_num_batched_tokens,
+                "max_num_seqs": mcfg.max_num_seqs,
+                "enable_prefix_caching": mcfg.enable_prefix_caching,
+            },
+            "num_gpu_blocks_is_explicit": True,
+        }
+    out: dict[str, tuple[dict[str, Any], list[float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.jsonl"
+        trace.write_text("".join(r.raw + "\n" for r in rows))
+        for mode, name in (("round_robin", DYNAMO_ROWS[0]), ("kv_router", DYNAMO_ROWS[1])):
+            t = time.perf_counter()
+            res = run_mocker_trace_replay(
+                [str(trace)],
+                extra_engine_args=engine,
+                num_workers=workers,
+                router_mode=mode,
+                replay_mode="offline",
+                arrival_speedup_ratio=speedup,
+                trace_block_size=trace_block_size,
+                capture_per_request=True,
+            )
+            wall = time.perf_counter() - t
+            s = res.summary
+            per = res.per_request or []
+            load = [0.0] * workers
+            for p in per:
+                w = p.get("decode_worker_idx")
+                if isinstance(w, int) and 0 <= w < workers:
+                    load[w] += (p.get("input_length") or 0) + (p.get("output_length") or 0)
+            ttfts = sorted(float(p["ttft_ms"]) for p in per if p.get("ttft_ms") is not None)
+            fig = {
+                "ttft_p50_ms": round(s["median_ttft_ms"], 2),
+                "ttft_p90_ms": round(s["p90_ttft_ms"], 2),
+                "ttft_p99_ms": round(s["p99_ttft_ms"], 2),
+                "ttft_mean_ms": round(s["mean_ttft_ms"], 2),
+                "itl_p50_ms": round(s["median_itl_ms"], 3),
+                "itl_p99_ms": round(s["p99_itl_ms"], 3),
+                "e2e_p50_ms": round(s["median_e2e_latency_ms"], 2),
+                "e2e_p99_ms": round(s["p99_e2e_latency_ms"], 2),
+                "throughput_tok_s": round(s["total_throughput_tok_s"], 1),
+                "output_tok_s": round(s["output_throughput_tok_s"], 1),
+                "prefix_hit_rate": round(s["prefix_cache_reused_ratio"], 4),
+                "load_imbalance": round(_imbalance(load), 3) if per else None,
+                "completed": s.get("completed_requests"),
+                "sim_span_s": round(s["duration_ms"] / 1e3, 2),
+                "wall_s": round(wall, 2),
+            }
+            out[name] = (fig, ttfts)
+    return out
+
+
+# ======================================================================================
+# Report
+# ======================================================================================
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return None
+    return round(a / b, 3)
+
+
+def ratios(policies: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def get(name: str, key: str) -> float | None:
+        p = policies.get(name)
+        return None if p is None else p.get(key)
+
+    for q in ("p50", "p99"):
+        k = f"ttft_{q}_ms"
+        out[f"ours_rr_over_kv_ttft_{q}"] = _ratio(get("round_robin", k), get("kv", k))
+        out[f"dynamo_rr_over_kv_ttft_{q}"] = _ratio(get(DYNAMO_ROWS[0], k), get(DYNAMO_ROWS[1], k))
+        out[f"ours_dynamo_over_kv_ttft_{q}"] = _ratio(get("dynamo", k), get("kv", k))
+    targets: dict[str, bool] = {}
+    for q in ("p50", "p99"):
+        ours = out[f"ours_rr_over_kv_ttft_{q}"]
+        theirs = out[f"dynamo_rr_over_kv_ttft_{q}"]
+        if ours is not None and theirs is not None:
+            targets[f"kv_vs_rr_wider_than_dynamo_{q}"] = ours > theirs
+        d = out[f"ours_dynamo_over_kv_ttft_{q}"]
+        if d is not None:
+            targets[f"kv_beats_dynamo_policy_{q}"] = d > 1.0
+    out["targets"] = targets
+    return out
+
+
+def table(policies: dict[str, dict[str, Any]]) -> str:
+    cols = [
+        ("policy", None, "{:<18}"),
+        ("ttft p50", "ttft_p50_ms", "{:>9.1f}"),
+        ("p90", "ttft_p90_ms", "{:>9.1f}"),
+        ("p99", "ttft_p99_ms", "{:>9.1f}"),
+        ("itl p50", "itl_p50_ms", "{:>8.2f}"),
+        ("e2e p50", "e2e_p50_ms", "{:>9.1f}"),
+        ("tok/s", "throughput_tok_s", "{:>9.0f}"),
+        ("hit", "prefix_hit_rate", "{:>6.3f}"),
+        ("imbal", "load_imbalance", "{:>6.2f}"),
+        ("util", "utilization", "{:>5.2f}"),
+        ("wall s", "wall_s", "{:>7.2f}"),
+    ]
+    head = " ".join(
+        f"{c[0]:<18}" if i == 0 else f"{c[0]:>{len(c[2].format(0.0))}}" for i, c in enumerate(cols)
+    )
+    lines = [head, "-" * len(head)]
+    for name, p in policies.items():
+        cells = [f"{name:<18}"]
+        for _title, key, fmt in cols[1:]:
+            v = p.get(key)  # type: ignore[arg-type]
+            width = len(fmt.format(0.0))
+            cells.append(fmt.format(v) if isinstance(v, int | float) else f"{'-':>{width}}")
+        lines.append(" ".join(cells))
+    return "\n".join(lines)
+
+
+def plot(
+    path: Path,
+    ttfts: dict[str, list[float]],
+    policies: dict[str, dict[str, Any]],
+    title: str,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
+    for name, xs in ttfts.items():
+        if not xs:
+            continue
+        ys = [(i + 1) / len(xs) for i in range(len(xs))]
+        style = "--" if name.startswith("dynamo_mocker") else "-"
+        a.plot([max(x, 1e-3) for x in xs], ys, style, label=name)
+    a.set_xscale("log")
+    a.set_xlabel("TTFT (ms, log)")
+    a.set_ylabel("share of requests")
+    a.set_title("TTFT CDF")
+    a.grid(True, which="both", alpha=0.3)
+    a.legend(fontsize=8)
+    names = list(policies)
+    b.bar(range(len(names)), [policies[n].get("prefix_hit_rate") or 0.0 for n in names])
+    b.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    b.set_ylabel("prefix hit rate (prompt tokens cached)")
+    b.set_ylim(0, 1)
+    b.set_title("Prefix hit rate")
+    b.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ======================================================================================
+# Entry points
+# ======================================================================================
+def mocker_config(args: argparse.Namespace, offload: bool = False) -> MockerConfig:
+    cfg: dict[str, Any] = {
+        "block_size": args.block_size,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_num_seqs": args.max_num_seqs,
+        # The router never checks hashes per block in a replay of trusted engines; token
+        # ids are still sent (vLLM does) unless --no-token-ids.
+        "emit_token_ids": not args.no_token_ids,
+    }
+    if args.num_gpu_blocks:
+        cfg["num_gpu_blocks"] = args.num_gpu_blocks
+    if args.gpu_kv_gb:
+        cfg["gpu_kv_gb"] = args.gpu_kv_gb
+    if offload:
+        cfg["cpu_kv_gb"] = args.cpu_kv_gb
+    if args.mocker_config:
+        from dynamo_ext.config import _merge, read_config_file
+
+        cfg = _merge(read_config_file(args.mocker_config), cfg)
+    from dynamo_ext.config import build
+
+    return build(MockerConfig, cfg)
+
+
+def scorer_for(name: str) -> ScorerConfig:
+    if name in ("kv", "kv_offload"):
+        return KV_POLICY
+    if name == "dynamo":
+        # Dynamo's KV router defaults: overlap_score_weight 1, temperature 0 (argmin).
+        return ScorerConfig(mode="dynamo", overlap_weight=1.0, temperature=0.0, seed=0)
+    if name in ("round_robin", "random", "least_loaded"):
+        return ScorerConfig(mode=name, seed=0)  # type: ignore[arg-type]
+    raise ConfigError("policies", f"unknown policy {name!r} (one of {', '.join(ALL_POLICIES)})")
+
+
+def run_replay(args: argparse.Namespace) -> dict[str, Any]:
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    for p in policies:
+        scorer_for(p)
+    if args.workers <= 0:
+        raise ConfigError("workers", "must be > 0")
+    if args.speedup <= 0:
+        raise ConfigError("speedup", "must be > 0")
+    t0 = time.perf_counter()
+    rows = load_trace(args.trace, args.limit)
+    base = mocker_config(args)
+    prompts = TracePrompts(rows, base.block_size, args.trace_block_size, base.hash_algo)
+    # The precomputed hashes are the router's own: check on the first prompt.
+    from dynamo_ext.hashing import BlockHasher
+
+    check = BlockHasher(base.block_size, "engine", base.hash_algo).hash_tokens(prompts.tokens(0))
+    if check != prompts.hashes[0].tolist():
+        raise RuntimeError("replay prompt hashes differ from the router's BlockHasher")
+    prep_s = time.perf_counter() - t0
+    results: dict[str, dict[str, Any]] = {}
+    ttfts: dict[str, list[float]] = {}
+    for name in policies:
+        mcfg = mocker_config(args, offload=name == "kv_offload")
+        run = simulate(
+            name, scorer_for(name), mcfg, prompts, args.workers, args.speedup, args.metrics_period
+        )
+        results[name] = summarize(run)
+        ttfts[name] = sorted(
+            (r.first - r.arrival) * 1e3  # type: ignore[operator]
+            for r in run.recs
+            if r.first is not None
+        )
+        if not args.json:
+            print(f"  {name}: {results[name]['wall_s']} s", file=sys.stderr, flush=True)
+    dynamo_note = None
+    if not args.no_dynamo:
+        if dynamo_available():
+            dyn = run_dynamo(
+                rows,
+                args.workers,
+                args.speedup,
+                None if args.dynamo_native else base,
+                args.trace_block_size,
+            )
+            for name, (fig, xs) in dyn.items():
+                results[name] = fig
+                ttfts[name] = xs
+        else:
+            dynamo_note = "ai-dynamo-runtime not installed (pip install 'dynamo-ext[bench]')"
+    out: dict[str, Any] = {
+        "policies": results,
+        "workers": args.workers,
+        "requests": len(rows),
+        "ratios": ratios(results),
+        "trace": str(args.trace),
+        "speedup": args.speedup,
+        "block_size": base.block_size,
+        "gpu_blocks_per_worker": base.gpu_blocks(),
+        "cpu_blocks_per_worker_offload": mocker_config(args, offload=True).cpu_blocks()
+        if "kv_offload" in policies
+        else 0,
+        "timing_model": base.timing.name,
+        "kv_policy": {k: v for k, v in _struct_dict(KV_POLICY).items() if k != "seed"},
+        "prep_s": round(prep_s, 2),
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    if dynamo_note:
+        out["dynamo"] = dynamo_note
+    if args.plot != "none":
+        path = Path(args.plot or f"out/replay-{Path(args.trace).stem}-w{args.workers}.png")
+        plot(
+            path,
+            ttfts,
+            results,
+            f"{Path(args.trace).name}: {len(rows)} requests, {args.workers} workers, "
+            f"speedup {args.speedup}",
+        )
+        out["plot"] = str(path)
+    return out
+
+
+def _struct_dict(s: Any) -> dict[str, Any]:
+    import msgspec
+
+    return msgspec.to_builtins(s)  # type: ignore[no-any-return]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true")
+    p.add_argument("trace", help="Mooncake trace (JSON lines)")
+    p.add_argument("--workers", type=int, default=16)
+    p.add_argument("--policies", default=",".join(ALL_POLICIES))
+    p.add_argument("--limit", type=int, default=0, help="first K requests only (0: all)")
+    p.add_argument(
+        "--speedup",
+        type=float,
+        default=4.0,
+        help="arrival speedup: the trace's inter-arrival times are divided by it (load)",
+    )
+    p.add_argument("--block-size", type=int, default=64, help="KV block size (router, engines)")
+    p.add_argument("--trace-block-size", type=int, default=512, help="tokens per hash_id")
+    p.add_argument("--num-gpu-blocks", type=int, default=0, help="per engine (0: from GB)")
+    p.add_argument("--gpu-kv-gb", type=float, default=0.0, help="per engine (0: default 52)")
+    p.add_argument("--cpu-kv-gb", type=float, default=OFFLOAD_CPU_KV_GB, help="kv_offload tier")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--metrics-period", type=float, default=0.5, help="virtual s per metrics")
+    p.add_argument("--mocker-config", help="YAML/TOML of MockerConfig fields (timing: ...)")
+    p.add_argument("--no-token-ids", action="store_true", help="BlockStored without token ids")
+    p.add_argument("--no-dynamo", action="store_true", help="skip Dynamo's own simulator")
+    p.add_argument(
+        "--dynamo-native",
+        action="store_true",
+        help="run Dynamo's mocker with its default cache and batching, not ours",
+    )
+    p.add_argument("--plot", default="", help="PNG path (default out/replay-...; 'none': off)")
+    p.add_argument("--live", action="store_true", help="through the router process + sockets")
+    p.add_argument("--time-scale", type=float, default=10.0, help="--live: virtual s per wall s")
+    p.add_argument("--json", action="store_true", help="JSON line only (no table)")
 
 
 def main(args: argparse.Namespace) -> int:
-    raise SystemExit("not implemented yet")
+    if args.live:
+        out = asyncio.run(run_live(args))
+    else:
+        out = run_replay(args)
+    if not args.json:
+        print(table(out["policies"]))
+        r = out["ratios"]
+        print(
+            "\nTTFT round_robin/kv: ours p50 {} p99 {} | Dynamo's mocker p50 {} p99 {}".format(
+                r.get("ours_rr_over_kv_ttft_p50"),
+                r.get("ours_rr_over_kv_ttft_p99"),
+                r.get("dynamo_rr_over_kv_ttft_p50"),
+                r.get("dynamo_rr_over_kv_ttft_p99"),
+            )
+        )
+        print(
+            "TTFT dynamo/kv (our simulator): p50 {} p99 {}".format(
+                r.get("ours_dynamo_over_kv_ttft_p50"), r.get("ours_dynamo_over_kv_ttft_p99")
+            )
+        )
+        if out.get("plot"):
+            print(f"plot: {out['plot']}")
+    print(json.dumps(out))
+    return 0
+
+
+# ======================================================================================
+# --live: the real router process, mocker sockets, HTTP streaming
+# ======================================================================================
+async def run_live(args: argparse.Namespace) -> dict[str, Any]:
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    for p in policies:
+        scorer_for(p)
+    rows = load_trace(args.trace, args.limit or 50)
+    base = mocker_config(args)
+    prompts = TracePrompts(rows, base.block_size, args.trace_block_size, base.hash_algo)
+    results: dict[str, dict[str, Any]] = {}
+    ttfts: dict[str, list[float]] = {}
+    t_all = time.perf_counter()
+    for name in policies:
+        run = await _live_policy(name, args, prompts)
+        results[name] = summarize(run)
+        ttfts[name] = sorted(
+            (r.first - r.arrival) * 1e3  # type: ignore[operator]
+            for r in run.recs
+            if r.first is not None
+        )
+    out: dict[str, Any] = {
+        "policies": results,
+        "workers": args.workers,
+        "requests": len(rows),
+        "ratios": ratios(results),
+        "mode": "live",
+        "time_scale": args.time_scale,
+        "speedup": args.speedup,
+        "wall_s": round(time.perf_counter() - t_all, 2),
+    }
+    if args.plot != "none":
+        path = Path(args.plot or f"out/replay-live-{Path(args.trace).stem}-w{args.workers}.png")
+        plot(path, ttfts, results, f"live: {len(rows)} requests, {args.workers} workers")
+        out["plot"] = str(path)
+    return out
+
+
+async def _live_policy(name: str, args: argparse.Namespace, prompts: TracePrompts) -> PolicyRun:
+    """One policy through a fresh router process and a fresh mocker fleet (empty caches).
+
+    Virtual time runs ``--time-scale`` times faster than the wall clock for arrivals and
+    engines alike; latencies are measured on the wall clock and scaled back.
+    """
+    from dynamo_ext.mocker import MockerFleet
+    from dynamo_ext.router.client import RouterClient
+    from dynamo_ext.testing import RouterProc, wait_for
+
+    scale = args.time_scale
+    mcfg = msgspec_replace(mocker_config(args, offload=name == "kv_offload"), speedup=scale)
+    rows = prompts.rows
+    recs = [Rec(r.arrival_ms / 1e3 / args.speedup, r.input_length, r.output_length) for r in rows]
+    run = PolicyRun(name, recs, array("d"), [], [0] * args.workers, 0.0, mcfg.block_size)
+    t_wall = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = {
+            "block_size": mcfg.block_size,
+            "scorer": _struct_dict(scorer_for(name)),
+            "worker_timeout_s": 30.0,
+        }
+        router = RouterProc(Path(tmp), cfg).start()
+        fleet = MockerFleet(args.workers, mcfg, router=router.endpoint, prefix=name)
+        try:
+            await fleet.start()
+            await asyncio.wait_for(fleet.registered.wait(), 20)
+            async with RouterClient(router.endpoint, timeout_s=10.0) as client:
+
+                async def all_up() -> bool:
+                    st = await client.workers()
+                    return sum(1 for w in st.workers if w.up) == args.workers
+
+                await wait_for(all_up, 20)
+                idx = {wid: i for i, wid in enumerate(fleet.workers)}
+                start = time.monotonic()
+                await asyncio.gather(
+                    *(
+                        _live_request(i, name, run, prompts, client, idx, start, scale)
+                        for i in range(len(rows))
+                    )
+                )
+            run.cores = [w.core for w in fleet.workers.values()]
+        finally:
+            await fleet.stop()
+            router.stop()
+    run.wall_s = time.perf_counter() - t_wall
+    return run
+
+
+async def _live_request(
+    i: int,
+    name: str,
+    run: PolicyRun,
+    prompts: TracePrompts,
+    client: Any,
+    idx: dict[str, int],
+    start: float,
+    scale: float,
+) -> None:
+    """What our frontend does for one request: route by token ids, stream, report."""
+    import aiohttp
+
+    rec = run.recs[i]
+    await asyncio.sleep(max(0.0, start + rec.arrival / scale - time.monotonic()))
+    toks = prompts.tokens(i)
+    rid = f"{name}-r{i}"
+    d = await client.route(rid, toks)
+    rec.worker = idx[d.worker_id]
+    rec.predicted_hit_blocks = sum(d.chosen.prefix_hit_blocks.values())
+    run.routed_tokens[rec.worker] += rec.input_length + rec.output_length
+    body = {"prompt": toks, "max_tokens": rec.output_length, "stream": True}
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{d.http_endpoint}/v1/completions", json=body) as resp,
+        ):
+            async for line in resp.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                now = (time.monotonic() - start) * scale
+                if rec.first is None:
+                    rec.first = now
+                    await client.prefill_done(rid)
+                else:
+                    run.itl.append(now - rec.last)  # type: ignore[operator]
+                rec.last = now
+        rec.finish = rec.last
+    finally:
+        await client.finished(rid)
+
+
+def msgspec_replace(s: MockerConfig, **changes: Any) -> MockerConfig:
+    import msgspec
+
+    return msgspec.structs.replace(s, **changes)
+
+
+if __name__ == "__main__":  # pragma: no cover - the CLI is dynamo-ext bench replay
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    sys.exit(main(ap.parse_args()))

@@ -62,7 +62,7 @@ class Scorer:
             c.kv_full = False
         c.base = (
             cfg.overlap_weight * queued
-            + decode
+            + cfg.decode_weight * decode
             + cfg.running_weight * running
             + cfg.waiting_weight * waiting
         )

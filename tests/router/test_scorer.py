@@ -50,8 +50,8 @@ def test_kv_load_outweighs_a_small_hit() -> None:
     chosen, scores = s.select(cs, PrefixMatches({"b": 4}, {}, 32), explain=True)
     assert chosen.worker_id == "a"
     by = {x.worker_id: x for x in scores}
-    # a: 32 new blocks; b: 28 new + 400 decode + 4 running + 8 * 3 waiting
-    assert by["a"].cost == 32 and by["b"].cost == 28 + 400 + 4 + 24
+    # a: 32 new blocks; b: 28 new + 400 decode / 16 + 4 running / 16 + 3 waiting / 2
+    assert by["a"].cost == 32 and by["b"].cost == 28 + 25 + 0.25 + 1.5
 
 
 def test_offload_hits_are_cheaper_than_recompute_but_not_free() -> None:
