@@ -47,6 +47,14 @@ PASSTHROUGH_KEYS = {
     "batch_prefill",
     "offload",
     "enforce_handshake_compat",
+    # read by vLLM 0.32's NIXL connector (nixl/base_scheduler.py, base_worker.py)
+    "bidirectional_kv_xfer",
+    "decoder_kv_blocks_ttl",
+    "engine_ttl",
+    "kv_lease_duration",
+    "kv_recompute_threshold",
+    "num_threads",
+    "push_registration_timeout",
 }
 
 
@@ -94,10 +102,22 @@ def load_worker_config(
         if key in PASSTHROUGH_KEYS:
             continue
         data[key] = value
+    unknown = sorted(set(data) - set(WorkerPluginConfig.__struct_fields__))
+    if unknown:
+        raise ConfigError(
+            f"kv_connector_extra_config.{unknown[0]}",
+            f"unknown key; known: {sorted([*_ENV, *PASSTHROUGH_KEYS])}",
+        )
     try:
         cfg = build(WorkerPluginConfig, data)
     except ConfigError as exc:
-        raise ConfigError(f"kv_connector_extra_config.{exc.field}", str(exc)) from exc
+        field, message = exc.field, str(exc)
+        # A check in __post_init__ reaches us wrapped by msgspec: name its own field.
+        inner = exc.__cause__.__cause__ if exc.__cause__ is not None else None
+        if isinstance(inner, ConfigError):
+            field, message = inner.field, str(inner)
+        message = message.removeprefix(f"invalid config field {field!r}: ")
+        raise ConfigError(f"kv_connector_extra_config.{field}", message) from exc
     return cfg
 
 
