@@ -55,70 +55,24 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import msgspec
 import vllm.envs as envs
 from vllm.config import VllmConfig
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlConnector
 
 from dynamo_ext.errors import ConfigError
-from dynamo_ext.plugins.vllm.config import WorkerPluginConfig, load_worker_config
+from dynamo_ext.plugins.vllm.config import (
+    DEFAULT_ROLE,
+    KV_ROLES,
+    validate_connector_config,
+)
 
 if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
 log = logging.getLogger("dynamo_ext.plugins.vllm.connector")
-
-KV_ROLES: tuple[str, ...] = ("kv_producer", "kv_consumer", "kv_both")
-# which worker roles each kv_role can play
-_ROLES_OF: dict[str, tuple[str, ...]] = {
-    "kv_producer": ("prefill", "both"),
-    "kv_consumer": ("decode", "both"),
-    "kv_both": ("prefill", "decode", "both"),
-}
-DEFAULT_ROLE: dict[str, str] = {
-    "kv_producer": "prefill",
-    "kv_consumer": "decode",
-    "kv_both": "both",
-}
-
-
-def validate_connector_config(
-    kv_role: str | None,
-    extra: Mapping[str, Any] | None,
-    env: dict[str, str] | None = None,
-) -> WorkerPluginConfig:
-    """Check ``kv_role`` and our part of ``kv_connector_extra_config``; return the worker
-    config with ``role`` filled in from ``kv_role`` when not given.
-
-    Raises ``ConfigError`` naming the field (``kv_role``, ``kv_connector_extra_config.X``).
-    """
-    if kv_role not in KV_ROLES:
-        raise ConfigError("kv_role", f"must be one of {list(KV_ROLES)}, got {kv_role!r}")
-    if extra is not None and not isinstance(extra, Mapping):
-        raise ConfigError(
-            "kv_connector_extra_config", f"must be a JSON object, got {type(extra).__name__}"
-        )
-    if extra and extra.get("offload") is not None:
-        raise ConfigError(
-            "kv_connector_extra_config.offload",
-            "offload composition lands with the LMCache issue; until then use vLLM's "
-            "MultiConnector with DynamoExtConnector and the offload connector as children",
-        )
-    cfg = load_worker_config(dict(extra or {}), env)
-    if cfg.role is None:
-        return msgspec.structs.replace(cfg, role=DEFAULT_ROLE[kv_role])
-    if cfg.role not in _ROLES_OF[kv_role]:
-        raise ConfigError(
-            "kv_connector_extra_config.role",
-            f"role {cfg.role!r} needs kv_role "
-            f"{'kv_producer' if cfg.role == 'prefill' else 'kv_consumer'} (or kv_both), "
-            f"got kv_role {kv_role!r}",
-        )
-    return cfg
 
 
 class DynamoExtConnector(NixlConnector):

@@ -29,6 +29,7 @@ import pytest
 
 from dynamo_ext.engine_proc import EngineStartError, VllmServer, free_port, log_tail
 from dynamo_ext.errors import ConfigError
+from dynamo_ext.plugins.vllm.config import validate_connector_config
 from dynamo_ext.plugins.vllm.disagg import (
     DisaggError,
     decode_params,
@@ -139,8 +140,6 @@ def wait_exit(server: VllmServer, timeout: float = 300.0) -> tuple[int, str]:
 
 
 def test_validate_connector_config_names_the_field() -> None:
-    from dynamo_ext.plugins.vllm.connector import validate_connector_config
-
     cfg = validate_connector_config("kv_consumer", {"worker_id": "d0"}, env={})
     assert (cfg.role, cfg.worker_id) == ("decode", "d0")
     assert validate_connector_config("kv_producer", None, env={}).role == "prefill"
@@ -339,12 +338,14 @@ def test_decode_instance_prefills_plain_request_locally(pd) -> None:
 
 def test_latency_disaggregated_vs_aggregated(pd, capsys) -> None:
     """P->D (prefill request + decode request, back to back) vs the same request on one
-    instance (D, prefilling locally); every run with fresh cache salts (no prefix hits)."""
+    instance (D, prefilling locally); every run with fresh cache salts (no prefix hits).
+    Reported, not asserted: the CPU is shared, so only the tokens are checked."""
     P, D = pd["P"].url, pd["D"].url
     prompt = english_like_text(450, seed=105)
-    runs = 4  # the first one of each is a warm-up
+    runs = 6  # the first one of each is a warm-up
     agg: list[float] = []
-    disagg: list[tuple[float, float]] = []
+    pre_t: list[float] = []
+    dec_t: list[float] = []
     for i in range(runs):
         body = request(prompt, cache_salt=f"agg-{i}")
         t0 = time.perf_counter()
@@ -357,17 +358,19 @@ def test_latency_disaggregated_vs_aggregated(pd, capsys) -> None:
         t1 = time.perf_counter()
         out = post(D, decode_request(body, pre))
         t2 = time.perf_counter()
-        disagg.append((t1 - t0, t2 - t1))
+        pre_t.append(t1 - t0)
+        dec_t.append(t2 - t1)
         assert out["choices"][0]["token_ids"] == a["choices"][0]["token_ids"]
     n = a["usage"]["prompt_tokens"]
-    med_agg = statistics.median(agg[1:])
-    med_p = statistics.median(p for p, _ in disagg[1:])
-    med_d = statistics.median(d for _, d in disagg[1:])
+    pd_t = [p + d for p, d in zip(pre_t, dec_t, strict=True)]
+
+    def ms(xs: list[float]) -> str:
+        xs = xs[1:]
+        return f"median {statistics.median(xs) * 1000:.0f} ms, min {min(xs) * 1000:.0f} ms"
+
     with capsys.disabled():
         print(
             f"\n[latency] prompt {n} tokens, {MAX_TOKENS} output tokens, {runs - 1} runs after "
-            f"warm-up: aggregated {med_agg * 1000:.0f} ms (runs "
-            f"{[round(x * 1000) for x in agg]}); P->D {(med_p + med_d) * 1000:.0f} ms = "
-            f"prefill on P {med_p * 1000:.0f} ms + pull and decode on D {med_d * 1000:.0f} ms "
-            f"(runs {[(round(p * 1000), round(d * 1000)) for p, d in disagg]})"
+            f"warm-up\n  aggregated (one instance): {ms(agg)}\n  P->D total: {ms(pd_t)}"
+            f"\n    prefill on P: {ms(pre_t)}\n    pull + decode on D: {ms(dec_t)}"
         )
