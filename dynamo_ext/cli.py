@@ -3,6 +3,7 @@
 dynamo-ext router [--config FILE] [--bind EP] [--block-size N] ...   run the router sidecar
 dynamo-ext router --demo                                             router + synthetic fleet
 dynamo-ext bench router [--workers 8,64,256] [--blocks N] [--json]   router hot-path benchmark
+dynamo-ext bench pool [--root DIR] [--chunk-mb N] [--total-mb N] [--json]   KV pool vs plain I/O
 """
 
 from __future__ import annotations
@@ -178,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     brp = bsub.add_parser("replay", help="replay a Mooncake trace through simulated workers")
     replay.add_arguments(brp)
     brp.set_defaults(func=replay.main)
+    from dynamo_ext.benchmarks import prefetch_bench
+
+    bpf = bsub.add_parser("prefetch", help="TTFT of pool-only prefixes, with/without prefetch")
+    prefetch_bench.add_arguments(bpf)
+    bpf.set_defaults(func=prefetch_bench.main)
+    from dynamo_ext.benchmarks import pool_bench
+
+    bpo = bsub.add_parser("pool", help="KV pool write/read MB/s vs plain files on the same disk")
+    pool_bench.add_arguments(bpo)
+    bpo.set_defaults(func=pool_bench.main)
 
     fe = sub.add_parser("frontend", help="OpenAI-compatible HTTP frontend over the router")
     fe.add_argument("--config", help="YAML or TOML file (FrontendConfig fields)")

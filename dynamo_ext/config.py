@@ -83,6 +83,11 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     initial_replay: bool = True  # on start, fetch each publisher's buffered history
     max_blocks_per_worker: int = 0  # 0: unbounded; engines bound their own caches
     log_decisions: bool = False
+    # Router-driven prefetch: when the chosen worker's own tiers miss a prefix that the
+    # global pool holds (REMOTE tier, any worker), tell its pool tier to stage those chunks
+    # in CPU memory before the request lands. Engine hash mode only.
+    prefetch: bool = True
+    prefetch_min_blocks: int = 1
     workers: list[WorkerRegistration] = []
     scorer: ScorerConfig = msgspec.field(default_factory=ScorerConfig)
 

@@ -27,11 +27,24 @@ MEDIUM_DISK: Final = "DISK"
 MEDIUM_STORAGE: Final = "STORAGE"  # vLLM's name for its own storage offload tier
 MEDIUM_REMOTE: Final = "REMOTE"
 
+
+def event_tier(medium: str | None, locality: str | None = None) -> str:
+    """The router tier of a KV event: vLLM's tiering offload reports its disk tier as
+    ``STORAGE``/``LOCAL`` and a shared pool as ``STORAGE``/``REMOTE``."""
+    if medium is None:
+        return MEDIUM_GPU
+    if medium == MEDIUM_STORAGE and locality is not None:
+        return MEDIUM_REMOTE if locality == "REMOTE" else MEDIUM_DISK
+    return medium
+
 # A vLLM block hash on the wire: int (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1, the default)
 # or the raw sha256 bytes.
 ExternalBlockHash = bytes | int
 
 Role = Literal["prefill", "decode", "both"]
+# Which engine serves a worker: it picks the prefill/decode handshake a gateway speaks
+# (vLLM's kv_transfer_params, SGLang's bootstrap_host/bootstrap_port/bootstrap_room).
+Engine = Literal["vllm", "sglang"]
 RequestRole = Literal["prefill", "decode", "aggregated"]
 
 
@@ -91,11 +104,13 @@ class StoredHashes(msgspec.Struct, tag="BlockStored", gc=False):
     parent_block_hash: ExternalBlockHash | None
     block_size: int
     medium: str | None = None
+    locality: str | None = None
 
 
 class RemovedHashes(msgspec.Struct, tag="BlockRemoved", gc=False):
     block_hashes: list[ExternalBlockHash]
     medium: str | None = None
+    locality: str | None = None
 
 
 class Cleared(msgspec.Struct, tag="AllBlocksCleared", gc=False):
@@ -140,11 +155,16 @@ class WorkerRegistration(msgspec.Struct, tag="register", omit_defaults=True):
     replay_endpoint: str | None = None  # ZMQ ROUTER replay socket of the publisher
     metrics_endpoint: str | None = None  # ZMQ PUB of WorkerMetrics
     nixl_endpoint: str | None = None  # NIXL side channel host:port
+    prefetch_endpoint: str | None = None  # ZMQ PULL of the worker's pool tier (PrefetchRequest)
     block_size: int | None = None
     model: str | None = None
     # Unique per process start: a registration repeated by the same process (a keep-alive
     # that heals a router restart) keeps the index; a new instance id means an empty cache.
     instance_id: str = ""
+    engine: Engine = "vllm"
+    # SGLang PD only: host:port of the prefill worker's bootstrap server
+    # (--disaggregation-bootstrap-port), sent as bootstrap_host/bootstrap_port.
+    bootstrap_endpoint: str | None = None
 
 
 class WorkerDeregistration(msgspec.Struct, tag="deregister"):
@@ -224,6 +244,8 @@ class RouteResponse(msgspec.Struct, tag="routed", omit_defaults=True):
     block_size: int = 0
     candidates: list[WorkerScore] = []
     decision_us: float = 0.0
+    engine: Engine = "vllm"
+    bootstrap_endpoint: str | None = None  # the chosen worker's (SGLang PD bootstrap)
 
 
 class Ack(msgspec.Struct, tag="ack"):
@@ -245,6 +267,18 @@ class FleetState(msgspec.Struct, tag="fleet"):
     workers: list[WorkerState]
 
 
+class PrefetchRequest(msgspec.Struct, tag="prefetch", omit_defaults=True):
+    """Router -> worker cache manager: stage these pooled blocks in CPU memory now.
+
+    ``block_hashes`` are the chained (event) hashes of the prompt's blocks, in order; the
+    worker stages the longest prefix the global pool holds.
+    """
+
+    request_id: str
+    block_hashes: list[int]
+    group_idx: int = 0
+
+
 class ErrorReply(msgspec.Struct, tag="error"):
     code: str  # bad_request | no_worker | version | internal
     message: str
@@ -260,6 +294,11 @@ hashes_batch_decoder = msgspec.msgpack.Decoder(HashesBatch)
 metrics_decoder = msgspec.msgpack.Decoder(WorkerMetrics)
 control_decoder = msgspec.msgpack.Decoder(ControlMessage)
 reply_decoder = msgspec.msgpack.Decoder(ReplyMessage)
+prefetch_decoder = msgspec.msgpack.Decoder(PrefetchRequest)
+
+
+def decode_prefetch(raw: bytes) -> PrefetchRequest:
+    return prefetch_decoder.decode(raw)
 
 
 def encode(msg: msgspec.Struct) -> bytes:

@@ -192,10 +192,29 @@ class KvIndex:
         return removed
 
     # ---- queries (hot path) ----------------------------------------------------------
-    def find_matches(self, hashes: Sequence[int], candidates: int | None = None) -> PrefixMatches:
+    def tier_prefix(self, hashes: Sequence[int], tier: str) -> int:
+        """Length of the longest prefix of ``hashes`` that any worker holds in ``tier``."""
+        d = self._tiers.get(tier)
+        if not d:
+            return 0
+        n = 0
+        for h in hashes:
+            if not d.get(h):
+                break
+            n += 1
+        return n
+
+    def find_matches(
+        self,
+        hashes: Sequence[int],
+        candidates: int | None = None,
+        shared: dict[str, int] | None = None,
+    ) -> PrefixMatches:
         """Each candidate worker's longest cached prefix of ``hashes``, per tier.
 
-        ``candidates`` is a worker mask (``mask_of``); None means every worker.
+        ``candidates`` is a worker mask (``mask_of``); None means every worker. ``shared``
+        maps a tier that several workers read (a global pool) to the mask of its readers: a
+        block any worker stored there counts for all of them.
         """
         n = len(hashes)
         if not n:
@@ -233,7 +252,7 @@ class KvIndex:
             ]
             if tiers:
                 cand = self._all_mask if candidates is None else candidates & self._all_mask
-                self._offload_walk(hashes, cand, gpu_len, tiers, offload)
+                self._offload_walk(hashes, cand, gpu_len, tiers, offload, shared or {})
         return PrefixMatches(gpu, offload, n)
 
     def _offload_walk(
@@ -243,6 +262,7 @@ class KvIndex:
         gpu_len: dict[int, int],
         tiers: list[tuple[str, dict[int, int]]],
         out: dict[str, dict[str, int]],
+        shared: dict[str, int],
     ) -> None:
         """Continue each worker's GPU prefix through its offload tiers (first tier wins)."""
         n = len(hashes)
@@ -274,7 +294,10 @@ class KvIndex:
             h = hashes[i]
             cont = 0
             for t, d in tiers:
-                m = d.get(h, 0) & alive & ~cont
+                m = d.get(h, 0)
+                if m and t in shared:
+                    m |= shared[t]
+                m &= alive & ~cont
                 if m:
                     cont |= m
                     while m:

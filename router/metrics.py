@@ -93,6 +93,17 @@ class RouterMetrics:
             ["worker"],
             registry=r,
         )
+        self.prefetch_blocks = Counter(
+            p + "prefetch_blocks",
+            "Pooled blocks the router asked a worker to stage in CPU memory",
+            ["worker"],
+            registry=r,
+        )
+        self.prefetch_dropped = Counter(
+            p + "prefetch_dropped",
+            "Prefetch requests not sent (the worker's prefetch socket was full)",
+            registry=r,
+        )
         self.workers_up = Gauge(p + "workers_up", "Workers eligible for traffic", registry=r)
         self.workers_down = Gauge(p + "workers_down", "Workers marked down", registry=r)
         self.worker_up = Gauge(

@@ -32,6 +32,7 @@ from dynamo_ext.errors import ConfigError
 from dynamo_ext.hashing import BlockHasher, to_external, token_block_hashes
 from dynamo_ext.protocol import (
     MEDIUM_GPU,
+    MEDIUM_REMOTE,
     PROTOCOL_HEADER,
     REPLAY_END_SEQ,
     Ack,
@@ -43,6 +44,7 @@ from dynamo_ext.protocol import (
     FleetState,
     HashesBatch,
     KVEventBatch,
+    PrefetchRequest,
     PrefillFinished,
     RemovedHashes,
     RequestFinished,
@@ -57,6 +59,7 @@ from dynamo_ext.protocol import (
     WorkerState,
     control_decoder,
     encode,
+    event_tier,
     hashes_batch_decoder,
     kv_batch_decoder,
     metrics_decoder,
@@ -137,6 +140,8 @@ class RouterServer:
     def __init__(self, config: RouterConfig, ctx: zmq.asyncio.Context | None = None) -> None:
         self.config = config
         self.ctx = ctx or zmq.asyncio.Context()
+        self._sync_ctx: zmq.Context = zmq.Context.instance()
+        self._prefetch_socks: dict[str, zmq.Socket] = {}
         self._own_ctx = ctx is None
         self.index = KvIndex(config.max_blocks_per_worker)
         self.sequences = ActiveSequences(config.request_ttl_s)
@@ -147,6 +152,7 @@ class RouterServer:
         self.metrics = RouterMetrics(self._worker_counters)
         self.workers: dict[str, WorkerEntry] = {}
         self._cand_cache: dict[str, tuple[list[WorkerEntry], int, dict[str, int]]] = {}
+        self._pool_mask: int | None = None  # workers with a pool tier (they registered one)
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_sub: zmq.asyncio.Socket | None = None
         self._metrics_endpoints: set[str] = set()
@@ -215,6 +221,9 @@ class RouterServer:
         for s in (self._router, self._metrics_sub):
             if s is not None:
                 s.close(linger=0)
+        for ps in self._prefetch_socks.values():
+            ps.close(linger=0)
+        self._prefetch_socks.clear()
         if self._http_server is not None:
             self._http_server.shutdown()  # type: ignore[attr-defined]
         if self._own_ctx:
@@ -256,8 +265,9 @@ class RouterServer:
             self._metrics_endpoints.add(reg.metrics_endpoint)
         self._set_up(w, True, "registered")
         log.info(
-            "worker %s added (role=%s kv=%s metrics=%s http=%s)",
+            "worker %s added (engine=%s role=%s kv=%s metrics=%s http=%s)",
             reg.worker_id,
+            reg.engine,
             reg.role,
             reg.kv_events_endpoint,
             reg.metrics_endpoint,
@@ -283,6 +293,7 @@ class RouterServer:
         if remove_from_index:
             self.index.remove_worker(w.worker_id)
         self._cand_cache.clear()
+        self._pool_mask = None
         self._refresh_up_gauges()
 
     def _set_up(self, w: WorkerEntry, up: bool, why: str) -> None:
@@ -291,6 +302,7 @@ class RouterServer:
         w.up = up
         w.m_up.set(1 if up else 0)  # type: ignore[attr-defined]
         self._cand_cache.clear()
+        self._pool_mask = None
         self._refresh_up_gauges()
 
     def _refresh_up_gauges(self) -> None:
@@ -455,20 +467,21 @@ class RouterServer:
         for ev in batch.events:
             t = type(ev)
             if t is StoredHashes:
-                stored += index.store(slot, _ints(ev.block_hashes), ev.medium or MEDIUM_GPU)  # type: ignore[union-attr]
+                tier = event_tier(ev.medium, ev.locality)  # type: ignore[union-attr]
+                stored += index.store(slot, _ints(ev.block_hashes), tier)  # type: ignore[union-attr]
             elif t is BlockStored:
-                tier = ev.medium or MEDIUM_GPU  # type: ignore[union-attr]
+                tier = event_tier(ev.medium, ev.locality)  # type: ignore[union-attr]
                 hashes = _ints(ev.block_hashes)  # type: ignore[union-attr]
                 if tokens_mode:
                     local = self._xlat_stored(w, ev, hashes, tier)  # type: ignore[arg-type]
                     if local is None:
                         continue
                     hashes = local
-                elif not w.hash_checked:
+                elif not w.hash_checked and tier == MEDIUM_GPU:
                     self._check_hash(w, ev, hashes)  # type: ignore[arg-type]
                 stored += index.store(slot, hashes, tier)
             elif t is BlockRemoved or t is RemovedHashes:
-                tier = ev.medium or MEDIUM_GPU  # type: ignore[union-attr]
+                tier = event_tier(ev.medium, ev.locality)  # type: ignore[union-attr]
                 hashes = _ints(ev.block_hashes)  # type: ignore[union-attr]
                 if tokens_mode:
                     x = w.xlat.get(tier)
@@ -707,7 +720,12 @@ class RouterServer:
             pos = {w.worker_id: i for i, w in enumerate(cands)}
         if not cands:
             return ErrorReply("no_worker", f"no live worker for role {req.role}", req.request_id)
-        matches = self.index.find_matches(hashes, mask)
+        if self._pool_mask is None:
+            self._pool_mask = self.index.mask_of(
+                x.worker_id for x in self.workers.values() if x.reg.prefetch_endpoint
+            )
+        shared = {MEDIUM_REMOTE: self._pool_mask} if self._pool_mask else None
+        matches = self.index.find_matches(hashes, mask, shared)
         chosen, scores = self.scorer.select(cands, matches, req.explain, pos)  # type: ignore[arg-type]
         w = self.workers[chosen.worker_id]
         if req.track:
@@ -736,6 +754,8 @@ class RouterServer:
                 hit += k
             w.routed_blocks += len(hashes)
             w.hit_blocks += hit
+        if self.config.prefetch and w.reg.prefetch_endpoint and hashes:
+            self._maybe_prefetch(req.request_id, w, hashes, chosen.prefix_hit_blocks)
         if self.config.log_decisions:
             log.info(
                 "route %s (%s, %d blocks) -> %s cost=%.1f hits=%s offload_score=%.1f load=%d/%d",
@@ -760,6 +780,38 @@ class RouterServer:
             chosen=chosen,
             candidates=scores,
             decision_us=dt * 1e6,
+            engine=w.reg.engine,
+            bootstrap_endpoint=w.reg.bootstrap_endpoint,
+        )
+
+    def _maybe_prefetch(
+        self, request_id: str, w: WorkerEntry, hashes: list[int], hits: dict[str, int]
+    ) -> None:
+        if self.config.hash_mode != "engine":
+            return  # the worker's pool is keyed by engine hashes; tokens mode has none
+        local = sum(k for t, k in hits.items() if t != MEDIUM_REMOTE)
+        pooled = self.index.tier_prefix(hashes, MEDIUM_REMOTE)  # the global pool, any writer
+        if pooled - local < self.config.prefetch_min_blocks:
+            return
+        ep = w.reg.prefetch_endpoint
+        assert ep is not None
+        sock = self._prefetch_socks.get(ep)
+        if sock is None:
+            sock = self._sync_ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 1024)
+            sock.connect(ep)
+            self._prefetch_socks[ep] = sock
+        msg = PrefetchRequest(request_id=request_id, block_hashes=hashes[local:pooled])
+        try:
+            sock.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            self.metrics.prefetch_dropped.inc()
+            return
+        self.metrics.prefetch_blocks.labels(w.worker_id).inc(pooled - local)
+        log.info(
+            "prefetch %s: worker %s stages pooled blocks %d..%d", request_id, w.worker_id,
+            local, pooled,
         )
 
     def _worker_counters(self) -> list[tuple[str, int, int, int]]:

@@ -9,4 +9,17 @@ cd "$(dirname "$0")/.."
 python -m pip install --quiet --upgrade pip
 python -m pip install --quiet -e '.[test,bench,vllm]'
 python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+# LMCache: imported by tests and GPU deployments. --no-deps: its pins (cupy-cuda13x,
+# numpy<=2.2.6, transformers>=5.4, grpc/otel stacks) would replace what vLLM runs with, and
+# none of them is needed to import it; the pure-Python modules it imports at load are listed.
+python -m pip install --quiet --no-deps 'lmcache==0.5.6' aiofile caio blake3 nvtx cufile-python \
+    sortedcontainers redis
+# SGLang: cannot serve on CPU (it needs CUDA kernels: sglang-kernel, flashinfer, ...), but its
+# KV event classes and publisher, server-args parser and launcher import without them; tests
+# check our translation and flags against them. --no-deps keeps its CUDA pins out.
+python -m pip install --quiet --no-deps 'sglang==0.5.23'
+# what those SGLang modules import beyond vLLM's dependencies
+python -m pip install --quiet orjson IPython
 python -c "import dynamo_ext, msgspec, zmq, vllm, transformers; print('dynamo-ext installed; vllm', vllm.__version__)"
+# fail here, not in the tests, if an import-time dependency of LMCache or SGLang is missing
+python -c "import lmcache.v1.cache_engine, sglang.srt.server_args, sglang.srt.disaggregation.kv_events, sglang.srt.mem_cache.storage.backend_factory; print('lmcache and sglang modules import')"

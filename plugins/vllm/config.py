@@ -46,7 +46,6 @@ PASSTHROUGH_KEYS = {
     "backends",
     "connectors",
     "batch_prefill",
-    "offload",
     "enforce_handshake_compat",
     # read by vLLM 0.32's NIXL connector (nixl/base_scheduler.py, base_worker.py)
     "bidirectional_kv_xfer",
@@ -184,8 +183,9 @@ def validate_connector_config(
     if extra and extra.get("offload") is not None:
         raise ConfigError(
             "kv_connector_extra_config.offload",
-            "offload composition lands with the LMCache issue; until then use vLLM's "
-            "MultiConnector with DynamoExtConnector and the offload connector as children",
+            "offload is composed with vLLM's MultiConnector: DynamoExtConnector and "
+            "OffloadingConnector as children; dynamo_ext.plugins.vllm.offload."
+            "offload_transfer_config(..., nixl={...}) builds that config",
         )
     cfg = load_worker_config(dict(extra or {}), env)
     if cfg.role is None:
@@ -198,3 +198,27 @@ def validate_connector_config(
             f"got kv_role {kv_role!r}",
         )
     return cfg
+
+
+def connector_configs(kv_connector: str | None, extra: Mapping[str, Any] | None) -> list[dict]:
+    """The flat list of connector configs in a kv-transfer config: itself, or the children
+    of a ``MultiConnector`` (``{"kv_connector": ..., "kv_connector_extra_config": ...}``)."""
+    extra = dict(extra or {})
+    if kv_connector == "MultiConnector":
+        return [dict(c) for c in extra.get("connectors", []) if isinstance(c, Mapping)]
+    return [{"kv_connector": kv_connector, "kv_connector_extra_config": extra}]
+
+
+def prefetch_endpoint_of(
+    kv_connector: str | None, extra: Mapping[str, Any] | None, host: str
+) -> str | None:
+    """The prefetch socket of the worker's pool tier, as the router should dial it."""
+    for c in connector_configs(kv_connector, extra):
+        if c.get("kv_connector") != "OffloadingConnector":
+            continue
+        for tier in (c.get("kv_connector_extra_config") or {}).get("secondary_tiers", []):
+            if isinstance(tier, Mapping) and tier.get("type") == "PoolTier":
+                ep = tier.get("prefetch_endpoint")
+                if ep:
+                    return str(ep).replace("*", host).replace("0.0.0.0", host)
+    return None

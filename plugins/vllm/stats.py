@@ -31,9 +31,11 @@ from dynamo_ext.plugins.vllm import CONNECTOR_NAME
 from dynamo_ext.plugins.vllm.config import (
     WorkerPluginConfig,
     advertise,
+    connector_configs,
     default_http_endpoint,
     default_worker_id,
     load_worker_config,
+    prefetch_endpoint_of,
 )
 from dynamo_ext.protocol import (
     PROTOCOL_HEADER,
@@ -67,8 +69,11 @@ def _role_of(vllm_config: VllmConfig, cfg: WorkerPluginConfig) -> Role:
 def worker_config_of(vllm_config: VllmConfig) -> WorkerPluginConfig:
     kvt = vllm_config.kv_transfer_config
     extra = None
-    if kvt is not None and kvt.kv_connector == CONNECTOR_NAME:
-        extra = kvt.kv_connector_extra_config
+    if kvt is not None:
+        for c in connector_configs(kvt.kv_connector, kvt.kv_connector_extra_config):
+            if c.get("kv_connector") == CONNECTOR_NAME:
+                extra = c.get("kv_connector_extra_config") or {}
+                break
     return load_worker_config(extra)
 
 
@@ -196,12 +201,19 @@ class DynamoExtStatLogger(StatLoggerBase):
             replay_endpoint=replay_ep,
             metrics_endpoint=advertise(self.publisher.endpoint, host),
             nixl_endpoint=f"{host}:{nixl_port}" if nixl_port else None,
+            prefetch_endpoint=self._prefetch_endpoint(host),
             block_size=self.vllm_config.cache_config.block_size,
             model=self.vllm_config.model_config.served_model_name
             if isinstance(self.vllm_config.model_config.served_model_name, str)
             else None,
             instance_id=uuid.uuid4().hex,
         )
+
+    def _prefetch_endpoint(self, host: str) -> str | None:
+        kvt = self.vllm_config.kv_transfer_config
+        if kvt is None:
+            return None
+        return prefetch_endpoint_of(kvt.kv_connector, kvt.kv_connector_extra_config, host)
 
     def snapshot(self, heartbeat: int) -> WorkerMetrics:
         total = self.vllm_config.cache_config.num_gpu_blocks or 0

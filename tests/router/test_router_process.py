@@ -406,3 +406,59 @@ def test_vllm_own_publisher_feeds_the_router(router_factory) -> None:
         assert "hashes differ" not in router.log()  # engine hashing reproduced
     finally:
         pub.shutdown()
+
+
+def test_pool_tier_is_shared_and_router_sends_prefetch(router_factory, fleet) -> None:
+    """w0 wrote a prefix to the global pool (STORAGE/REMOTE events) and to its disk
+    (STORAGE/LOCAL); w1 reads the same pool (it registered a prefetch socket). The router
+    credits the pooled prefix to both, and when it routes to w1 it sends w1's pool tier a
+    PrefetchRequest naming the blocks w1 lacks, over a real ZMQ PUSH/PULL pair."""
+    import msgspec
+    import zmq
+
+    from dynamo_ext.protocol import decode_prefetch
+
+    router = router_factory(block_size=BS, worker_timeout_s=2.0)
+    ctx = zmq.Context.instance()
+    pulls = [ctx.socket(zmq.PULL) for _ in range(2)]
+    eps = []
+    for p in pulls:
+        port = p.bind_to_random_port("tcp://127.0.0.1")
+        eps.append(f"tcp://127.0.0.1:{port}")
+
+    def pool_ev(lo: int, hi: int, locality: str) -> BlockStored:
+        ev = stored(TOKENS, lo, hi)
+        return msgspec.structs.replace(ev, medium="STORAGE", locality=locality)
+
+    async def main():
+        async with RouterClient(router.endpoint) as c:
+            for i in range(2):
+                fleet.beat(i)
+                await c.register(fleet.reg(i, prefetch_endpoint=eps[i]))
+            fleet.kv[0].publish([pool_ev(0, 6, "REMOTE"), pool_ev(0, 3, "LOCAL")])
+
+            async def both_indexed():
+                st = {w.worker_id: w.indexed_blocks for w in (await c.workers()).workers}
+                return st["w0"].get("REMOTE") == 6 and st["w0"].get("DISK") == 3 and st
+
+            await wait_for(both_indexed)
+            r = await c.route("p1", TOKENS, explain=True, track=False)
+            hits = {s.worker_id: s.prefix_hit_blocks for s in r.candidates}
+            assert hits["w0"] == {"DISK": 3, "REMOTE": 3}  # its own disk first, then the pool
+            assert hits["w1"] == {"REMOTE": 6}  # the pool is global
+            r2 = await c.route("p2", TOKENS, exclude_workers=["w0"], track=False)
+            assert r2.worker_id == "w1"
+        assert pulls[1].poll(5000)
+        msg = decode_prefetch(pulls[1].recv())
+        assert msg.request_id == "p2" and msg.block_hashes == HASHES[:6]
+        # r1 went to w0 (or nowhere): w0's own tiers cover 3 blocks, the pool 3 more
+        while pulls[0].poll(200):
+            m0 = decode_prefetch(pulls[0].recv())
+            assert m0.request_id == "p1" and m0.block_hashes == HASHES[3:6]
+
+    try:
+        run(main())
+    finally:
+        for p in pulls:
+            p.close(0)
+    assert 'dynamo_ext_router_prefetch_blocks_total{worker="w1"} 6.0' in router.scrape()

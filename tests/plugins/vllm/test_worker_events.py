@@ -61,6 +61,15 @@ def workers(router: RouterProc, start_vllm):
     s = servers["w0"]
     out = post(s.url + "/v1/completions", {"prompt": "hello there", "max_tokens": 2})
     assert out["usage"]["completion_tokens"] == 2
+    # Each registrar has failed at least once (else a slow start could let its first try
+    # land after the router comes up, and this would not test an outage).
+    for srv in servers.values():
+        run(
+            wait_for(
+                lambda srv=srv: "unreachable; worker keeps serving" in srv.log_path.read_text(),
+                timeout=60,
+            )
+        )
     router.start()  # registration retries and lands; the initial replay fetches history
     return servers
 
