@@ -81,6 +81,10 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     request_ttl_s: float = 600.0  # forget predicted load of requests never reported done
     replay_timeout_s: float = 2.0
     initial_replay: bool = True  # on start, fetch each publisher's buffered history
+    # A stream silent this long is asked for anything newer than its last seq: a batch
+    # published while our SUB was still joining (ZMQ drops it) is then not lost for good
+    # when the worker goes idle after it. 0: never.
+    resync_interval_s: float = 5.0
     max_blocks_per_worker: int = 0  # 0: unbounded; engines bound their own caches
     log_decisions: bool = False
     # Router-driven prefetch: when the chosen worker's own tiers miss a prefix that the
@@ -99,6 +103,8 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         for name in ("worker_timeout_s", "request_ttl_s", "replay_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, "must be > 0")
+        if self.resync_interval_s < 0:
+            raise ConfigError("resync_interval_s", "must be >= 0 (0: off)")
         ids = [w.worker_id for w in self.workers]
         dup = {w for w in ids if ids.count(w) > 1}
         if dup:

@@ -332,12 +332,24 @@ class RouterServer:
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.RCVHWM, 0)
         sub.setsockopt(zmq.SUBSCRIBE, reg.kv_events_topic.encode())
+        initial = bool(reg.replay_endpoint and self.config.initial_replay)
+        monitor = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED) if initial else None
         sub.connect(reg.kv_events_endpoint)
+        resync_ms = int(self.config.resync_interval_s * 1000) or None
         try:
-            if reg.replay_endpoint and self.config.initial_replay:
-                # Connected first, then replay: whatever the replay misses queues on `sub`.
+            if monitor is not None:
+                # ZMQ's connect returns before the subscription reaches the publisher; a
+                # batch published in between is dropped. Replay once the handshake is done,
+                # so whatever the replay misses queues on `sub`.
+                await self._joined(w, monitor)
+                sub.disable_monitor()
+                monitor.close(linger=0)
+                monitor = None
                 await self._replay(w, 0, initial=True)
             while True:
+                if resync_ms and reg.replay_endpoint and not await sub.poll(resync_ms):
+                    await self._replay(w, w.last_seq + 1, resync=True)
+                    continue
                 frames = await sub.recv_multipart(copy=True)
                 await self._on_kv_frames(w, frames)
         except asyncio.CancelledError:
@@ -345,7 +357,21 @@ class RouterServer:
         except zmq.ZMQError as exc:
             log.error("KV event socket of worker %s failed: %s", w.worker_id, exc)
         finally:
+            if monitor is not None:
+                monitor.close(linger=0)
             sub.close(linger=0)
+
+    async def _joined(self, w: WorkerEntry, monitor: zmq.asyncio.Socket) -> None:
+        """Wait (bounded) until the KV SUB's handshake with the publisher succeeded."""
+        if await monitor.poll(int(self.config.replay_timeout_s * 1000)):
+            await monitor.recv_multipart()
+            await asyncio.sleep(0.01)  # the subscription frame follows the handshake
+        else:
+            log.warning(
+                "KV event socket of worker %s not connected after %.1fs; replaying anyway",
+                w.worker_id,
+                self.config.replay_timeout_s,
+            )
 
     def _malformed(self, source: str, origin: str, why: object) -> None:
         self.metrics.malformed.labels(source).inc()
@@ -395,7 +421,9 @@ class RouterServer:
         w.last_seq = seq
         w.dup_floor = seq + 1
 
-    async def _replay(self, w: WorkerEntry, start: int, initial: bool = False) -> bool:
+    async def _replay(
+        self, w: WorkerEntry, start: int, initial: bool = False, resync: bool = False
+    ) -> bool:
         assert w.reg.replay_endpoint is not None
         dealer = self.ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
@@ -407,6 +435,8 @@ class RouterServer:
             while True:
                 if not await dealer.poll(timeout_ms):
                     self.metrics.replays.labels(w.worker_id, "timeout").inc()
+                    if resync and not applied:
+                        return False  # an idle worker that stopped answering: metrics tell
                     log.warning(
                         "replay from %s (seq %d) timed out after %d batches",
                         w.worker_id,
@@ -441,7 +471,7 @@ class RouterServer:
         finally:
             dealer.close(linger=0)
         w.dup_floor = start
-        self.metrics.replays.labels(w.worker_id, "ok").inc()
+        self.metrics.replays.labels(w.worker_id, "resync" if resync else "ok").inc()
         if applied:
             log.info(
                 "replayed %d KV batches from worker %s (seq %d..%d)",

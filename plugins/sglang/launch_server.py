@@ -53,6 +53,7 @@ log = logging.getLogger("dynamo_ext.plugins.sglang.launch")
 
 KEEPALIVE_S = 5.0
 REPLAY_TIMEOUT_S = 2.0
+RESYNC_S = 5.0  # an idle SGLang event stream is asked for anything newer this often
 STOP_GRACE_S = 30.0
 
 
@@ -202,10 +203,13 @@ class Sidecar:
         if events:
             self.kv_pub.publish(events, ts)
 
-    async def _replay(self, start: int) -> None:
+    async def _replay(self, start: int, resync: bool = False) -> None:
         ep = self.plan.kv_replay_endpoint
         if ep is None:
-            log.warning("KV event gap at seq %d and no SGLang replay endpoint: blocks lost", start)
+            if not resync:
+                log.warning(
+                    "KV event gap at seq %d and no SGLang replay endpoint: blocks lost", start
+                )
             return
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -215,6 +219,8 @@ class Sidecar:
             await sock.send_multipart([b"", start.to_bytes(8, "big")])
             while True:
                 if not await sock.poll(REPLAY_TIMEOUT_S * 1000):
+                    if resync and not n:
+                        return  # SGLang idle and not answering: nothing to say yet
                     log.warning("SGLang replay from seq %d timed out after %d batches", start, n)
                     return
                 frames = await sock.recv_multipart()
@@ -231,7 +237,8 @@ class Sidecar:
         finally:
             sock.close(0)
         self.replayed += n
-        log.info("replayed %d SGLang KV batches from seq %d", n, start)
+        if n or not resync:
+            log.info("replayed %d SGLang KV batches from seq %d", n, start)
 
     async def _kv_loop(self) -> None:
         sub = self.ctx.socket(zmq.SUB)
@@ -245,6 +252,11 @@ class Sidecar:
         )
         try:
             while True:
+                # A batch SGLang published while this SUB was joining, or dropped at its
+                # HWM, is only revealed by the next one; an idle stream asks for it.
+                if not await sub.poll(RESYNC_S * 1000):
+                    await self._replay(self._last_seq + 1, resync=True)
+                    continue
                 frames = await sub.recv_multipart()
                 if len(frames) != 3 or len(frames[1]) != 8:
                     self.dropped["frames"] += 1

@@ -161,6 +161,38 @@ def test_sequence_gap_is_recovered_through_replay(router_factory, fleet) -> None
     assert "KV seq gap: expected 1 got 2" in router.log()
 
 
+def test_idle_stream_resyncs_a_batch_lost_after_the_last_one(router_factory, fleet) -> None:
+    """A worker's last batch is dropped on the wire (as PUB drops it while a SUB is still
+    joining) and the worker goes idle: no later seq reveals a gap. The router with resync on
+    asks for it; the one with resync off (control) never learns it."""
+    on = router_factory(block_size=BS, worker_timeout_s=5.0, resync_interval_s=0.3)
+    off = router_factory(block_size=BS, worker_timeout_s=5.0, resync_interval_s=0)
+
+    async def main():
+        async with RouterClient(on.endpoint) as a, RouterClient(off.endpoint) as b:
+            fleet.beat(0)
+            for c in (a, b):
+                await c.register(fleet.reg(0))
+            fleet.kv[0].publish([stored(TOKENS, 0, 2)])
+
+            async def both_two():
+                return await indexed(a, "w0") == 2 and await indexed(b, "w0") == 2
+
+            await wait_for(both_two)
+            fleet.kv[0].publish([stored(TOKENS, 2, 6)], skip=True)  # lost, then silence
+
+            async def six():
+                return await indexed(a, "w0") == 6
+
+            await wait_for(six, timeout=10)
+            await asyncio.sleep(1.0)
+            assert await indexed(b, "w0") == 2
+
+    run(main())
+    assert 'dynamo_ext_router_replays_total{result="resync",worker="w0"}' in on.scrape()
+    assert 'result="resync"' not in off.scrape()
+
+
 def test_restarted_router_rebuilds_its_index_from_replay(router_factory, fleet) -> None:
     static = [
         {
