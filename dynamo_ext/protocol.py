@@ -37,6 +37,7 @@ def event_tier(medium: str | None, locality: str | None = None) -> str:
         return MEDIUM_REMOTE if locality == "REMOTE" else MEDIUM_DISK
     return medium
 
+
 # A vLLM block hash on the wire: int (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1, the default)
 # or the raw sha256 bytes.
 ExternalBlockHash = bytes | int

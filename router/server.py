@@ -840,8 +840,11 @@ class RouterServer:
             return
         self.metrics.prefetch_blocks.labels(w.worker_id).inc(pooled - local)
         log.info(
-            "prefetch %s: worker %s stages pooled blocks %d..%d", request_id, w.worker_id,
-            local, pooled,
+            "prefetch %s: worker %s stages pooled blocks %d..%d",
+            request_id,
+            w.worker_id,
+            local,
+            pooled,
         )
 
     def _worker_counters(self) -> list[tuple[str, int, int, int]]:

@@ -245,9 +245,7 @@ class DynamoExtOffloadingSpec(TieringOffloadingSpec):
                 cpu_page_size=self.cpu_page_size_per_worker,
             )
             try:
-                self._cpu_worker = CpuCopyOffloadingWorker(
-                    kv_caches, self.blocks_per_chunk, region
-                )
+                self._cpu_worker = CpuCopyOffloadingWorker(kv_caches, self.blocks_per_chunk, region)
             except Exception:
                 region.cleanup()
                 raise
