@@ -37,6 +37,7 @@ from typing import Any
 
 from dynamo_ext.errors import DynamoExtError
 
+_xxhash: Any
 try:  # xxh3 runs at ~16 GB/s here, zlib.crc32 at ~2.5 GB/s: that is the read ratio.
     import xxhash as _xxhash
 except ImportError:  # pragma: no cover - xxhash is a dependency; kept for odd installs
@@ -342,7 +343,9 @@ class KvPool:
             st = os.fstat(fd)
             size = st.st_size - HEADER_SIZE
             if size < 0:
-                return self._corrupt(path, st, "short header")
+                self._corrupt(path, st, "short header")
+                return None
+            payload: bytes | memoryview
             if self._usrbio is not None:
                 buf = bytearray(st.st_size)
                 got = self._usrbio.pread(fd, st.st_size, memoryview(buf))
@@ -467,11 +470,14 @@ class KvPool:
             return None
         algo, length, ck = fields
         if got != length:
-            return self._corrupt(path, st, f"read {got} of {length} bytes")
+            self._corrupt(path, st, f"read {got} of {length} bytes")
+            return None
         if _checksum_fn(algo) is None:
-            return self._corrupt(path, st, f"unknown checksum algorithm {algo}")
+            self._corrupt(path, st, f"unknown checksum algorithm {algo}")
+            return None
         if _checksum(algo, views) != ck:
-            return self._corrupt(path, st, "checksum mismatch")
+            self._corrupt(path, st, "checksum mismatch")
+            return None
         return length
 
     def _verify_header(
@@ -479,17 +485,19 @@ class KvPool:
     ) -> tuple[int, int, int] | None:
         """(checksum algorithm, payload length, checksum) of a sound header, else None."""
         if len(header) != HEADER_SIZE:
-            return self._corrupt(path, st, "short header")
+            self._corrupt(path, st, "short header")
+            return None
         magic, version, algo, _, length, ck = _HEADER.unpack(header)
         if magic != MAGIC or version != VERSION:
-            return self._corrupt(path, st, "bad magic/version")
+            self._corrupt(path, st, "bad magic/version")
+            return None
         if length != st.st_size - HEADER_SIZE:
-            return self._corrupt(
-                path, st, f"file holds {st.st_size - HEADER_SIZE} of {length} bytes"
-            )
+            self._corrupt(path, st, f"file holds {st.st_size - HEADER_SIZE} of {length} bytes")
+            return None
         return algo, length, ck
 
     def _corrupt(self, path: str, st: os.stat_result, why: str) -> None:
+        """Count and drop a corrupt chunk (a miss to the caller)."""
         logger.warning("kv pool: corrupt chunk %s (%s): dropped", path, why)
         with self._lock:
             self._stats.corrupt += 1
@@ -500,7 +508,6 @@ class KvPool:
                 os.unlink(path)
         except OSError:
             pass
-        return None
 
     def _hit(self, fd: int, st: os.stat_result, n: int) -> None:
         if time.time() - st.st_mtime > _TOUCH_EVERY_S:
