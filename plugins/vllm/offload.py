@@ -69,7 +69,13 @@ from vllm.v1.kv_offload.base import (
 )
 from vllm.v1.kv_offload.cpu.gpu_worker import SingleDirectionOffloadingHandler
 from vllm.v1.kv_offload.cpu.shared_offload_region import SharedOffloadRegion
-from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, TransferJob
+from vllm.v1.kv_offload.tiering.async_lookup import AsyncLookupManager
+from vllm.v1.kv_offload.tiering.base import (
+    JobResult,
+    ScheduleEndContext,
+    SecondaryTierManager,
+    TransferJob,
+)
 from vllm.v1.kv_offload.tiering.fs.thread_pool import DualQueueThreadPool
 from vllm.v1.kv_offload.tiering.spec import TieringOffloadingSpec
 
@@ -311,6 +317,19 @@ class _Staging:
         return len(self._d)
 
 
+class _PoolLookup(AsyncLookupManager):
+    """vLLM's async lookup for the pool tier: the scheduler thread never stats the pool
+    (a remote 3FS mount); a batch of keys per step is checked on a background thread."""
+
+    def __init__(self, tier: PoolTier) -> None:
+        super().__init__(tier_type=tier.tier_type)
+        self._tier = tier
+
+    def batch_lookup(self, keys: list[OffloadKey], req_context: ReqContext) -> Iterable[bool]:
+        t = self._tier
+        return [(n in t.staging or t.pool.contains(n)) for n in map(t.key_of, keys)]
+
+
 class PoolTier(SecondaryTierManager):
     """Secondary tier on the shared KV pool (3FS or any shared directory), with prefetch.
 
@@ -364,6 +383,8 @@ class PoolTier(SecondaryTierManager):
         self._io = DualQueueThreadPool(n_read_threads, n_write_threads, "dynamo_ext_pool")
         # job id -> (keys, pool names, is a store)
         self._jobs: dict[int, tuple[list[OffloadKey], list[str], bool]] = {}
+        self._loaded: dict[int, int] = {}  # load job id -> chunks loaded (I/O threads write)
+        self._lookups = _PoolLookup(self)
         self.staging = _Staging(staging_bytes)
         self.counters = {"staged_hits": 0, "pool_reads": 0, "prefetched": 0, "prefetch_misses": 0}
         self._stop = threading.Event()
@@ -388,10 +409,18 @@ class PoolTier(SecondaryTierManager):
         return RequestOffloadingContext()
 
     def lookup(self, key: OffloadKey, req_context: ReqContext) -> LookupResult:
-        k = self.key_of(key)
-        if k in self.staging or self.pool.contains(k):
+        if self.key_of(key) in self.staging:  # prefetched: known now, no pool access
             return LookupResult.HIT
-        return LookupResult.MISS
+        found = self._lookups.lookup(key, req_context)
+        if found is None:
+            return LookupResult.RETRY  # checked on the lookup thread; answer next step
+        return LookupResult.HIT if found else LookupResult.MISS
+
+    def on_schedule_end(self, context: ScheduleEndContext) -> None:
+        self._lookups.flush()
+
+    def on_request_finished(self, req_context: ReqContext) -> None:
+        self._lookups.cleanup(req_context.req_id)
 
     def submit_store(self, job_metadata: TransferJob) -> None:
         self._submit(job_metadata, store=True)
@@ -408,7 +437,7 @@ class PoolTier(SecondaryTierManager):
             task = functools.partial(self._store_chunks, names, offsets)
             self._io.enqueue_store(job.job_id, 1, [task])
         else:
-            task = functools.partial(self._load_chunks, names, offsets)
+            task = functools.partial(self._load_chunks, job.job_id, names, offsets)
             self._io.enqueue_load(job.job_id, 1, [task])
 
     def _store_chunks(self, names: list[str], offsets: list[int]) -> None:
@@ -416,21 +445,22 @@ class PoolTier(SecondaryTierManager):
             if not self.pool.contains(name):
                 self.pool.put(name, self._kv[off : off + self._chunk])
 
-    def _load_chunks(self, names: list[str], offsets: list[int]) -> None:
+    def _load_chunks(self, job_id: int, names: list[str], offsets: list[int]) -> None:
         t0 = time.perf_counter()
         from_staging = 0
-        for name, off in zip(names, offsets, strict=True):
+        for i, (name, off) in enumerate(zip(names, offsets, strict=True)):
             dst = self._kv[off : off + self._chunk]
             staged = self.staging.pop(name)
             if staged is not None and len(staged) == self._chunk:
                 dst[:] = staged
                 from_staging += 1
-                continue
-            if self._read_latency_s:
-                time.sleep(self._read_latency_s)
-            n = self.pool.get_into(name, dst)
-            if n != self._chunk:
-                raise OSError(f"pool chunk {name} missing or corrupt (read {n})")
+            else:
+                if self._read_latency_s:
+                    time.sleep(self._read_latency_s)
+                n = self.pool.get_into(name, dst)
+                if n != self._chunk:
+                    raise OSError(f"pool chunk {name} missing or corrupt (read {n})")
+            self._loaded[job_id] = i + 1
         self.counters["staged_hits"] += from_staging
         self.counters["pool_reads"] += len(names) - from_staging
         logger.info(
@@ -460,6 +490,8 @@ class PoolTier(SecondaryTierManager):
                 with self._ann_lock:
                     for k, name in zip(keys, names, strict=True):
                         self._announced[self.pool.path_of(name)] = (k, now)
+            loaded = self._loaded.pop(job_id, 0)
+            successful = None
             if not success:
                 logger.warning(
                     "pool %s of %d chunks failed (job %d)",
@@ -467,10 +499,17 @@ class PoolTier(SecondaryTierManager):
                     len(keys),
                     job_id,
                 )
+                if not is_store:
+                    # The chunks before the bad one are in the primary tier; the rest are
+                    # recomputed, and their cached "found" verdict must not send the
+                    # scheduler back to the pool for them (vLLM's livelock #49176).
+                    self._lookups.mark_miss(keys[loaded:])
+                    successful = tuple(keys[:loaded]) or None
             results.append(
                 JobResult(
                     job_id=job_id,
                     success=success,
+                    successful_keys=successful,
                     transfer_time=transfer_time,
                     transfer_bytes=len(keys) * self._chunk if keys else None,
                 )
@@ -512,6 +551,7 @@ class PoolTier(SecondaryTierManager):
 
     def shutdown(self) -> None:
         self._stop.set()
+        self._lookups.shutdown()
         if self._prefetch_thread is not None:
             self._prefetch_thread.join(timeout=2)
         try:

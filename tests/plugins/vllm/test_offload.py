@@ -249,6 +249,30 @@ def test_global_pool_serves_other_worker_and_router_prefetches(setup) -> None:
     assert re.search(r"pool load: \d+ chunks into CPU \(0 from prefetch staging, \d+ read", tail)
 
 
+def test_corrupt_pool_chunk_is_recomputed_not_served_nor_retried(setup) -> None:
+    """A pooled chunk whose bytes rot after it was announced: the pool tier's lookup (on its
+    lookup thread) still finds the file, the load verifies the checksum and fails, the chunk
+    is marked a miss for the request (no promotion livelock) and recomputed: same tokens."""
+    w0, w1, model, pool = (setup["servers"]["w0"], setup["servers"]["w1"], setup["model"],
+                           setup["pool"])  # fmt: skip
+    toks = tokens(w0, english_like_text(420, seed=6161))
+    n_blocks = len(toks) // BLOCK_SIZE
+    before = set(pool_files(pool))
+    ref = complete(w0, model, toks)["choices"][0]["text"]
+    run(wait_for(lambda: len(set(pool_files(pool)) - before) >= n_blocks, timeout=20))
+    victim = max(set(pool_files(pool)) - before, key=lambda p: p.stat().st_mtime)
+    raw = bytearray(victim.read_bytes())
+    raw[-1] ^= 0xFF  # same size, so only the checksum can tell
+    victim.write_bytes(bytes(raw))
+    mark = len(w1.log_path.read_text())
+    assert complete(w1, model, toks)["choices"][0]["text"] == ref
+    tail = w1.log_path.read_text()[mark:]
+    assert "corrupt chunk" in tail and "checksum mismatch" in tail, tail[-3000:]
+    assert re.search(r"pool load of \d+ chunks failed", tail), tail[-3000:]
+    # dropped from the pool, then written again by w1 from its recomputed KV (self-healing)
+    run(wait_for(lambda: victim.exists() and victim.read_bytes() != bytes(raw), timeout=20))
+
+
 def test_chunks_leaving_the_pool_are_announced_removed(setup) -> None:
     """Another process's eviction (here: the files deleted under the workers) reaches the
     router as BlockRemoved(STORAGE/REMOTE) from each worker that had announced them."""
