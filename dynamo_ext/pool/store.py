@@ -15,6 +15,15 @@ the tree and unlinks the chunks with the oldest mtime down to ``low_watermark`` 
 limit. A read hit bumps the chunk's mtime (at most once a second), so mtime order is the
 LRU order across processes.
 
+One process per pool sweeps: the holder of a lease file (``.sweeper``: owner and time,
+replaced by rename, renewed every sweep, taken over once stale for three sweep intervals;
+a file, not ``flock``, so it holds across 3FS clients on several hosts). Its scans journal
+the chunks that vanished since its previous scan (evicted by anyone, or deleted) to
+``.journal/NNNNNNNN.log`` lines ``<wall time> <path>``; every process that needs to know
+(a tier that announced chunks to a router) tails the journal: O(removals), not O(pool),
+per process. When the lease changes hands, the new sweeper's first scan has nothing to
+compare with, so followers reconcile once with a full scan (``on_scan``).
+
 I/O is ``os.writev``/``os.readv`` of header and payload straight from and into the caller's
 buffers: the payload is never copied in Python. On a real 3FS mount with ``hf3fs_fuse.io``
 (``hf3fs-py-usrbio``) importable, the payload goes through 3FS's user-space ring instead of
@@ -23,10 +32,12 @@ FUSE (``_UsrbioIO``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
 import os
+import socket
 import struct
 import threading
 import time
@@ -57,6 +68,11 @@ TMP_SUFFIX = ".tmp"
 MAX_KEY_BYTES = 4096
 _TOUCH_EVERY_S = 1.0  # mtime resolution of the cross-process LRU
 _STALE_TMP_S = 300.0  # a temp file this old belongs to a writer that died
+LEASE = ".sweeper"
+JOURNAL = ".journal"
+_LEASE_STALE_SWEEPS = 3  # a lease not renewed for this many sweep intervals is taken over
+_JOURNAL_ROTATE_BYTES = 1 << 20
+_JOURNAL_KEEP = 4  # journal files kept; a follower further behind reconciles
 
 
 class PoolError(DynamoExtError):
@@ -105,7 +121,10 @@ class PoolStats:
     puts: int = 0
     put_errors: int = 0
     evictions: int = 0
-    sweeps: int = 0
+    sweeps: int = 0  # scans this process made as the pool's sweeper
+    journaled: int = 0  # vanished chunks this process journaled as the sweeper
+    lease_takeovers: int = 0
+    reconciles: int = 0
     bytes_written: int = 0
     bytes_read: int = 0
     bytes_used: int = 0  # whole pool (all processes): last scan + this process's puts since
@@ -232,6 +251,7 @@ class KvPool:
         use_usrbio: bool | None = None,
         checksum: int = DEFAULT_CHECKSUM,
         on_scan: Callable[[set[str], float], None] | None = None,
+        on_removed: Callable[[list[tuple[float, str]]], None] | None = None,
     ) -> None:
         if capacity_bytes is not None and capacity_bytes <= 0:
             raise PoolError(f"capacity_bytes must be > 0 or None, got {capacity_bytes}")
@@ -251,14 +271,24 @@ class KvPool:
         self._evict_lock = threading.Lock()  # one eviction pass at a time per process
         self._counter = itertools.count()
         self._stop = threading.Event()
-        # Called after every sweep with the chunk paths that exist now and the time.monotonic()
-        # the scan started: a tier that announced chunks learns which ones left the pool
-        # (evicted by any process sharing it, or deleted), to announce their removal.
+        # A tier that announced chunks learns which ones left the pool (evicted by any
+        # process sharing it, or deleted), to announce their removal: ``on_removed`` gets
+        # journal entries (wall time found missing, chunk path) as the sweeper writes them;
+        # ``on_removed`` is called every sweep interval, with no entries too;
+        # ``on_scan`` gets every chunk path that exists and the wall time of the scan, when
+        # the journal cannot be trusted (a new sweeper, or this process fell behind).
         self._on_scan = on_scan
+        self._on_removed = on_removed
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self._interval = sweep_interval_s
+        self._lease_owner: str | None = None  # as last read
+        self._prev: set[str] | None = None  # sweeper: paths at its previous scan
+        self._jpos: tuple[int, int] | None = None  # follower: (journal file no, offset)
         self._sweeper: threading.Thread | None = None
         if capacity_bytes is not None or sweep_interval_s > 0:
             self._scan_and_evict()  # start from the pool's real size
         if sweep_interval_s > 0:
+            self._follow()  # from the journal's end: earlier removals are not ours
             self._sweeper = threading.Thread(
                 target=self._sweep_loop,
                 args=(sweep_interval_s,),
@@ -441,11 +471,18 @@ class KvPool:
             return self._stats.as_dict()
 
     def close(self) -> None:
-        """Stop the sweeper; the chunks stay."""
+        """Stop the sweeper and hand its lease back; the chunks stay."""
         self._stop.set()
         if self._sweeper is not None:
             self._sweeper.join(timeout=10)
             self._sweeper = None
+            if self._read_lease()[0] == self.instance:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.root, LEASE))
+
+    @property
+    def is_sweeper(self) -> bool:
+        return self._lease_owner == self.instance
 
     def __enter__(self) -> KvPool:
         return self
@@ -522,9 +559,134 @@ class KvPool:
     def _sweep_loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
             try:
-                self._scan_and_evict()
+                previous = self._lease_owner
+                if self._take_lease():
+                    self._scan_and_evict(journal=True)
+                if previous is not None and self._lease_owner != previous:
+                    self._reconcile(f"sweeper lease moved from {previous} to {self._lease_owner}")
+                else:
+                    self._follow()
             except Exception:  # the sweeper must outlive one bad pass
                 logger.exception("kv pool: sweep failed")
+
+    # ---- the sweeper lease
+    def _read_lease(self) -> tuple[str | None, float]:
+        try:
+            with open(os.path.join(self.root, LEASE)) as f:
+                owner, ts = f.read().split()
+            return owner, float(ts)
+        except (OSError, ValueError):
+            return None, 0.0
+
+    def _take_lease(self) -> bool:
+        """Renew our lease, or take a missing or stale one; True if we are the sweeper."""
+        owner, ts = self._read_lease()
+        stale = time.time() - ts > _LEASE_STALE_SWEEPS * self._interval
+        if owner != self.instance and not stale:
+            self._lease_owner = owner
+            return False
+        path = os.path.join(self.root, LEASE)
+        tmp = f"{path}.{os.getpid()}.{next(self._counter)}{TMP_SUFFIX}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(f"{self.instance} {time.time():.3f}\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            logger.warning("kv pool %s: cannot write the sweeper lease: %s", self.root, exc)
+            return False
+        # Two takers may race: the last rename wins; the other reads it back and yields.
+        won = self._read_lease()[0] == self.instance
+        if won and owner != self.instance:
+            with self._lock:
+                self._stats.lease_takeovers += 1
+            self._prev = None
+            logger.info("kv pool %s: %s is the sweeper (was %s)", self.root, self.instance, owner)
+        self._lease_owner = self.instance if won else self._read_lease()[0]
+        return won
+
+    # ---- the removal journal
+    def _journal_files(self) -> list[int]:
+        try:
+            names = os.listdir(os.path.join(self.root, JOURNAL))
+        except FileNotFoundError:
+            return []
+        return sorted(int(n[:-4]) for n in names if n.endswith(".log") and n[:-4].isdigit())
+
+    def _journal_path(self, no: int) -> str:
+        return os.path.join(self.root, JOURNAL, f"{no:08d}.log")
+
+    def _journal(self, vanished: Iterable[str], ts: float) -> None:
+        lines = "".join(f"{ts:.3f} {os.path.relpath(p, self.root)}\n" for p in vanished)
+        if not lines:
+            return
+        os.makedirs(os.path.join(self.root, JOURNAL), exist_ok=True)
+        files = self._journal_files() or [0]
+        no = files[-1]
+        try:
+            if os.path.getsize(self._journal_path(no)) > _JOURNAL_ROTATE_BYTES:
+                no += 1
+        except FileNotFoundError:
+            pass
+        with open(self._journal_path(no), "a") as f:
+            f.write(lines)
+        for old in files:
+            if old <= no - _JOURNAL_KEEP:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._journal_path(old))
+        with self._lock:
+            self._stats.journaled += lines.count("\n")
+
+    def _follow(self) -> None:
+        """Deliver journal entries written since the last call to ``on_removed``."""
+        if self._on_removed is None:
+            return
+        files = self._journal_files()
+        if self._jpos is None:  # start at the end
+            last = files[-1] if files else 0
+            size = os.path.getsize(self._journal_path(last)) if files else 0
+            self._jpos = (last, size)
+            return
+        no, off = self._jpos
+        if files and no < files[0]:
+            self._jpos = (files[-1], os.path.getsize(self._journal_path(files[-1])))
+            self._reconcile(f"removal journal rotated past this process (at file {no})")
+            return
+        out: list[tuple[float, str]] = []
+        while True:
+            try:
+                with open(self._journal_path(no), "rb") as f:
+                    f.seek(off)
+                    data = f.read()
+            except FileNotFoundError:
+                data = b""
+            end = data.rfind(b"\n") + 1  # complete lines only
+            for line in data[:end].decode("utf-8", "replace").splitlines():
+                ts, _, rel = line.partition(" ")
+                try:
+                    out.append((float(ts), os.path.join(self.root, rel)))
+                except ValueError:
+                    logger.warning("kv pool %s: bad journal line %r skipped", self.root, line)
+            off += end
+            nxt = [n for n in files if n > no]
+            if end < len(data) or not nxt:
+                break
+            no, off = nxt[0], 0
+        self._jpos = (no, off)
+        self._on_removed(out)  # every sweep, entries or not (a tier checks young chunks)
+
+    def _reconcile(self, why: str) -> None:
+        """The journal cannot tell what left the pool: hand ``on_scan`` the full listing."""
+        files = self._journal_files()
+        if files:  # follow on from the journal's end after this
+            self._jpos = (files[-1], os.path.getsize(self._journal_path(files[-1])))
+        if self._on_scan is None:
+            return
+        started = time.time()
+        entries, _ = self._scan()
+        with self._lock:
+            self._stats.reconciles += 1
+        logger.info("kv pool %s: reconciling with a full scan (%s)", self.root, why)
+        self._on_scan({p for _, _, p in entries}, started)
 
     def _scan(self) -> tuple[list[tuple[float, int, str]], int]:
         """(mtime, size, path) of every chunk; stale temp files of dead writers removed."""
@@ -532,7 +694,11 @@ class KvPool:
         total = 0
         now = time.time()
         try:
-            shards = [e for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
+            shards = [
+                e
+                for e in os.scandir(self.root)
+                if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
+            ]
         except FileNotFoundError:
             return entries, 0
         for shard in shards:
@@ -555,13 +721,14 @@ class KvPool:
                         pass
         return entries, total
 
-    def _scan_and_evict(self) -> int:
-        """Rescan the pool; evict oldest-mtime chunks down to the low watermark if over.
+    def _scan_and_evict(self, journal: bool = False) -> int:
+        """Rescan the pool; evict oldest-mtime chunks down to the low watermark if over;
+        as the sweeper (``journal``), journal what vanished since its previous scan.
         Returns the number of chunks this pass evicted."""
         if not self._evict_lock.acquire(blocking=False):
             return 0  # another thread of ours is on it
         try:
-            started = time.monotonic()
+            started = time.time()
             entries, total = self._scan()
             evicted = 0
             gone: set[str] = set()
@@ -584,17 +751,17 @@ class KvPool:
                     total -= size
                     evicted += 1
                     gone.add(path)
-            if self._on_scan is not None:
-                try:
-                    self._on_scan({p for _, _, p in entries} - gone, started)
-                except Exception:
-                    logger.exception("pool %s: on_scan callback failed", self.root)
+            if journal:
+                now = {p for _, _, p in entries} - gone
+                if self._prev is not None:
+                    self._journal(self._prev - now, started)
+                self._prev = now
             with self._lock:
                 s = self._stats
                 s.bytes_used = total
                 s.chunks = len(entries) - evicted
                 s.evictions += evicted
-                s.sweeps += 1
+                s.sweeps += int(journal)
             return evicted
         finally:
             self._evict_lock.release()

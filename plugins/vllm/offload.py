@@ -40,7 +40,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -373,10 +373,19 @@ class PoolTier(SecondaryTierManager):
 
         # chunk path -> (key, when announced): what this worker told the router the pool holds
         self._announced: dict[str, tuple[OffloadKey, float]] = {}
+        # (when, path) of recent announcements: the pool's sweeper journals what vanished
+        # between two of its scans, so a chunk written and removed before its next scan is
+        # never journaled; chunks younger than a few sweeps are checked with a stat instead.
+        self._young: deque[tuple[float, str]] = deque()
+        self._young_s = 3 * sweep_interval_s
         self._gone: list[OffloadKey] = []
         self._ann_lock = threading.Lock()
         self.pool = KvPool(
-            root, capacity_bytes, sweep_interval_s=sweep_interval_s, on_scan=self._on_scan
+            root,
+            capacity_bytes,
+            sweep_interval_s=sweep_interval_s,
+            on_scan=self._on_scan,
+            on_removed=self._on_removed,
         )
         want_events = enable_kv_events and offloading_spec.kv_events_config.enable_kv_cache_events
         self.events: list[OffloadingEvent] | None = [] if want_events else None
@@ -486,10 +495,12 @@ class PoolTier(SecondaryTierManager):
                         removal_expected=True,  # keep its metadata for the BlockRemoved
                     )
                 )
-                now = time.monotonic()
+                now = time.time()  # compared with the pool's (cross-process) scan times
                 with self._ann_lock:
                     for k, name in zip(keys, names, strict=True):
-                        self._announced[self.pool.path_of(name)] = (k, now)
+                        path = self.pool.path_of(name)
+                        self._announced[path] = (k, now)
+                        self._young.append((now, path))
             loaded = self._loaded.pop(job_id, 0)
             successful = None
             if not success:
@@ -519,18 +530,29 @@ class PoolTier(SecondaryTierManager):
     def has_pending_work(self) -> bool:
         return bool(self._jobs)
 
-    def _on_scan(self, existing: set[str], scan_started: float) -> None:
-        """Sweeper thread: chunks this worker announced that left the pool (evicted by any
-        process sharing it, or deleted) are announced as removed at the engine's next step
-        (an idle vLLM engine does not step, so an idle worker tells at its next request)."""
+    def _on_removed(self, entries: list[tuple[float, str]]) -> None:
+        """Sweeper thread, every sweep interval: the pool's removal journal since the last
+        call. Chunks this worker announced before they were found missing are announced as
+        removed at the engine's next step (an idle vLLM engine does not step, so an idle
+        worker tells at its next request)."""
+        now = time.time()
         with self._ann_lock:
-            gone = [
-                p for p, (_, t) in self._announced.items() if t < scan_started and p not in existing
-            ]
+            young = list(self._young)
+            while self._young and self._young[0][0] < now - self._young_s:
+                self._young.popleft()
+        entries = entries + [(now, p) for t, p in young if not os.path.exists(p)]
+        with self._ann_lock:
+            gone = {p for ts, p in entries if p in self._announced and self._announced[p][1] < ts}
             for p in gone:
                 self._gone.append(self._announced.pop(p)[0])
         if gone:
             logger.info("pool tier: %d announced chunks left the pool", len(gone))
+
+    def _on_scan(self, existing: set[str], scan_started: float) -> None:
+        """A full listing (the journal could not be followed): reconcile with it."""
+        with self._ann_lock:
+            missing = [p for p in self._announced if p not in existing]
+        self._on_removed([(scan_started, p) for p in missing])
 
     def take_events(self) -> Iterable[OffloadingEvent]:
         if self.events is None:

@@ -170,3 +170,72 @@ def test_sweeper_evicts_other_processes_writes(tmp_path: Path) -> None:
         used = sum(p.stat().st_size for p in tmp_path.rglob("*.kv"))
         assert used <= cap and sweeper.stats()["evictions"] >= 15
         assert sweeper.stats()["sweeps"] >= 2
+
+
+def _until(cond, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.02)
+    raise AssertionError(f"not met in {timeout}s")
+
+
+def test_one_sweeper_per_pool_and_followers_get_the_removal_journal(tmp_path: Path) -> None:
+    """Three processes' worth of pools on one root: one lease holder scans; the others only
+    read the journal of what vanished (deleted here, or evicted by the capacity pass)."""
+    got: list[tuple[float, str]] = []
+    pools = [KvPool(tmp_path, sweep_interval_s=0.05, on_removed=got.extend) for _ in range(3)]
+    try:
+        sweeper = _until(lambda: [p for p in pools if p.is_sweeper])
+        assert len(sweeper) == 1
+        others = [p for p in pools if not p.is_sweeper]
+        for i in range(6):
+            others[0].put(f"j{i}", b"x" * 1000)
+        s0 = sweeper[0].stats()["sweeps"]
+        _until(lambda: sweeper[0].stats()["sweeps"] >= s0 + 2)  # its listing holds them now
+        t_del = time.time()
+        victims = sorted(others[0].path_of(f"j{i}") for i in (1, 4))
+        for v in victims:
+            os.unlink(v)
+        # each of the three pools delivers both entries once
+        _until(lambda: len(got) >= 6)
+        time.sleep(0.3)
+        assert sorted(p for _, p in got) == sorted(victims * 3)
+        assert all(ts >= t_del - 0.01 for ts, _ in got)
+        assert all(p.stats()["sweeps"] == 0 for p in others)  # followers never scanned
+        assert all(p.stats()["reconciles"] == 0 for p in pools)
+        assert sweeper[0].stats()["journaled"] == 2
+    finally:
+        for p in pools:
+            p.close()
+
+
+def _hold_lease(root: str) -> None:
+    KvPool(root, sweep_interval_s=0.1)
+    time.sleep(120)
+
+
+def test_dead_sweepers_lease_is_taken_over_and_followers_reconcile(tmp_path: Path) -> None:
+    ctx = mp.get_context("fork")
+    proc = ctx.Process(target=_hold_lease, args=(str(tmp_path),))
+    proc.start()
+    try:
+        lease = tmp_path / ".sweeper"
+        _until(lambda: lease.exists() and f":{proc.pid}:" in lease.read_text())
+        scans: list[set[str]] = []
+        pool = KvPool(tmp_path, sweep_interval_s=0.1, on_scan=lambda ex, ts: scans.append(ex))
+        pool.put("still-here", b"y" * 100)
+        time.sleep(0.5)
+        assert not pool.is_sweeper  # the other process renews its lease
+        os.kill(proc.pid, 9)  # dies holding it
+        _until(lambda: pool.is_sweeper, timeout=5)
+        st = pool.stats()
+        assert st["lease_takeovers"] == 1 and st["reconciles"] == 1
+        assert scans and pool.path_of("still-here") in scans[0]
+    finally:
+        proc.kill()
+        proc.join()
+        pool.close()
+    assert not (tmp_path / ".sweeper").exists()  # handed back on close
