@@ -150,8 +150,10 @@ class Frontend:
 
     def _chat_ids(self, body: ChatBody) -> list[int]:
         msgs = [m.model_dump(exclude_none=True) for m in body.messages]
-        out = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        if isinstance(out, dict) or hasattr(out, "input_ids"):
+        out: Any = self.tokenizer.apply_chat_template(
+            msgs, add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(out, dict) or hasattr(out, "input_ids"):  # transformers 5: an encoding
             out = out["input_ids"]
         return list(out)
 

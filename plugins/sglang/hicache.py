@@ -46,7 +46,8 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
     """The tensor's bytes, without a copy (it must be a contiguous CPU tensor)."""
     if not t.is_contiguous() or t.device.type != "cpu":
         raise ValueError("HiCache pages must be contiguous CPU tensors")
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    arr: Any = t.view(torch.uint8).numpy()
+    return memoryview(arr).cast("B")
 
 
 def pool_from_extra_config(extra: dict[str, Any] | None) -> KvPool:

@@ -109,7 +109,7 @@ class Registrar:
         return isinstance(reply, Ack) and reply.ok
 
     def _run(self) -> None:
-        ctx = zmq.Context.instance()
+        ctx: zmq.Context = zmq.Context.instance()
         corr = 0
         backoff = 0.5
         while not self._stop.is_set():
