@@ -18,10 +18,19 @@ def main(aggregated: int, prefill: int, decode: int, description: str) -> None:
     p.add_argument("--workdir", type=Path, default=Path("out/example"))
     args = p.parse_args()
     model = args.model or build_tiny_model(default_model_dir())
-    fleet = LocalFleet(model, aggregated=aggregated, prefill=prefill, decode=decode,
-                       workdir=args.workdir, frontend_port=args.port)
-    print(f"starting router, {prefill} prefill, {decode} decode, {aggregated} aggregated "
-          f"worker(s) and the frontend (logs in {args.workdir}/) ...", flush=True)
+    fleet = LocalFleet(
+        model,
+        aggregated=aggregated,
+        prefill=prefill,
+        decode=decode,
+        workdir=args.workdir,
+        frontend_port=args.port,
+    )
+    print(
+        f"starting router, {prefill} prefill, {decode} decode, {aggregated} aggregated "
+        f"worker(s) and the frontend (logs in {args.workdir}/) ...",
+        flush=True,
+    )
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -29,11 +38,16 @@ def main(aggregated: int, prefill: int, decode: int, description: str) -> None:
         fleet.start()
         assert fleet.router is not None
         print(f"\nOpenAI endpoint: {fleet.url}/v1   (model {fleet.served_model_name!r})")
-        print(f"router: {fleet.router.endpoint}  metrics: "
-              f"http://127.0.0.1:{fleet.router.metrics_port}/metrics, {fleet.url}/metrics")
-        print(f"\ncurl {fleet.url}/v1/completions -H 'Content-Type: application/json' -d "
-              f"'{{\"model\": \"{fleet.served_model_name}\", \"prompt\": \"Hello, my name is\","
-              f" \"max_tokens\": 16}}'\n\nCtrl-C stops everything.", flush=True)
+        print(
+            f"router: {fleet.router.endpoint}  metrics: "
+            f"http://127.0.0.1:{fleet.router.metrics_port}/metrics, {fleet.url}/metrics"
+        )
+        print(
+            f"\ncurl {fleet.url}/v1/completions -H 'Content-Type: application/json' -d "
+            f'\'{{"model": "{fleet.served_model_name}", "prompt": "Hello, my name is",'
+            f' "max_tokens": 16}}\'\n\nCtrl-C stops everything.',
+            flush=True,
+        )
         stop.wait()
     finally:
         print("stopping ...", flush=True)

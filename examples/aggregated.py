@@ -1,6 +1,6 @@
 """Two aggregated vLLM workers + the KV-aware router + the OpenAI frontend, on one machine.
 
-    python examples/aggregated.py [--model DIR] [--port 8080]
+python examples/aggregated.py [--model DIR] [--port 8080]
 """
 
 from _run import main
