@@ -31,6 +31,8 @@ from dynamo_ext.config import RouterConfig
 from dynamo_ext.errors import ConfigError
 from dynamo_ext.hashing import BlockHasher, to_external, token_block_hashes
 from dynamo_ext.protocol import (
+    MEDIUM_CPU,
+    MEDIUM_DISK,
     MEDIUM_GPU,
     MEDIUM_REMOTE,
     PROTOCOL_HEADER,
@@ -784,7 +786,8 @@ class RouterServer:
                 hit += k
             w.routed_blocks += len(hashes)
             w.hit_blocks += hit
-        if self.config.prefetch and w.reg.prefetch_endpoint and hashes:
+        # A what-if query (track=False) causes no work on the worker.
+        if req.track and self.config.prefetch and w.reg.prefetch_endpoint and hashes:
             self._maybe_prefetch(req.request_id, w, hashes, chosen.prefix_hit_blocks)
         if self.config.log_decisions:
             log.info(
@@ -819,9 +822,13 @@ class RouterServer:
     ) -> None:
         if self.config.hash_mode != "engine":
             return  # the worker's pool is keyed by engine hashes; tokens mode has none
-        local = sum(k for t, k in hits.items() if t != MEDIUM_REMOTE)
-        pooled = self.index.tier_prefix(hashes, MEDIUM_REMOTE)  # the global pool, any writer
-        if pooled - local < self.config.prefetch_min_blocks:
+        # Blocks in the worker's memory (GPU, CPU) need nothing; the rest of the prefix its
+        # disk tier or the global pool (any writer) holds is worth staging in its RAM now.
+        fast = hits.get(MEDIUM_GPU, 0) + hits.get(MEDIUM_CPU, 0)
+        local = fast + hits.get(MEDIUM_DISK, 0)
+        pooled = self.index.tier_prefix(hashes, MEDIUM_REMOTE)
+        reach = max(local, pooled)
+        if reach - fast < self.config.prefetch_min_blocks:
             return
         ep = w.reg.prefetch_endpoint
         assert ep is not None
@@ -832,17 +839,19 @@ class RouterServer:
             sock.setsockopt(zmq.SNDHWM, 1024)
             sock.connect(ep)
             self._prefetch_socks[ep] = sock
-        msg = PrefetchRequest(request_id=request_id, block_hashes=hashes[local:pooled])
+        msg = PrefetchRequest(request_id=request_id, block_hashes=hashes[fast:reach])
         try:
             sock.send(encode(msg), zmq.NOBLOCK)
         except zmq.Again:
             self.metrics.prefetch_dropped.inc()
             return
-        self.metrics.prefetch_blocks.labels(w.worker_id).inc(pooled - local)
+        self.metrics.prefetch_blocks.labels(w.worker_id).inc(reach - fast)
         log.info(
-            "prefetch %s: worker %s stages pooled blocks %d..%d",
+            "prefetch %s: worker %s stages blocks %d..%d (disk to %d, pool to %d)",
             request_id,
             w.worker_id,
+            fast,
+            reach,
             local,
             pooled,
         )

@@ -69,6 +69,7 @@ from vllm.v1.kv_offload.base import (
 )
 from vllm.v1.kv_offload.cpu.gpu_worker import SingleDirectionOffloadingHandler
 from vllm.v1.kv_offload.cpu.shared_offload_region import SharedOffloadRegion
+from vllm.v1.kv_offload.file_mapper import FileMapper
 from vllm.v1.kv_offload.tiering.async_lookup import AsyncLookupManager
 from vllm.v1.kv_offload.tiering.base import (
     JobResult,
@@ -327,7 +328,12 @@ class _PoolLookup(AsyncLookupManager):
 
     def batch_lookup(self, keys: list[OffloadKey], req_context: ReqContext) -> Iterable[bool]:
         t = self._tier
-        return [(n in t.staging or t.pool.contains(n)) for n in map(t.key_of, keys)]
+        # Ordered before the disk tier: a chunk the local disk holds is the disk tier's
+        # to promote (a local read beats the remote pool), unless prefetch staged it.
+        return [
+            n in t.staging or (not t.on_disk(k) and t.pool.contains(n))
+            for k, n in ((k, t.key_of(k)) for k in keys)
+        ]
 
 
 class PoolTier(SecondaryTierManager):
@@ -358,6 +364,8 @@ class PoolTier(SecondaryTierManager):
         locality: str | None = "REMOTE",
         read_latency_ms: float = 0.0,
         sweep_interval_s: float = 10.0,
+        disk_root: str | None = None,
+        disk_index_entries: int = 1 << 18,
         backpressure_detector: Any = None,
     ) -> None:
         super().__init__(offloading_spec, primary_kv_view, tier_type, backpressure_detector)
@@ -395,7 +403,26 @@ class PoolTier(SecondaryTierManager):
         self._loaded: dict[int, int] = {}  # load job id -> chunks loaded (I/O threads write)
         self._lookups = _PoolLookup(self)
         self.staging = _Staging(staging_bytes)
-        self.counters = {"staged_hits": 0, "pool_reads": 0, "prefetched": 0, "prefetch_misses": 0}
+        # The worker's disk tier (vLLM's fs tier at ``disk_root``), for prefetch: its files
+        # are named by the full block hash, the router knows 64 bits of it, so keep the
+        # keys this tier saw stored (every chunk is stored to every tier): (hash, group)->key.
+        self._disk: FileMapper | None = None
+        self._disk_keys: OrderedDict[tuple[int, int], OffloadKey] = OrderedDict()
+        self._disk_index_entries = disk_index_entries
+        if disk_root:
+            self._disk = FileMapper.from_offloading_spec(
+                root_dir=disk_root,
+                offloading_spec=offloading_spec,
+                blocks_per_file=offloading_spec.blocks_per_chunk,
+                parallel_agnostic=True,
+            )
+        self.counters = {
+            "staged_hits": 0,
+            "pool_reads": 0,
+            "prefetched": 0,
+            "prefetched_from_disk": 0,
+            "prefetch_misses": 0,
+        }
         self._stop = threading.Event()
         self._prefetch_thread: threading.Thread | None = None
         self.prefetch_endpoint: str | None = None
@@ -437,10 +464,21 @@ class PoolTier(SecondaryTierManager):
     def submit_load(self, job_metadata: TransferJob) -> None:
         self._submit(job_metadata, store=False)
 
+    def on_disk(self, key: OffloadKey) -> bool:
+        return self._disk is not None and os.path.exists(self._disk.get_file_name(key))
+
     def _submit(self, job: TransferJob, store: bool) -> None:
         keys = list(job.keys)
         offsets = [int(c) * self._chunk for c in job.chunk_ids]
         names = [self.key_of(k) for k in keys]
+        if store and self._disk is not None:
+            with self._ann_lock:
+                for k in keys:
+                    ident = (external_hash(k), get_offload_group_idx(k))
+                    self._disk_keys[ident] = k
+                    self._disk_keys.move_to_end(ident)
+                while len(self._disk_keys) > self._disk_index_entries:
+                    self._disk_keys.popitem(last=False)
         self._jobs[job.job_id] = (keys, names, store)
         if store:
             task = functools.partial(self._store_chunks, names, offsets)
@@ -584,27 +622,47 @@ class PoolTier(SecondaryTierManager):
 
     # ---- prefetch
     def prefetch(self, block_hashes: Sequence[int], group_idx: int = 0) -> tuple[int, int]:
-        """Read the longest pooled prefix of ``block_hashes`` into RAM staging, now.
+        """Read the longest prefix of ``block_hashes`` that this worker's disk tier or the
+        pool holds into RAM staging, now (the local disk first).
 
-        Returns (chunks staged, chunks already staged). Stops at the first chunk the pool
-        lacks: later blocks of the prefix are useless without it.
+        Returns (chunks staged, chunks already staged). Stops at the first chunk neither
+        holds: later blocks of the prefix are useless without it.
         """
-        staged = already = 0
+        staged = already = from_disk = 0
         for h in block_hashes:
             name = pool_key(self.namespace, h, group_idx)
             if name in self.staging:
                 already += 1
                 continue
-            if self._read_latency_s:
-                time.sleep(self._read_latency_s)
-            data = self.pool.get(name)
+            data = self._read_disk(h, group_idx)
+            if data is not None:
+                from_disk += 1
+            else:
+                if self._read_latency_s:
+                    time.sleep(self._read_latency_s)
+                data = self.pool.get(name)
             if data is None or len(data) != self._chunk:
                 self.counters["prefetch_misses"] += 1
                 break
             self.staging.put(name, data)
             staged += 1
         self.counters["prefetched"] += staged
+        self.counters["prefetched_from_disk"] += from_disk
         return staged, already
+
+    def _read_disk(self, block_hash: int, group_idx: int) -> bytes | None:
+        if self._disk is None:
+            return None
+        with self._ann_lock:
+            key = self._disk_keys.get((block_hash & 0xFFFFFFFFFFFFFFFF, group_idx))
+        if key is None:
+            return None
+        try:
+            with open(self._disk.get_file_name(key), "rb", buffering=0) as f:
+                data = f.read(self._chunk + 1)
+        except OSError:
+            return None
+        return data if len(data) == self._chunk else None
 
     def _start_prefetch(self, endpoint: str) -> None:
         sock: zmq.Socket = zmq.Context.instance().socket(zmq.PULL)
@@ -631,15 +689,18 @@ class PoolTier(SecondaryTierManager):
                     logger.warning("dropped malformed prefetch message (%d so far): %s", bad, e)
                     continue
                 t0 = time.perf_counter()
+                disk0 = self.counters["prefetched_from_disk"]
                 try:
                     staged, already = self.prefetch(req.block_hashes, req.group_idx)
                 except Exception:
                     logger.exception("prefetch %s failed", req.request_id)
                     continue
                 logger.info(
-                    "prefetch %s: staged %d chunks (%d already) of %d in %.1f ms",
+                    "prefetch %s: staged %d chunks (%d from local disk, %d already) of %d "
+                    "in %.1f ms",
                     req.request_id,
                     staged,
+                    self.counters["prefetched_from_disk"] - disk0,
                     already,
                     len(req.block_hashes),
                     (time.perf_counter() - t0) * 1e3,
@@ -672,12 +733,12 @@ def offload_transfer_config(
     offloads: one flag gives both.
     """
     tiers: list[dict[str, Any]] = []
-    if disk_dir:
-        tiers.append(
-            {"type": "fs", "root_dir": disk_dir, "enable_kv_events": True, "locality": "LOCAL"}
-        )
     if pool_root:
+        # First in lookup order: it answers for prefetched (RAM-staged) chunks, from the
+        # local disk tier too, and leaves chunks on the local disk to the disk tier.
         pool: dict[str, Any] = {"type": "PoolTier", "module_path": SPEC_MODULE, "root": pool_root}
+        if disk_dir:
+            pool["disk_root"] = disk_dir
         if pool_capacity_bytes:
             pool["capacity_bytes"] = int(pool_capacity_bytes)
         if prefetch_endpoint:
@@ -687,6 +748,10 @@ def offload_transfer_config(
         if pool_sweep_interval_s is not None:
             pool["sweep_interval_s"] = float(pool_sweep_interval_s)
         tiers.append(pool)
+    if disk_dir:
+        tiers.append(
+            {"type": "fs", "root_dir": disk_dir, "enable_kv_events": True, "locality": "LOCAL"}
+        )
     offload = {
         "kv_connector": "OffloadingConnector",
         "kv_role": "kv_both",

@@ -474,19 +474,22 @@ def test_pool_tier_is_shared_and_router_sends_prefetch(router_factory, fleet) ->
                 return st["w0"].get("REMOTE") == 6 and st["w0"].get("DISK") == 3 and st
 
             await wait_for(both_indexed)
-            r = await c.route("p1", TOKENS, explain=True, track=False)
+            r = await c.route("p0", TOKENS, explain=True, track=False)  # what-if: no work
             hits = {s.worker_id: s.prefix_hit_blocks for s in r.candidates}
             assert hits["w0"] == {"DISK": 3, "REMOTE": 3}  # its own disk first, then the pool
             assert hits["w1"] == {"REMOTE": 6}  # the pool is global
-            r2 = await c.route("p2", TOKENS, exclude_workers=["w0"], track=False)
+            r1 = await c.route("p1", TOKENS, exclude_workers=["w1"])
+            assert r1.worker_id == "w0"
+            r2 = await c.route("p2", TOKENS, exclude_workers=["w0"])
             assert r2.worker_id == "w1"
         assert pulls[1].poll(5000)
         msg = decode_prefetch(pulls[1].recv())
         assert msg.request_id == "p2" and msg.block_hashes == HASHES[:6]
-        # r1 went to w0 (or nowhere): w0's own tiers cover 3 blocks, the pool 3 more
-        while pulls[0].poll(200):
-            m0 = decode_prefetch(pulls[0].recv())
-            assert m0.request_id == "p1" and m0.block_hashes == HASHES[3:6]
+        # w0: nothing in its memory; its disk holds 3 blocks, the pool 3 more: all 6 staged
+        assert pulls[0].poll(5000)
+        m0 = decode_prefetch(pulls[0].recv())
+        assert m0.request_id == "p1" and m0.block_hashes == HASHES[:6]
+        assert not pulls[0].poll(300) and not pulls[1].poll(0)  # nothing for the what-if
 
     try:
         run(main())

@@ -203,6 +203,38 @@ def test_evicted_prefix_restored_from_offload_tiers_same_tokens(setup) -> None:
     assert after > before  # the prefix came back through the CPU tier, not recomputed
 
 
+def test_router_prefetches_from_the_workers_disk_tier(setup) -> None:
+    """A prefix that left w0's GPU and CPU but is on its local disk: the router tells w0 to
+    stage it, w0 reads it from its disk tier (not the pool) into RAM, and the request's
+    promotion copies from RAM. Same tokens as the first run."""
+    s, router, model = setup["servers"]["w0"], setup["router"], setup["model"]
+    toks = tokens(s, english_like_text(420, seed=8080))
+    n_blocks = len(toks) // BLOCK_SIZE
+    first = complete(s, model, toks)["choices"][0]["text"]
+    fill(s, model, 8, seed0=12000)
+
+    async def on_disk_only():
+        async with RouterClient(router.endpoint) as c:
+            r = await c.route("probe-d", toks, track=False, explain=True)
+        hits = next(c for c in r.candidates if c.worker_id == "w0").prefix_hit_blocks
+        fast = hits.get("GPU", 0) + hits.get("CPU", 0)
+        return fast == 0 and hits.get("DISK", 0) == n_blocks and hits
+
+    run(wait_for(on_disk_only, timeout=30))
+    mark = len(s.log_path.read_text())
+
+    async def route_to_w0():
+        async with RouterClient(router.endpoint) as c:
+            return await c.route("req-disk", toks, exclude_workers=["w1"])
+
+    assert run(route_to_w0()).worker_id == "w0"
+    pat = rf"prefetch req-disk: staged {n_blocks} chunks \({n_blocks} from local disk"
+    run(wait_for(lambda: re.search(pat, s.log_path.read_text()[mark:]), timeout=20))
+    assert complete(s, model, toks)["choices"][0]["text"] == first
+    tail = s.log_path.read_text()[mark:]
+    assert re.search(rf"pool load: {n_blocks} chunks into CPU \({n_blocks} from prefetch", tail)
+
+
 def test_global_pool_serves_other_worker_and_router_prefetches(setup) -> None:
     w0, w1 = setup["servers"]["w0"], setup["servers"]["w1"]
     router, model = setup["router"], setup["model"]
