@@ -38,11 +38,13 @@ import functools
 import hashlib
 import logging
 import os
+import sys
 import threading
 import time
+import types
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar, Literal
 
 import msgspec
 import numpy as np
@@ -318,6 +320,25 @@ class _Staging:
         return len(self._d)
 
 
+def _engine_waker() -> Callable[[], None] | Literal[False]:
+    """How to wake this process's idle vLLM engine core: put vLLM's own no-op ``WAKEUP``
+    request into its input queue (what vLLM does on shutdown); its busy loop then sees the
+    connector's pending work and steps. Found by walking the scheduler thread's stack up to
+    the engine core (``input_queue`` + ``has_work``); False where there is none (e.g. the
+    in-process ``LLM`` engine of tests), then removals wait for the next step."""
+    from vllm.v1.engine import EngineCoreRequestType
+
+    f: types.FrameType | None = sys._getframe(1)
+    while f is not None:
+        obj = f.f_locals.get("self")
+        q = getattr(obj, "input_queue", None)
+        if q is not None and hasattr(obj, "has_work") and hasattr(q, "put_nowait"):
+            return lambda: q.put_nowait((EngineCoreRequestType.WAKEUP, None))
+        f = f.f_back
+    logger.info("pool tier: no engine core input queue found; removals wait for a step")
+    return False
+
+
 class _PoolLookup(AsyncLookupManager):
     """vLLM's async lookup for the pool tier: the scheduler thread never stats the pool
     (a remote 3FS mount); a batch of keys per step is checked on a background thread."""
@@ -403,6 +424,9 @@ class PoolTier(SecondaryTierManager):
         self._loaded: dict[int, int] = {}  # load job id -> chunks loaded (I/O threads write)
         self._lookups = _PoolLookup(self)
         self.staging = _Staging(staging_bytes)
+        # Wakes an idle engine core (found on the first engine step) so that removals are
+        # published without waiting for its next request; False: not found, don't look again.
+        self._wake: Callable[[], None] | Literal[False] | None = None
         # The worker's disk tier (vLLM's fs tier at ``disk_root``), for prefetch: its files
         # are named by the full block hash, the router knows 64 bits of it, so keep the
         # keys this tier saw stored (every chunk is stored to every tier): (hash, group)->key.
@@ -454,6 +478,8 @@ class PoolTier(SecondaryTierManager):
 
     def on_schedule_end(self, context: ScheduleEndContext) -> None:
         self._lookups.flush()
+        if self._wake is None:
+            self._wake = _engine_waker()
 
     def on_request_finished(self, req_context: ReqContext) -> None:
         self._lookups.cleanup(req_context.req_id)
@@ -566,13 +592,14 @@ class PoolTier(SecondaryTierManager):
         return results
 
     def has_pending_work(self) -> bool:
-        return bool(self._jobs)
+        # Pending removal announcements keep the engine stepping until they are published
+        # (vLLM steps while its offloading connector has pending work).
+        return bool(self._jobs) or bool(self._gone)
 
     def _on_removed(self, entries: list[tuple[float, str]]) -> None:
         """Sweeper thread, every sweep interval: the pool's removal journal since the last
         call. Chunks this worker announced before they were found missing are announced as
-        removed at the engine's next step (an idle vLLM engine does not step, so an idle
-        worker tells at its next request)."""
+        removed at the engine's next step, which an idle engine is woken up for."""
         now = time.time()
         with self._ann_lock:
             young = list(self._young)
@@ -585,6 +612,9 @@ class PoolTier(SecondaryTierManager):
                 self._gone.append(self._announced.pop(p)[0])
         if gone:
             logger.info("pool tier: %d announced chunks left the pool", len(gone))
+            wake = self._wake
+            if wake:  # an idle engine blocks on its input queue: nudge it to step once
+                wake()
 
     def _on_scan(self, existing: set[str], scan_started: float) -> None:
         """A full listing (the journal could not be followed): reconcile with it."""
