@@ -43,6 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--total-mb", type=float, default=256.0, help="MiB per side per repeat (256)")
     p.add_argument("--repeats", type=int, default=4, help="interleaved repeats (4, even)")
     p.add_argument("--cache", choices=["cold", "hot", "both"], default="both")
+    p.add_argument(
+        "--sweep-chunks",
+        type=int,
+        default=20000,
+        help="pool size for the sweep cost (0: skip): one full scan, what every worker did "
+        "each sweep before one sweeper, vs following the removal journal (20000)",
+    )
     p.add_argument("--json", action="store_true", help="only the JSON line on stdout")
 
 
@@ -149,12 +156,50 @@ def _run_regime(root: str, chunks: list[bytes], n: int, repeats: int, cold: bool
     }
 
 
+def _sweep_cost(base: str, n: int, removed_frac: float = 0.01) -> dict[str, Any]:
+    """Per-process cost of learning what left the pool: a full scan (each worker scanned
+    the pool every sweep) vs following the sweeper's journal of ``removed_frac`` removals."""
+    root = os.path.join(base, "sweep")
+    got: list[tuple[float, str]] = []
+    sweeper = KvPool(root, sweep_interval_s=0)
+    follower = KvPool(root, sweep_interval_s=0, on_removed=got.extend)
+    for i in range(n):
+        sweeper.put(f"s{i}", b"k" * 64)
+    scans = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        sweeper._scan()
+        scans.append(time.perf_counter() - t0)
+    sweeper._scan_and_evict(journal=True)  # the sweeper's listing
+    follower._follow()  # start at the journal's end
+    k = max(1, int(n * removed_frac))
+    for i in range(k):
+        os.unlink(sweeper.path_of(f"s{i}"))
+    t0 = time.perf_counter()
+    sweeper._scan_and_evict(journal=True)
+    t_sweeper = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    follower._follow()
+    t_follow = time.perf_counter() - t0
+    assert len(got) == k, (len(got), k)
+    scan = sorted(scans)[1]
+    return {
+        "chunks": n,
+        "removed": k,
+        "full_scan_ms": round(scan * 1e3, 2),
+        "sweeper_scan_and_journal_ms": round(t_sweeper * 1e3, 2),
+        "follow_journal_ms": round(t_follow * 1e3, 3),
+        "per_worker_ratio_vs_full_scan": round(t_follow / scan, 4),
+    }
+
+
 def run(
     root: str | None = None,
     chunk_mb: float = 16.0,
     total_mb: float = 256.0,
     repeats: int = 4,
     cache: str = "both",
+    sweep_chunks: int = 0,
 ) -> dict[str, Any]:
     size = max(1, int(chunk_mb * (1 << 20)))
     n = max(1, int(total_mb * (1 << 20)) // size)
@@ -165,6 +210,7 @@ def run(
         res = {
             r: _run_regime(os.path.join(base, r), chunks, n, repeats, r == "cold") for r in regimes
         }
+        sweep = _sweep_cost(base, sweep_chunks) if sweep_chunks > 0 else None
     finally:
         shutil.rmtree(base, ignore_errors=True)
     from dynamo_ext.pool.store import CK_XXH3_64, DEFAULT_CHECKSUM
@@ -179,6 +225,7 @@ def run(
         "checksum": "xxh3_64" if DEFAULT_CHECKSUM == CK_XXH3_64 else "crc32",
         "regime": "cold" if "cold" in res else "hot",
         "regimes": res,
+        "sweep": sweep,
     }
     for k in (
         "write_mb_s_pool",
@@ -196,7 +243,7 @@ def run(
 
 
 def main(args: argparse.Namespace) -> int:
-    res = run(args.root, args.chunk_mb, args.total_mb, args.repeats, args.cache)
+    res = run(args.root, args.chunk_mb, args.total_mb, args.repeats, args.cache, args.sweep_chunks)
     if not args.json:
         print(json.dumps(res, indent=2))
     print(json.dumps(res))

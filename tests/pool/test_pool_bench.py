@@ -13,7 +13,7 @@ from dynamo_ext.cli import main
 
 def test_bench_pool_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bench", "pool", "--root", str(tmp_path), "--chunk-mb", "0.25", "--total-mb", "2"]
-    assert main([*argv, "--repeats", "2", "--json"]) == 0
+    assert main([*argv, "--repeats", "2", "--sweep-chunks", "300", "--json"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     res = json.loads(lines[-1])
     for k in (
@@ -30,4 +30,7 @@ def test_bench_pool_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert res["chunk_bytes"] == 1 << 18 and res["chunks_per_repeat"] == 8
     for r in res["regimes"].values():
         assert r["pool_hits"] == 2 * 2 * 8 and r["pool_corrupt"] == 0
+    sw = res["sweep"]
+    assert sw["chunks"] == 300 and sw["removed"] == 3  # the follower got all 3 removals
+    assert sw["full_scan_ms"] > 0 and sw["follow_journal_ms"] > 0
     assert list(tmp_path.iterdir()) == []  # the bench cleans up after itself
