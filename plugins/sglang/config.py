@@ -54,6 +54,8 @@ class LauncherConfig:
     replay_endpoint: str = "tcp://*:0"
     metrics_endpoint: str = "tcp://*:0"
     metrics_period_s: float = 0.5
+    # an idle SGLang event stream is asked for batches past the last one this often
+    resync_s: float = 5.0
     block_size: int = 16
     hash_algo: str = "sha256"
     hash_seed: str | None = None
@@ -75,6 +77,8 @@ class LauncherConfig:
             raise ConfigError("block_size", f"must be > 0, got {self.block_size}")
         if self.metrics_period_s <= 0:
             raise ConfigError("metrics_period_s", f"must be > 0, got {self.metrics_period_s}")
+        if self.resync_s <= 0:
+            raise ConfigError("resync_s", f"must be > 0, got {self.resync_s}")
 
 
 # option (without --dynamo-ext-) -> (field, env var, type)
@@ -88,6 +92,7 @@ _OPTIONS: dict[str, tuple[str, str, type]] = {
     "replay-endpoint": ("replay_endpoint", "DYNAMO_EXT_REPLAY_ENDPOINT", str),
     "metrics-endpoint": ("metrics_endpoint", "DYNAMO_EXT_METRICS", str),
     "metrics-period": ("metrics_period_s", "DYNAMO_EXT_METRICS_PERIOD", float),
+    "resync-s": ("resync_s", "DYNAMO_EXT_RESYNC_S", float),
     "block-size": ("block_size", "DYNAMO_EXT_BLOCK_SIZE", int),
     "hash-algo": ("hash_algo", "DYNAMO_EXT_HASH_ALGO", str),
     "hash-seed": ("hash_seed", "DYNAMO_EXT_HASH_SEED", str),

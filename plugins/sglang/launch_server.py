@@ -53,7 +53,6 @@ log = logging.getLogger("dynamo_ext.plugins.sglang.launch")
 
 KEEPALIVE_S = 5.0
 REPLAY_TIMEOUT_S = 2.0
-RESYNC_S = 5.0  # an idle SGLang event stream is asked for anything newer this often
 STOP_GRACE_S = 30.0
 
 
@@ -254,7 +253,7 @@ class Sidecar:
             while True:
                 # A batch SGLang published while this SUB was joining, or dropped at its
                 # HWM, is only revealed by the next one; an idle stream asks for it.
-                if not await sub.poll(RESYNC_S * 1000):
+                if not await sub.poll(self.cfg.resync_s * 1000):
                     await self._replay(self._last_seq + 1, resync=True)
                     continue
                 frames = await sub.recv_multipart()

@@ -149,6 +149,33 @@ async def _scenario(endpoint: str, port: int, tmp: Path) -> None:
         assert d.chosen.prefix_hit_blocks.get("CPU") == 3
 
 
+def test_sidecar_resyncs_a_batch_sglang_sent_before_going_idle(router_factory, tmp_path):
+    """SGLang's only batch is lost on the wire (the stand-in never sends batch 0; a SUB
+    still joining loses one the same way) and nothing follows, so no gap is ever seen: the
+    sidecar asks SGLang's replay socket for it when the stream has been idle."""
+    router = router_factory(block_size=PAGE)
+    proc, port, log = start_launcher(
+        tmp_path, router.endpoint, "sg2", ["--dynamo-ext-resync-s", "0.3"]
+    )
+    try:
+
+        async def scenario() -> None:
+            async with RouterClient(router.endpoint) as client:
+                await wait_for(lambda: _with_metrics(client, "sg2"), timeout=60, every=0.2)
+                assert post(f"http://127.0.0.1:{port}/standin/kv?upto=1") == {"sent": 1}
+
+                async def indexed():
+                    w = await worker_state(client, "sg2")
+                    return w is not None and sum(w.indexed_blocks.values()) > 0
+
+                await wait_for(indexed, timeout=20)
+
+        asyncio.run(scenario())
+        assert "replayed 1 SGLang KV batches from seq 0" in log.read_text()
+    finally:
+        stop(proc)
+
+
 async def _with_metrics(client: RouterClient, wid: str):
     w = await worker_state(client, wid)
     return w if w is not None and w.last_metrics is not None else None
