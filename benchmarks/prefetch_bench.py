@@ -15,10 +15,13 @@ device cache and an 8-chunk CPU tier:
    ``baseline`` waits the same lead time with no prefetch. TTFT is client-side, first
    streamed token.
 
-Runs twice: with the pool as the local directory is (page cache: a read costs a memcpy),
-and with ``--emulated-latency-ms`` added to each chunk read from the pool, standing in for a
-remote 3FS read of a real model's chunk (an 8B model's 128-token chunk is 16 MiB, ~2 ms at
-8 GB/s). The last line is one JSON object with ``ttft_ratio_prefetch_vs_baseline`` per run.
+Runs with the pool as the local directory is (page cache: a read costs a memcpy), with
+``--emulated-latency-ms`` added to each chunk read from the pool, standing in for a remote
+3FS read of a real model's chunk (an 8B model's 128-token chunk is 16 MiB, ~2 ms at 8 GB/s),
+and (``disk``) with the worker's own disk tier (vLLM's ``fs`` tier, O_DIRECT where the
+filesystem allows) in front of the pool: the prefixes then live on the local disk, the
+baseline promotes them from disk on the request's path and the prefetch reads them ahead.
+The last line is one JSON object with ``ttft_ratio_prefetch_vs_baseline`` per run.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=2.0,
         help="per-chunk pool read latency of the second run (2.0; 0 skips that run)",
     )
+    p.add_argument("--no-disk", action="store_true", help="skip the local disk tier run")
     p.add_argument("--model", default=None, help="model dir (default: the tiny model)")
     p.add_argument("--json", action="store_true", help="only the JSON line on stdout")
 
@@ -83,7 +87,9 @@ def _pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def _run(args: argparse.Namespace, model_dir: Path, work: Path, latency_ms: float) -> dict:
+def _run(
+    args: argparse.Namespace, model_dir: Path, work: Path, latency_ms: float, disk: bool = False
+) -> dict:
     import zmq
 
     from dynamo_ext.engine_proc import CPU_FAST_ARGS, CPU_FAST_ENV, VllmServer, free_port
@@ -92,11 +98,12 @@ def _run(args: argparse.Namespace, model_dir: Path, work: Path, latency_ms: floa
     from dynamo_ext.protocol import PrefetchRequest, encode
     from dynamo_ext.tiny_model import english_like_text
 
-    pool = work / f"pool-{latency_ms}"
+    pool = work / f"pool-{latency_ms}-{disk}"
     pf_port = free_port()
     cpu_bytes = CPU_CHUNKS * 2 * 2 * BLOCK * 64 * 4
     cfg = offload_transfer_config(
         cpu_bytes,
+        disk_dir=str(work / f"disk-{latency_ms}") if disk else None,
         pool_root=str(pool),
         prefetch_endpoint=f"tcp://*:{pf_port}",
         pool_read_latency_ms=latency_ms,
@@ -142,7 +149,10 @@ def _run(args: argparse.Namespace, model_dir: Path, work: Path, latency_ms: floa
     sock.close(0)
     staged = sum(int(x) for x in re.findall(r"pool load: \d+ chunks into CPU \((\d+) from", log))
     read = sum(int(x) for x in re.findall(r"from prefetch staging, (\d+) read from the pool", log))
-    out: dict[str, Any] = {"emulated_latency_ms": latency_ms, "chunks_staged": staged,
+    from_disk = sum(int(x) for x in re.findall(r"staged \d+ chunks \((\d+) from local disk", log))
+    out: dict[str, Any] = {"source": "disk" if disk else "pool",
+                           "emulated_latency_ms": latency_ms, "chunks_staged": staged,
+                           "chunks_prefetched_from_disk": from_disk,
                            "chunks_read_on_path": read}  # fmt: skip
     for arm, xs in arms.items():
         out[arm] = {
@@ -166,13 +176,18 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="dynamo-ext-prefetch-") as tmp:
         for lat in [0.0] + ([args.emulated_latency_ms] if args.emulated_latency_ms else []):
             runs.append(_run(args, model_dir, Path(tmp), lat))
+        if not args.no_disk:
+            runs.append(_run(args, model_dir, Path(tmp), 0.0, disk=True))
     result = {
         "bench": "prefetch",
         "prefixes": args.prefixes,
         "lead_ms": args.lead_ms,
         "runs": runs,
         "ttft_ratio_prefetch_vs_baseline": {
-            str(r["emulated_latency_ms"]): r["ttft_ratio_prefetch_vs_baseline"] for r in runs
+            ("disk" if r["source"] == "disk" else str(r["emulated_latency_ms"])): r[
+                "ttft_ratio_prefetch_vs_baseline"
+            ]
+            for r in runs
         },
     }
     print(json.dumps(result))
