@@ -594,7 +594,7 @@ class PoolTier(SecondaryTierManager):
     def has_pending_work(self) -> bool:
         # Pending removal announcements keep the engine stepping until they are published
         # (vLLM steps while its offloading connector has pending work).
-        return bool(self._jobs) or bool(self._gone)
+        return bool(self._jobs) or (bool(self._gone) and self.events is not None)
 
     def _on_removed(self, entries: list[tuple[float, str]]) -> None:
         """Sweeper thread, every sweep interval: the pool's removal journal since the last
