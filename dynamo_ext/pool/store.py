@@ -16,7 +16,8 @@ limit. A read hit bumps the chunk's mtime (at most once a second), so mtime orde
 LRU order across processes.
 
 One process per pool sweeps: the holder of a lease file (``.sweeper``: owner and time,
-replaced by rename, renewed every sweep, taken over once stale for three sweep intervals;
+replaced by rename, renewed before and after every scan, taken over once stale for three
+sweep intervals and at least two seconds;
 a file, not ``flock``, so it holds across 3FS clients on several hosts). Its scans journal
 the chunks that vanished since its previous scan (evicted by anyone, or deleted) to
 ``.journal/NNNNNNNN.log`` lines ``<wall time> <path>``; every process that needs to know
@@ -71,6 +72,7 @@ _STALE_TMP_S = 300.0  # a temp file this old belongs to a writer that died
 LEASE = ".sweeper"
 JOURNAL = ".journal"
 _LEASE_STALE_SWEEPS = 3  # a lease not renewed for this many sweep intervals is taken over
+_LEASE_STALE_MIN_S = 2.0  # ... and for at least this long (a busy host's thread may lag)
 _JOURNAL_ROTATE_BYTES = 1 << 20
 _JOURNAL_KEEP = 4  # journal files kept; a follower further behind reconciles
 
@@ -562,6 +564,7 @@ class KvPool:
                 previous = self._lease_owner
                 if self._take_lease():
                     self._scan_and_evict(journal=True)
+                    self._take_lease()  # renewed after the scan too: a long scan is no lapse
                 if previous is not None and self._lease_owner != previous:
                     self._reconcile(f"sweeper lease moved from {previous} to {self._lease_owner}")
                 else:
@@ -581,7 +584,7 @@ class KvPool:
     def _take_lease(self) -> bool:
         """Renew our lease, or take a missing or stale one; True if we are the sweeper."""
         owner, ts = self._read_lease()
-        stale = time.time() - ts > _LEASE_STALE_SWEEPS * self._interval
+        stale = time.time() - ts > max(_LEASE_STALE_SWEEPS * self._interval, _LEASE_STALE_MIN_S)
         if owner != self.instance and not stale:
             self._lease_owner = owner
             return False

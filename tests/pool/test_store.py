@@ -195,6 +195,7 @@ def test_one_sweeper_per_pool_and_followers_get_the_removal_journal(tmp_path: Pa
             others[0].put(f"j{i}", b"x" * 1000)
         s0 = sweeper[0].stats()["sweeps"]
         _until(lambda: sweeper[0].stats()["sweeps"] >= s0 + 2)  # its listing holds them now
+        assert sweeper[0].is_sweeper  # renewed before and after each scan: no lapse
         t_del = time.time()
         victims = sorted(others[0].path_of(f"j{i}") for i in (1, 4))
         for v in victims:
