@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import msgspec
 import yaml
@@ -66,6 +66,20 @@ class ScorerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         for tier, c in self.tier_costs.items():
             if not 0.0 <= c <= 1.0:
                 raise ConfigError(f"scorer.tier_costs.{tier}", "must be within [0, 1]")
+
+
+@overload
+def advertise(endpoint: str, host: str) -> str: ...
+@overload
+def advertise(endpoint: str | None, host: str) -> str | None: ...
+def advertise(endpoint: str | None, host: str) -> str | None:
+    """``tcp://*:5557`` is where a publisher binds; subscribers connect to ``tcp://host:5557``."""
+    if endpoint is None:
+        return None
+    for wildcard in ("tcp://*:", "tcp://0.0.0.0:", "tcp://[::]:"):
+        if endpoint.startswith(wildcard):
+            return f"tcp://{host}:{endpoint[len(wildcard) :]}"
+    return endpoint
 
 
 class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

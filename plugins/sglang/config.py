@@ -30,6 +30,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from dynamo_ext.config import advertise
 from dynamo_ext.engine_proc import free_port
 from dynamo_ext.errors import ConfigError
 from dynamo_ext.protocol import Role
@@ -174,13 +175,6 @@ class SglangPlan:
     model: str | None
 
 
-def _local(endpoint: str) -> str:
-    for wildcard in ("tcp://*:", "tcp://0.0.0.0:", "tcp://[::]:"):
-        if endpoint.startswith(wildcard):
-            return "tcp://127.0.0.1:" + endpoint[len(wildcard) :]
-    return endpoint
-
-
 def build_sglang_argv(cfg: LauncherConfig, args: list[str]) -> SglangPlan:
     """SGLang's command line with our additions; raises ``ConfigError`` naming the field."""
     out = list(args)
@@ -280,8 +274,8 @@ def build_sglang_argv(cfg: LauncherConfig, args: list[str]) -> SglangPlan:
         page_size=page_size,
         host=host,
         port=port,
-        kv_endpoint=_local(kv_ep),
-        kv_replay_endpoint=_local(replay) if replay else None,
+        kv_endpoint=advertise(kv_ep, "127.0.0.1"),  # the sidecar runs beside SGLang
+        kv_replay_endpoint=advertise(replay, "127.0.0.1") if replay else None,
         kv_topic=kv.get("topic", ""),
         bootstrap_port=bootstrap,
         http_endpoint=http,

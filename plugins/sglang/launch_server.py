@@ -35,6 +35,7 @@ import httpx
 import zmq
 import zmq.asyncio
 
+from dynamo_ext.config import advertise
 from dynamo_ext.errors import ConfigError, DynamoExtError
 from dynamo_ext.plugins.sglang.config import (
     LauncherConfig,
@@ -54,13 +55,6 @@ log = logging.getLogger("dynamo_ext.plugins.sglang.launch")
 KEEPALIVE_S = 5.0
 REPLAY_TIMEOUT_S = 2.0
 STOP_GRACE_S = 30.0
-
-
-def _advertise(endpoint: str, host: str) -> str:
-    for wildcard in ("tcp://*:", "tcp://0.0.0.0:", "tcp://[::]:"):
-        if endpoint.startswith(wildcard):
-            return f"tcp://{host}:{endpoint[len(wildcard) :]}"
-    return endpoint
 
 
 class Sidecar:
@@ -93,10 +87,10 @@ class Sidecar:
             worker_id=p.worker_id,
             role=p.role,
             http_endpoint=p.http_endpoint,
-            kv_events_endpoint=_advertise(self.kv_pub.endpoint, host),
+            kv_events_endpoint=advertise(self.kv_pub.endpoint, host),
             kv_events_topic="kv",
-            replay_endpoint=_advertise(self.kv_pub.replay_endpoint or "", host) or None,
-            metrics_endpoint=_advertise(self.metrics_pub.endpoint, host),
+            replay_endpoint=advertise(self.kv_pub.replay_endpoint, host),
+            metrics_endpoint=advertise(self.metrics_pub.endpoint, host),
             block_size=p.page_size,
             model=p.model,
             instance_id=self.instance_id,

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from dynamo_ext.config import build
+from dynamo_ext.config import advertise, build
 from dynamo_ext.errors import ConfigError
 
 _ENV = {
@@ -138,16 +138,6 @@ def default_worker_id(cfg: WorkerPluginConfig) -> str:
     return f"{socket.gethostname()}:{_argv_value('--port') or '8000'}"
 
 
-def advertise(endpoint: str | None, host: str) -> str | None:
-    """``tcp://*:5557`` is where a publisher binds; subscribers connect to ``tcp://host:5557``."""
-    if endpoint is None:
-        return None
-    for wildcard in ("tcp://*:", "tcp://0.0.0.0:", "tcp://[::]:"):
-        if endpoint.startswith(wildcard):
-            return f"tcp://{host}:{endpoint[len(wildcard) :]}"
-    return endpoint
-
-
 # --- the connector's start-up check (kept free of vLLM imports) ---------------------------
 
 KV_ROLES: tuple[str, ...] = ("kv_producer", "kv_consumer", "kv_both")
@@ -220,5 +210,5 @@ def prefetch_endpoint_of(
             if isinstance(tier, Mapping) and tier.get("type") == "PoolTier":
                 ep = tier.get("prefetch_endpoint")
                 if ep:
-                    return str(ep).replace("*", host).replace("0.0.0.0", host)
+                    return advertise(str(ep), host)
     return None

@@ -27,10 +27,10 @@ import zmq
 from vllm.config import VllmConfig
 from vllm.v1.metrics.loggers import StatLoggerBase
 
+from dynamo_ext.config import advertise
 from dynamo_ext.plugins.vllm import CONNECTOR_NAME
 from dynamo_ext.plugins.vllm.config import (
     WorkerPluginConfig,
-    advertise,
     connector_configs,
     default_http_endpoint,
     default_worker_id,
