@@ -30,7 +30,7 @@ from typing import Any
 
 import msgspec
 
-from dynamo_ext.hashing import BlockHasher, engine_hash_fn
+from dynamo_ext.hashing import BlockHasher, engine_hash_fn, to_external
 from dynamo_ext.protocol import (
     MEDIUM_CPU,
     MEDIUM_DISK,
@@ -44,7 +44,6 @@ from dynamo_ext.protocol import (
 
 log = logging.getLogger("dynamo_ext.plugins.sglang.events")
 
-_MASK64 = (1 << 64) - 1
 
 # sglang.srt.disaggregation.kv_events.StorageMedium -> our router tiers.
 MEDIUM_MAP: dict[str | None, str] = {
@@ -199,13 +198,13 @@ class SglangEventTranslator:
         extra = ("sglang-ns", ev.lora_name or "", ev.cache_salt or "") if namespaced else None
         parent = None
         if ev.parent_block_hash is not None:
-            parent = int.from_bytes(prev, "big") & _MASK64
+            parent = to_external(prev)
         m = self.tiers.setdefault(tier, {})
         fn = self._fn
         ours: list[int] = []
         for i, sg_hash in enumerate(ev.block_hashes):
             prev = fn((prev, tuple(tokens[i * bs : (i + 1) * bs]), extra))
-            h = int.from_bytes(prev, "big") & _MASK64
+            h = to_external(prev)
             m[sg_hash] = (h, prev)
             ours.append(h)
         return BlockStored(
