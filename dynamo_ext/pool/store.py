@@ -448,7 +448,7 @@ class KvPool:
         """How many leading ``keys`` are stored (prefix semantics, as HiCache/LMCache ask)."""
         n = 0
         for k in keys:
-            if not os.path.exists(self.path_of(k)):
+            if not self.contains(k):
                 break
             n += 1
         return n
@@ -598,13 +598,13 @@ class KvPool:
             logger.warning("kv pool %s: cannot write the sweeper lease: %s", self.root, exc)
             return False
         # Two takers may race: the last rename wins; the other reads it back and yields.
-        won = self._read_lease()[0] == self.instance
+        self._lease_owner = self._read_lease()[0]
+        won = self._lease_owner == self.instance
         if won and owner != self.instance:
             with self._lock:
                 self._stats.lease_takeovers += 1
             self._prev = None
             logger.info("kv pool %s: %s is the sweeper (was %s)", self.root, self.instance, owner)
-        self._lease_owner = self.instance if won else self._read_lease()[0]
         return won
 
     # ---- the removal journal
@@ -617,6 +617,13 @@ class KvPool:
 
     def _journal_path(self, no: int) -> str:
         return os.path.join(self.root, JOURNAL, f"{no:08d}.log")
+
+    def _journal_end(self) -> tuple[int, int]:
+        """(file no, size) of the journal's newest file: where a follower starts reading."""
+        files = self._journal_files()
+        if not files:
+            return 0, 0
+        return files[-1], os.path.getsize(self._journal_path(files[-1]))
 
     def _journal(self, vanished: Iterable[str], ts: float) -> None:
         lines = "".join(f"{ts:.3f} {os.path.relpath(p, self.root)}\n" for p in vanished)
@@ -643,15 +650,12 @@ class KvPool:
         """Deliver journal entries written since the last call to ``on_removed``."""
         if self._on_removed is None:
             return
-        files = self._journal_files()
         if self._jpos is None:  # start at the end
-            last = files[-1] if files else 0
-            size = os.path.getsize(self._journal_path(last)) if files else 0
-            self._jpos = (last, size)
+            self._jpos = self._journal_end()
             return
+        files = self._journal_files()
         no, off = self._jpos
         if files and no < files[0]:
-            self._jpos = (files[-1], os.path.getsize(self._journal_path(files[-1])))
             self._reconcile(f"removal journal rotated past this process (at file {no})")
             return
         out: list[tuple[float, str]] = []
@@ -679,9 +683,7 @@ class KvPool:
 
     def _reconcile(self, why: str) -> None:
         """The journal cannot tell what left the pool: hand ``on_scan`` the full listing."""
-        files = self._journal_files()
-        if files:  # follow on from the journal's end after this
-            self._jpos = (files[-1], os.path.getsize(self._journal_path(files[-1])))
+        self._jpos = self._journal_end()  # follow on from the journal's end after this
         if self._on_scan is None:
             return
         started = time.time()
