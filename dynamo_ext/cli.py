@@ -164,31 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--no-peer", action="store_true", help="skip Dynamo's radix tree baseline")
     br.add_argument("--json", action="store_true", help="one JSON object on one line")
     br.set_defaults(func=_bench_main)
-    from dynamo_ext.benchmarks import prefill_bench
+    from dynamo_ext.benchmarks import pool_bench, prefetch_bench, prefill_bench, replay, serve_bench
 
-    bp = bsub.add_parser("prefill", help="batch prefill scheduler vs vLLM's stock scheduler")
-    prefill_bench.add_arguments(bp)
-    bp.set_defaults(func=prefill_bench.main)
-    from dynamo_ext.benchmarks import serve_bench
-
-    bs = bsub.add_parser("serve", help="prefix-sharing load through the frontend, per router mode")
-    serve_bench.add_arguments(bs)
-    bs.set_defaults(func=serve_bench.main)
-    from dynamo_ext.benchmarks import replay
-
-    brp = bsub.add_parser("replay", help="replay a Mooncake trace through simulated workers")
-    replay.add_arguments(brp)
-    brp.set_defaults(func=replay.main)
-    from dynamo_ext.benchmarks import prefetch_bench
-
-    bpf = bsub.add_parser("prefetch", help="TTFT of pool-only prefixes, with/without prefetch")
-    prefetch_bench.add_arguments(bpf)
-    bpf.set_defaults(func=prefetch_bench.main)
-    from dynamo_ext.benchmarks import pool_bench
-
-    bpo = bsub.add_parser("pool", help="KV pool write/read MB/s vs plain files on the same disk")
-    pool_bench.add_arguments(bpo)
-    bpo.set_defaults(func=pool_bench.main)
+    # benchmarks that declare their own arguments (add_arguments) and run through main(args)
+    for name, mod, help_ in (
+        ("prefill", prefill_bench, "batch prefill scheduler vs vLLM's stock scheduler"),
+        ("serve", serve_bench, "prefix-sharing load through the frontend, per router mode"),
+        ("replay", replay, "replay a Mooncake trace through simulated workers"),
+        ("prefetch", prefetch_bench, "TTFT of disk/pool-only prefixes, with/without prefetch"),
+        ("pool", pool_bench, "KV pool write/read MB/s vs plain files on the same disk"),
+    ):
+        bm = bsub.add_parser(name, help=help_)
+        mod.add_arguments(bm)
+        bm.set_defaults(func=mod.main)
 
     fe = sub.add_parser("frontend", help="OpenAI-compatible HTTP frontend over the router")
     fe.add_argument("--config", help="YAML or TOML file (FrontendConfig fields)")
