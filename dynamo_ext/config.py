@@ -101,9 +101,10 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     resync_interval_s: float = 5.0
     max_blocks_per_worker: int = 0  # 0: unbounded; engines bound their own caches
     log_decisions: bool = False
-    # Router-driven prefetch: when the chosen worker's own tiers miss a prefix that the
-    # global pool holds (REMOTE tier, any worker), tell its pool tier to stage those chunks
-    # in CPU memory before the request lands. Engine hash mode only.
+    # Router-driven prefetch: when the chosen worker's memory tiers (GPU, CPU) miss a
+    # prefix that its disk tier or the global pool (REMOTE tier, any writer) holds, tell
+    # its pool tier to stage those chunks in CPU memory before the request lands. Tracked
+    # routes only; engine hash mode only.
     prefetch: bool = True
     prefetch_min_blocks: int = 1
     workers: list[WorkerRegistration] = []

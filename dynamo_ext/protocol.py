@@ -269,10 +269,11 @@ class FleetState(msgspec.Struct, tag="fleet"):
 
 
 class PrefetchRequest(msgspec.Struct, tag="prefetch", omit_defaults=True):
-    """Router -> worker cache manager: stage these pooled blocks in CPU memory now.
+    """Router -> worker cache manager: stage these blocks in CPU memory now.
 
-    ``block_hashes`` are the chained (event) hashes of the prompt's blocks, in order; the
-    worker stages the longest prefix the global pool holds.
+    ``block_hashes`` are the chained (event) hashes of the prompt's blocks past the
+    worker's memory tiers, in order; the worker stages the longest prefix its disk tier or
+    the global pool holds.
     """
 
     request_id: str

@@ -95,7 +95,7 @@ class RouterMetrics:
         )
         self.prefetch_blocks = Counter(
             p + "prefetch_blocks",
-            "Pooled blocks the router asked a worker to stage in CPU memory",
+            "Disk or pool blocks the router asked a worker to stage in CPU memory",
             ["worker"],
             registry=r,
         )
