@@ -92,11 +92,12 @@ def _run(
 ) -> dict:
     import zmq
 
-    from dynamo_ext.engine_proc import CPU_FAST_ARGS, CPU_FAST_ENV, VllmServer, free_port
     from dynamo_ext.hashing import BlockHasher
+    from dynamo_ext.plugins.vllm.launcher import CPU_FAST_ARGS, CPU_FAST_ENV, VllmServer
     from dynamo_ext.plugins.vllm.offload import offload_transfer_config
     from dynamo_ext.protocol import PrefetchRequest, encode
-    from dynamo_ext.tiny_model import english_like_text
+    from dynamo_ext.testing import free_port
+    from dynamo_ext.testing.tiny_model import english_like_text
 
     pool = work / f"pool-{latency_ms}-{disk}"
     pf_port = free_port()
@@ -169,7 +170,7 @@ def _run(
 
 
 def main(args: argparse.Namespace) -> int:
-    from dynamo_ext.tiny_model import build_tiny_model, default_model_dir
+    from dynamo_ext.testing.tiny_model import build_tiny_model, default_model_dir
 
     model_dir = Path(args.model) if args.model else build_tiny_model(default_model_dir())
     runs = []

@@ -133,7 +133,8 @@ def _run_one(
     warmup: list[str],
     log_dir: Path,
 ) -> dict[str, Any]:
-    from dynamo_ext.engine_proc import CPU_FAST_ARGS, CPU_FAST_ENV, VllmServer, free_port
+    from dynamo_ext.plugins.vllm.launcher import CPU_FAST_ARGS, CPU_FAST_ENV, VllmServer
+    from dynamo_ext.testing import free_port
 
     extra = [*CPU_FAST_ARGS, "--max-num-seqs", str(args.max_num_seqs)]
     env = dict(CPU_FAST_ENV)
@@ -193,7 +194,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dynamo_ext.tiny_model import build_tiny_model, default_model_dir, english_like_text
+    from dynamo_ext.testing.tiny_model import build_tiny_model, default_model_dir, english_like_text
 
     if min(args.requests, args.concurrency, args.max_num_seqs, args.rounds) < 1:
         print("--requests, --concurrency, --max-num-seqs, --rounds must be >= 1", file=sys.stderr)

@@ -136,7 +136,7 @@ def prefix_workload(
     groups: int, per_group: int, doc_words: int, question_words: int, seed: int = 0
 ) -> list[str]:
     """``groups`` long documents, each asked ``per_group`` different questions, shuffled."""
-    from dynamo_ext.tiny_model import english_like_text
+    from dynamo_ext.testing.tiny_model import english_like_text
 
     rng = random.Random(seed)
     out = []
@@ -158,7 +158,7 @@ def _cli_load() -> int:
     p.add_argument("--prompt-words", type=int, default=60)
     p.add_argument("--timeout", type=float, default=300)
     a = p.parse_args()
-    from dynamo_ext.tiny_model import english_like_text
+    from dynamo_ext.testing.tiny_model import english_like_text
 
     prompts: list[str | list[int]] = [
         english_like_text(a.prompt_words, seed=i) for i in range(a.requests)
@@ -183,8 +183,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dynamo_ext.launch import LocalFleet
-    from dynamo_ext.tiny_model import build_tiny_model, default_model_dir
+    from dynamo_ext.plugins.vllm.fleet import LocalFleet
+    from dynamo_ext.testing.tiny_model import build_tiny_model, default_model_dir
 
     model = args.model or build_tiny_model(default_model_dir())
     prompts: list[str | list[int]] = list(

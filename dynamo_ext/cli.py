@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--no-peer", action="store_true", help="skip Dynamo's radix tree baseline")
     br.add_argument("--json", action="store_true", help="one JSON object on one line")
     br.set_defaults(func=_bench_main)
-    from dynamo_ext.benchmarks import pool_bench, prefetch_bench, prefill_bench, replay, serve_bench
+    from dynamo_ext.benchmarks import pool_bench, prefetch_bench, prefill_bench, serve_bench
+    from dynamo_ext.sim import replay
 
     # benchmarks that declare their own arguments (add_arguments) and run through main(args)
     for name, mod, help_ in (
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--migration-limit", type=int)
     fe.set_defaults(func=_frontend_main)
 
-    from dynamo_ext import mocker
+    from dynamo_ext.sim import mocker
 
     m = sub.add_parser("mocker", help="simulated vLLM workers (KV events, metrics, HTTP)")
     mocker.add_arguments(m)

@@ -7,8 +7,8 @@ import signal
 import threading
 from pathlib import Path
 
-from dynamo_ext.launch import LocalFleet
-from dynamo_ext.tiny_model import build_tiny_model, default_model_dir
+from dynamo_ext.plugins.vllm.fleet import LocalFleet
+from dynamo_ext.testing.tiny_model import build_tiny_model, default_model_dir
 
 
 def main(aggregated: int, prefill: int, decode: int, description: str) -> None:

@@ -1,5 +1,5 @@
 """Shared fixtures: real router processes and real vLLM engines, started once and always
-stopped. vLLM servers use the CPU fast-start flags of ``dynamo_ext.engine_proc`` (one
+stopped. vLLM servers use the CPU fast-start flags of ``dynamo_ext.plugins.vllm.launcher`` (one
 engine-core process, eager mode, 1 GiB KV cache, 2048-token context)."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_ext.engine_proc import CPU_FAST_ARGS, CPU_FAST_ENV, VllmServer, free_port
-from dynamo_ext.testing import RouterProc
-from dynamo_ext.tiny_model import build_tiny_model, default_model_dir
+from dynamo_ext.plugins.vllm.launcher import CPU_FAST_ARGS, CPU_FAST_ENV, VllmServer
+from dynamo_ext.testing import RouterProc, free_port
+from dynamo_ext.testing.tiny_model import build_tiny_model, default_model_dir
 
 
 @pytest.fixture

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dynamo_ext.config import advertise
-from dynamo_ext.engine_proc import free_port
 from dynamo_ext.errors import ConfigError
 from dynamo_ext.protocol import Role
+from dynamo_ext.testing import free_port
 
 SGLANG_CMD_ENV = "DYNAMO_EXT_SGLANG_CMD"
 HICACHE_MODULE = "dynamo_ext.plugins.sglang.hicache"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_ext.benchmarks import replay
 from dynamo_ext.errors import ConfigError
 from dynamo_ext.hashing import BlockHasher
+from dynamo_ext.sim import replay
 
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "synthetic_trace.jsonl"
 if not SAMPLE.exists():  # a clone without the shared folder: the trace's first 200 requests

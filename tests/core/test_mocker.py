@@ -11,16 +11,6 @@ import pytest
 
 from dynamo_ext.config import RouterConfig
 from dynamo_ext.hashing import BlockHasher
-from dynamo_ext.mocker import (
-    ChainHasher,
-    MockerConfig,
-    MockerCore,
-    MockerFleet,
-    SimRequest,
-    StepResult,
-    TimingModel,
-    output_token,
-)
 from dynamo_ext.protocol import (
     MEDIUM_CPU,
     BlockRemoved,
@@ -30,6 +20,16 @@ from dynamo_ext.protocol import (
     WorkerRegistration,
     encode,
     kv_batch_decoder,
+)
+from dynamo_ext.sim.mocker import (
+    ChainHasher,
+    MockerConfig,
+    MockerCore,
+    MockerFleet,
+    SimRequest,
+    StepResult,
+    TimingModel,
+    output_token,
 )
 from dynamo_ext.testing import wait_for
 

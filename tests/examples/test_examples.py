@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_ext.engine_proc import free_port
+from dynamo_ext.testing import free_port
 
 pytestmark = pytest.mark.engine
 ROOT = Path(__file__).resolve().parents[2]

@@ -22,10 +22,11 @@ from pathlib import Path
 import openai
 import pytest
 
-from dynamo_ext.engine_proc import CPU_FAST_ARGS, CPU_FAST_ENV, VllmServer, free_port
-from dynamo_ext.launch import LocalFleet
+from dynamo_ext.plugins.vllm.fleet import LocalFleet
+from dynamo_ext.plugins.vllm.launcher import CPU_FAST_ARGS, CPU_FAST_ENV, VllmServer
 from dynamo_ext.router.client import RouterClient
-from dynamo_ext.tiny_model import english_like_text
+from dynamo_ext.testing import free_port
+from dynamo_ext.testing.tiny_model import english_like_text
 
 pytestmark = pytest.mark.engine
 MODEL_NAME = "tiny-llama"

@@ -20,8 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dynamo_ext.engine_proc import free_port
-from dynamo_ext.testing import RouterProc
+from dynamo_ext.testing import RouterProc, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "plugins" / "sglang"))

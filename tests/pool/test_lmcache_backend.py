@@ -25,8 +25,8 @@ from lmcache.v1.metadata import LMCacheMetadata  # noqa: E402
 from lmcache.v1.storage_backend.local_cpu_backend import LocalCPUBackend  # noqa: E402
 from lmcache.v1.storage_backend.remote_backend import RemoteBackend  # noqa: E402
 
+from dynamo_ext.plugins.vllm.lmcache import DynamoPoolConnector  # noqa: E402
 from dynamo_ext.pool import KvPool  # noqa: E402
-from dynamo_ext.pool.lmcache_backend import DynamoPoolConnector  # noqa: E402
 
 CHUNK = 16
 KV_SHAPE = (2, 2, CHUNK, 2, 8)  # layers, k/v, tokens, heads, head size
@@ -41,7 +41,7 @@ def _config(tmp_path: Path, **extra: Any) -> LMCacheEngineConfig:
         "remote_serde: naive",
         'remote_storage_plugins: ["dynamo_pool"]',
         "extra_config:",
-        "  remote_storage_plugin.dynamo_pool.module_path: dynamo_ext.pool.lmcache_backend",
+        "  remote_storage_plugin.dynamo_pool.module_path: dynamo_ext.plugins.vllm.lmcache",
         "  remote_storage_plugin.dynamo_pool.class_name: DynamoPoolConnectorAdapter",
         f"  remote_storage_plugin.dynamo_pool.root: {root}",
         "  remote_storage_plugin.dynamo_pool.capacity_gb: 1",
@@ -153,7 +153,7 @@ def test_chunk_written_by_one_worker_is_read_by_another(
 
 def test_missing_root_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dynamo_ext.errors import ConfigError
-    from dynamo_ext.pool.lmcache_backend import pool_from_config
+    from dynamo_ext.plugins.vllm.lmcache import pool_from_config
 
     monkeypatch.delenv("DYNAMO_EXT_POOL_ROOT", raising=False)
     cfg = LMCacheEngineConfig.from_defaults(chunk_size=CHUNK, extra_config={})

@@ -19,9 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from dynamo_ext.engine_proc import free_port
 from dynamo_ext.router.client import RouterClient
-from dynamo_ext.testing import wait_for
+from dynamo_ext.testing import free_port, wait_for
 
 HERE = Path(__file__).parent
 STANDIN = HERE / "standin_sglang.py"

@@ -16,12 +16,11 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from dynamo_ext.engine_proc import free_port
 from dynamo_ext.hashing import BlockHasher
 from dynamo_ext.plugins.sglang.config import LauncherConfig, SglangPlan
 from dynamo_ext.plugins.sglang.launch_server import Sidecar
 from dynamo_ext.protocol import REPLAY_END_SEQ, BlockStored, kv_batch_decoder
-from dynamo_ext.testing import wait_for
+from dynamo_ext.testing import free_port, wait_for
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sglang_0.5.23_kv_events.msgpack"
 

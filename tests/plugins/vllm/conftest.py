@@ -1,7 +1,7 @@
 """Engine tests of the vLLM plugin (fixtures `tiny_model`, `start_vllm` live in tests/conftest.py).
 
 Every test in this folder is marked ``engine`` (select with ``-m engine``); CI runs them.
-Servers start with the CPU fast-start flags of ``dynamo_ext.engine_proc`` (one engine-core
+Servers start with the CPU fast-start flags of ``dynamo_ext.plugins.vllm.launcher`` (one engine-core
 process, eager mode, 1 GiB KV cache, 2048-token context).
 """
 

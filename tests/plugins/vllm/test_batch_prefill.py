@@ -24,10 +24,11 @@ import msgspec
 import pytest
 import zmq
 
-from dynamo_ext.engine_proc import EngineStartError, VllmServer, free_port
 from dynamo_ext.errors import ConfigError
+from dynamo_ext.plugins.vllm.launcher import EngineStartError, VllmServer
 from dynamo_ext.protocol import WorkerMetrics, metrics_decoder
-from dynamo_ext.tiny_model import english_like_text
+from dynamo_ext.testing import free_port
+from dynamo_ext.testing.tiny_model import english_like_text
 
 SCHEDULER = "dynamo_ext.plugins.vllm.scheduler.BatchPrefillScheduler"
 SCHED_ARGS = ["--scheduler-cls", SCHEDULER]

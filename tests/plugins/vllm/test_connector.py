@@ -27,7 +27,6 @@ from typing import Any
 import httpx
 import pytest
 
-from dynamo_ext.engine_proc import EngineStartError, VllmServer, free_port, log_tail
 from dynamo_ext.errors import ConfigError
 from dynamo_ext.plugins.vllm.config import validate_connector_config
 from dynamo_ext.plugins.vllm.disagg import (
@@ -37,7 +36,9 @@ from dynamo_ext.plugins.vllm.disagg import (
     prefill_request,
     why_not_disaggregable,
 )
-from dynamo_ext.tiny_model import english_like_text
+from dynamo_ext.plugins.vllm.launcher import EngineStartError, VllmServer, log_tail
+from dynamo_ext.testing import free_port
+from dynamo_ext.testing.tiny_model import english_like_text
 
 MAX_TOKENS = 16
 # english_like_text gives ~1.1 tokens a word: prompts of ~310, ~500 and ~690 tokens.

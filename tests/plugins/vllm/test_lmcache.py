@@ -58,9 +58,9 @@ def test_example_lmcache_config_parses(tmp_path: Path) -> None:
     assert cfg.remote_storage_plugins == ["dynamo_pool"]
     extra = cfg.extra_config
     module = extra["remote_storage_plugin.dynamo_pool.module_path"]
-    assert module == "dynamo_ext.pool.lmcache_backend"
+    assert module == "dynamo_ext.plugins.vllm.lmcache"
     # the class it names is importable: LMCache would load it by this config alone
-    from dynamo_ext.pool.lmcache_backend import DynamoPoolConnectorAdapter
+    from dynamo_ext.plugins.vllm.lmcache import DynamoPoolConnectorAdapter
 
     assert extra["remote_storage_plugin.dynamo_pool.class_name"] == (
         DynamoPoolConnectorAdapter.__name__

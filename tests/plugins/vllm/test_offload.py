@@ -25,11 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_ext.engine_proc import free_port
 from dynamo_ext.plugins.vllm.offload import offload_transfer_config
 from dynamo_ext.router.client import RouterClient
-from dynamo_ext.testing import RouterProc, wait_for
-from dynamo_ext.tiny_model import english_like_text
+from dynamo_ext.testing import RouterProc, free_port, wait_for
+from dynamo_ext.testing.tiny_model import english_like_text
 
 from .conftest import BLOCK_SIZE, kv_events_args
 

@@ -17,10 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from dynamo_ext.engine_proc import free_port
 from dynamo_ext.router.client import RouterClient
-from dynamo_ext.testing import RouterProc, wait_for
-from dynamo_ext.tiny_model import english_like_text
+from dynamo_ext.testing import RouterProc, free_port, wait_for
+from dynamo_ext.testing.tiny_model import english_like_text
 
 from .conftest import BLOCK_SIZE, kv_events_args
 

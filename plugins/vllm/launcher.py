@@ -1,4 +1,4 @@
-"""Start and stop a real vLLM OpenAI-compatible server in a subprocess, for tests and examples.
+"""The vLLM process launcher: a real vLLM OpenAI server in a subprocess (tests, examples, fleets).
 
 ``VllmServer`` runs ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console
 script is not relied on) in its own process group with its output in a log file, waits for
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -53,35 +52,6 @@ CPU_FAST_ENV: dict[str, str] = {
 class EngineStartError(DynamoExtError, RuntimeError):
     """The engine process exited or did not become ready in time; the message ends with the
     tail of its log."""
-
-
-_PORT_LO, _PORT_HI = 20000, 32000
-_handed_out: set[int] = set()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free now, below the kernel's ephemeral range (32768+).
-
-    Ports handed out here are bound much later (a vLLM engine binds its KV event socket a
-    minute after start); a port from the ephemeral range can meanwhile be taken by any
-    outgoing connection or by the engines' own port-0 sockets. Below that range, and never
-    handing out the same port twice in one process, such collisions become rare.
-    """
-    import random
-
-    rng = random.Random()
-    for _ in range(1000):
-        port = rng.randrange(_PORT_LO, _PORT_HI)
-        if port in _handed_out:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise OSError("no free port found in 20000-32000")
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -308,6 +278,5 @@ __all__ = [
     "CPU_FAST_ENV",
     "EngineStartError",
     "VllmServer",
-    "free_port",
     "log_tail",
 ]

@@ -80,7 +80,7 @@ if TYPE_CHECKING:  # the socket layer's imports stay out of the replayer's impor
     from dynamo_ext.publisher import KvEventPublisher, MetricsPublisher
     from dynamo_ext.router.client import RouterClient
 
-log = logging.getLogger("dynamo_ext.mocker")
+log = logging.getLogger("dynamo_ext.sim.mocker")
 
 _MASK64 = (1 << 64) - 1
 

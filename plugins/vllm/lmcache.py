@@ -18,7 +18,7 @@ LMCache config (YAML), a CPU tier in front of the pool (LMCache's remote backend
     remote_serde: naive
     remote_storage_plugins: ["dynamo_pool"]
     extra_config:
-      remote_storage_plugin.dynamo_pool.module_path: dynamo_ext.pool.lmcache_backend
+      remote_storage_plugin.dynamo_pool.module_path: dynamo_ext.plugins.vllm.lmcache
       remote_storage_plugin.dynamo_pool.class_name: DynamoPoolConnectorAdapter
       remote_storage_plugin.dynamo_pool.root: /mnt/3fs/kvpool        # or DYNAMO_EXT_POOL_ROOT
       remote_storage_plugin.dynamo_pool.capacity_gb: 2048             # optional: no limit

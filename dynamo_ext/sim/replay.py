@@ -61,7 +61,6 @@ from typing import Any
 
 from dynamo_ext.config import RouterConfig, ScorerConfig
 from dynamo_ext.errors import ConfigError
-from dynamo_ext.mocker import ChainHasher, MockerConfig, MockerCore, SimRequest, StepResult
 from dynamo_ext.protocol import (
     KVEventBatch,
     PrefillFinished,
@@ -73,6 +72,7 @@ from dynamo_ext.protocol import (
     metrics_decoder,
     seq_bytes,
 )
+from dynamo_ext.sim.mocker import ChainHasher, MockerConfig, MockerCore, SimRequest, StepResult
 
 ALL_POLICIES = ("round_robin", "least_loaded", "random", "dynamo", "kv", "kv_offload")
 DYNAMO_ROWS = ("dynamo_mocker_rr", "dynamo_mocker_kv")
@@ -865,8 +865,8 @@ async def _live_policy(name: str, args: argparse.Namespace, prompts: TracePrompt
     Virtual time runs ``--time-scale`` times faster than the wall clock for arrivals and
     engines alike; latencies are measured on the wall clock and scaled back.
     """
-    from dynamo_ext.mocker import MockerFleet
     from dynamo_ext.router.client import RouterClient
+    from dynamo_ext.sim.mocker import MockerFleet
     from dynamo_ext.testing import RouterProc, wait_for
 
     scale = args.time_scale

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynamo_ext.engine_proc import CPU_FAST_ARGS, CPU_FAST_ENV, VllmServer, free_port
-from dynamo_ext.testing import RouterProc
+from dynamo_ext.plugins.vllm.launcher import CPU_FAST_ARGS, CPU_FAST_ENV, VllmServer
+from dynamo_ext.testing import RouterProc, free_port
 
 ROLE_TO_KV = {"prefill": "kv_producer", "decode": "kv_consumer"}
 

@@ -1,6 +1,9 @@
-"""Test helpers shipped with the package: free ports, polling, a router child process.
+"""Test helpers shipped with the package: free ports, polling, a router child process, the
+tiny model (``dynamo_ext.testing.tiny_model``).
 
-Used by our tests and by anyone testing a gateway against a real router.
+Used by our tests, benchmarks, examples and local fleets, and by anyone testing a gateway
+against a real router. Production code (router, frontend, plugins at run time) never
+imports this package.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from dynamo_ext.engine_proc import free_port  # one port policy everywhere
+__all__ = ["RouterProc", "free_port", "wait_for"]
+
+from dynamo_ext.testing.ports import free_port  # one port policy everywhere
 
 
 async def wait_for(cond: Callable[[], object], timeout: float = 10.0, every: float = 0.05):
