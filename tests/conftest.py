@@ -14,6 +14,23 @@ from dynamo_ext.plugins.vllm.launcher import CPU_FAST_ARGS, CPU_FAST_ENV, VllmSe
 from dynamo_ext.testing import RouterProc, free_port
 from dynamo_ext.testing.tiny_model import build_tiny_model, default_model_dir
 
+ENGINE_FIXTURES = frozenset({"start_vllm"})  # tiny_model only builds files
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that starts a real engine must say so with ``@pytest.mark.engine``, so that
+    ``-m "not engine"`` never starts one by surprise."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if ENGINE_FIXTURES & set(getattr(item, "fixturenames", ()))
+        and item.get_closest_marker("engine") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests that use an engine fixture without the engine marker: " + ", ".join(unmarked)
+        )
+
 
 @pytest.fixture
 def router_factory(tmp_path: Path) -> Iterator[Callable[..., RouterProc]]:

@@ -10,6 +10,8 @@ import pytest
 
 from dynamo_ext.cli import main
 
+pytestmark = pytest.mark.engine
+
 
 def test_bench_prefetch_json(capsys: pytest.CaptureFixture[str], tiny_model) -> None:
     argv = ["bench", "prefetch", "--prefixes", "2", "--emulated-latency-ms", "0"]

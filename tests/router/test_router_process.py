@@ -1,7 +1,7 @@
 """The router as a real process, fed by publishers over real ZMQ sockets.
 
 The publishers are ``dynamo_ext.publisher.KvEventPublisher`` (byte-identical to vLLM's
-``ZmqEventPublisher``, proven in tests/core/test_protocol.py) so the test can drop a
+``ZmqEventPublisher``, proven in tests/test_protocol.py) so the test can drop a
 sequence number on purpose; one test uses vLLM's own publisher class.
 """
 

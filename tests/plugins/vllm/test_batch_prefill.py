@@ -146,6 +146,7 @@ def test_config_errors_name_the_field(extra, env, field) -> None:
 # --- real servers ------------------------------------------------------------------------
 
 
+@pytest.mark.engine
 def test_bad_config_value_stops_server_at_start(start_vllm) -> None:
     # First in the module, before the module's servers exist: at most 2 engines at once.
     srv = start_vllm(SCHED_ARGS, {"DYNAMO_EXT_BATCH_PREFILL_TOKENS": "lots"}, wait=False)
@@ -185,6 +186,7 @@ def servers(start_vllm, metrics_port: int) -> Iterator[dict[str, VllmServer]]:
             s.stop()
 
 
+@pytest.mark.engine
 def test_batch_scheduler_runs_and_matches_stock_outputs(servers) -> None:
     log = servers["batch"].log_path.read_text(errors="replace")
     assert f"batch prefill scheduler: token_budget=2048 max_wait_ms={HOLD_MS}" in log
@@ -199,6 +201,7 @@ def test_batch_scheduler_runs_and_matches_stock_outputs(servers) -> None:
     assert len(set(texts["stock"])) > 1  # a model that says the same thing would prove little
 
 
+@pytest.mark.engine
 def test_batch_scheduler_batches_prefills(servers) -> None:
     # Requests 0.2 s apart: the stock scheduler runs each as it arrives; the batch scheduler
     # holds until all 8 slots are claimed and prefills them in one engine step.
@@ -235,6 +238,7 @@ def _collect_metrics(port: int, stop: threading.Event, out: list[WorkerMetrics])
         sock.close(0)
 
 
+@pytest.mark.engine
 def test_lone_request_held_for_bounded_wait_and_queue_reported(servers, metrics_port) -> None:
     srv = servers["batch"]
     prompt = english_like_text(70, seed=3000)

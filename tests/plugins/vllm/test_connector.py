@@ -232,6 +232,7 @@ def bad_starts(start_vllm) -> dict[str, tuple[int, str]]:
     return {k: wait_exit(s) for k, s in servers.items()}
 
 
+@pytest.mark.engine
 def test_unknown_kv_role_fails_start(bad_starts) -> None:
     rc, log = bad_starts["kv_role"]
     assert rc != 0
@@ -240,6 +241,7 @@ def test_unknown_kv_role_fails_start(bad_starts) -> None:
     assert "'kv_producer', 'kv_both' or 'kv_consumer'" in log
 
 
+@pytest.mark.engine
 def test_malformed_extra_config_fails_start(bad_starts) -> None:
     rc, log = bad_starts["router"]
     assert rc != 0
@@ -275,6 +277,7 @@ def pd(start_vllm, bad_starts) -> Iterator[dict[str, VllmServer]]:
         s.stop()
 
 
+@pytest.mark.engine
 def test_plugin_constructs_our_connector(pd) -> None:
     for name, kv_role, role in (("P", "kv_producer", "prefill"), ("D", "kv_consumer", "decode")):
         s = pd[name]
@@ -289,6 +292,7 @@ def test_plugin_constructs_our_connector(pd) -> None:
         assert f"kv_role={kv_role}, worker role={role}" in log
 
 
+@pytest.mark.engine
 def test_disaggregated_equals_aggregated_without_recompute(pd) -> None:
     P, D = pd["P"].url, pd["D"].url
     seen_first: list[dict[str, float]] = []
@@ -324,6 +328,7 @@ def test_disaggregated_equals_aggregated_without_recompute(pd) -> None:
     assert len({json.dumps(x, sort_keys=True) for x in seen_first}) == len(seen_first)
 
 
+@pytest.mark.engine
 def test_decode_instance_prefills_plain_request_locally(pd) -> None:
     P, D = pd["P"].url, pd["D"].url
     body = request(english_like_text(400, seed=104))
@@ -337,6 +342,7 @@ def test_decode_instance_prefills_plain_request_locally(pd) -> None:
     assert d["local_compute"] == n and d["external"] == 0 and d["nixl_xfers"] == 0, d
 
 
+@pytest.mark.engine
 def test_latency_disaggregated_vs_aggregated(pd, capsys) -> None:
     """P->D (prefill request + decode request, back to back) vs the same request on one
     instance (D, prefilling locally); every run with fresh cache salts (no prefix hits).

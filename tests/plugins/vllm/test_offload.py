@@ -32,6 +32,8 @@ from dynamo_ext.testing.tiny_model import english_like_text
 
 from .conftest import BLOCK_SIZE, kv_events_args
 
+pytestmark = pytest.mark.engine
+
 CHUNK_TOKENS = BLOCK_SIZE
 CPU_CHUNKS = 8
 

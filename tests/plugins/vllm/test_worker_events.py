@@ -23,6 +23,8 @@ from dynamo_ext.testing.tiny_model import english_like_text
 
 from .conftest import BLOCK_SIZE, kv_events_args
 
+pytestmark = pytest.mark.engine
+
 
 def post(url: str, body: dict, timeout: float = 120) -> dict:
     req = urllib.request.Request(
