@@ -37,6 +37,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from dynamo_ext.stats import percentile
+
 BLOCK = 128
 GPU_BLOCKS = 16
 CPU_CHUNKS = 8
@@ -80,11 +82,6 @@ def _ttft(url: str, model: str, prompt: list[int]) -> float:
 
 def _progress(args: argparse.Namespace, msg: str) -> None:
     print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
-
-
-def _pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 def _run(
@@ -158,8 +155,8 @@ def _run(
     for arm, xs in arms.items():
         out[arm] = {
             "n": len(xs),
-            "ttft_p50_s": round(statistics.median(xs), 4),
-            "ttft_p90_s": round(_pct(xs, 0.9), 4),
+            "ttft_p50_s": round(percentile(xs, 50), 4),
+            "ttft_p90_s": round(percentile(xs, 90), 4),
             "ttft_mean_s": round(statistics.fmean(xs), 4),
         }
     out["ttft_ratio_prefetch_vs_baseline"] = round(

@@ -38,6 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from dynamo_ext.stats import percentile
+
 SCHEDULER_CLS = "dynamo_ext.plugins.vllm.scheduler.BatchPrefillScheduler"
 MAX_MODEL_LEN = 2048  # from CPU_FAST_ARGS
 
@@ -120,11 +122,6 @@ def _load(url: str, model: str, prompts: list[str], concurrency: int) -> list[fl
         return list(ex.map(lambda p: _first_token_s(url, model, p), prompts))
 
 
-def _pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
-
-
 def _run_one(
     name: str,
     args: argparse.Namespace,
@@ -165,13 +162,13 @@ def _run_one(
     d = {k: after[k] - before[k] for k in _COUNTERS}
     steps = d["iter_count"] / len(rounds)
     prefill_tokens = (d["iter_sum"] - d["gen_tokens"]) / len(rounds)
-    wall = statistics.median(walls)
+    wall = percentile(walls, 50)
     return {
         "steps": round(steps, 1),
         "prefill_tokens": round(prefill_tokens),
         "prefill_tokens_per_step": round(prefill_tokens / steps, 1) if steps else None,
-        "ttft_p50_s": round(_pct(ttfts, 0.5), 4),
-        "ttft_p90_s": round(_pct(ttfts, 0.9), 4),
+        "ttft_p50_s": round(percentile(ttfts, 50), 4),
+        "ttft_p90_s": round(percentile(ttfts, 90), 4),
         "ttft_mean_s": round(statistics.fmean(ttfts), 4),
         "queue_time_mean_s": round(d["queue_sum"] / d["queue_count"], 4)
         if d["queue_count"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gc
 import random
-import statistics
 import time
 import tracemalloc
 from typing import Any
@@ -37,6 +36,7 @@ from dynamo_ext.protocol import (
 )
 from dynamo_ext.router.indexer import KvIndex
 from dynamo_ext.router.server import RouterServer
+from dynamo_ext.stats import percentile
 
 BLOCK_SIZE = 16
 BLOCKS_PER_EVENT = 32
@@ -93,11 +93,6 @@ class Workload:
         keep = self.rng.randrange(SHARED_LEN, len(chain) + 1)
         keep = min(keep, num_blocks)
         return chain[:keep] + [self.rng.getrandbits(64) for _ in range(num_blocks - keep)]
-
-
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
 def _router(workers: int) -> tuple[RouterServer, list[Any]]:
@@ -157,9 +152,9 @@ def bench_one(workers: int, blocks: int, queries: int, peer: bool) -> dict[str, 
             t = time.perf_counter()
             srv.index.find_matches(hs)
             fm.append((time.perf_counter() - t) * 1e6)
-        res[f"route_p50_us_{name}"] = round(statistics.median(lat), 1)
-        res[f"route_p99_us_{name}"] = round(_pct(lat, 99), 1)
-        res[f"find_matches_p50_us_{name}"] = round(statistics.median(fm), 1)
+        res[f"route_p50_us_{name}"] = round(percentile(lat, 50), 1)
+        res[f"route_p99_us_{name}"] = round(percentile(lat, 99), 1)
+        res[f"find_matches_p50_us_{name}"] = round(percentile(fm, 50), 1)
     res["route_p50_us"] = res["route_p50_us_4k"]
     res["route_p99_us"] = res["route_p99_us_4k"]
     res["routed_hit_blocks"] = hit_blocks
@@ -201,8 +196,8 @@ def _bench_peer(wl: Workload, prompts: dict[str, list[list[int]]]) -> dict[str, 
             t = time.perf_counter()
             tree.find_matches(hs)
             lat.append((time.perf_counter() - t) * 1e6)
-        out[f"dynamo_find_matches_p50_us_{name}"] = round(statistics.median(lat), 1)
-        out[f"dynamo_find_matches_p99_us_{name}"] = round(_pct(lat, 99), 1)
+        out[f"dynamo_find_matches_p50_us_{name}"] = round(percentile(lat, 50), 1)
+        out[f"dynamo_find_matches_p99_us_{name}"] = round(percentile(lat, 99), 1)
     return out
 
 
@@ -239,7 +234,7 @@ def bench_hashing() -> dict[str, Any]:
             t = time.perf_counter()
             h.hash_tokens(toks)
             lat.append((time.perf_counter() - t) * 1e6)
-        out[f"hash_4k_us_{mode}"] = round(statistics.median(lat), 1)
+        out[f"hash_4k_us_{mode}"] = round(percentile(lat, 50), 1)
     return out
 
 

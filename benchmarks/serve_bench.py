@@ -27,12 +27,7 @@ from typing import Any
 
 import httpx
 
-
-def _pct(xs: list[float], p: float) -> float:
-    if not xs:
-        return 0.0
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(p / 100 * len(s)))]
+from dynamo_ext.stats import percentile
 
 
 async def _one(
@@ -123,12 +118,12 @@ async def run_load(
         "tokens": sum(r["tokens"] for r in ok),
         "wall_s": round(wall, 3),
         "throughput_tok_s": round(sum(r["tokens"] for r in ok) / wall, 1) if wall else 0.0,
-        "ttft_p50_ms": round(_pct(ttft, 50) * 1000, 1),
-        "ttft_p90_ms": round(_pct(ttft, 90) * 1000, 1),
-        "ttft_p99_ms": round(_pct(ttft, 99) * 1000, 1),
-        "itl_p50_ms": round(_pct(itl, 50) * 1000, 2),
-        "itl_p99_ms": round(_pct(itl, 99) * 1000, 2),
-        "e2e_p50_ms": round(_pct([r["e2e"] for r in ok], 50) * 1000, 1),
+        "ttft_p50_ms": round(percentile(ttft, 50) * 1000, 1),
+        "ttft_p90_ms": round(percentile(ttft, 90) * 1000, 1),
+        "ttft_p99_ms": round(percentile(ttft, 99) * 1000, 1),
+        "itl_p50_ms": round(percentile(itl, 50) * 1000, 2),
+        "itl_p99_ms": round(percentile(itl, 99) * 1000, 2),
+        "e2e_p50_ms": round(percentile([r["e2e"] for r in ok], 50) * 1000, 1),
     }
 
 
