@@ -4,6 +4,8 @@ dynamo-ext router [--config FILE] [--bind EP] [--block-size N] ...   run the rou
 dynamo-ext router --demo                                             router + synthetic fleet
 dynamo-ext bench router [--workers 8,64,256] [--blocks N] [--json]   router hot-path benchmark
 dynamo-ext bench pool [--root DIR] [--chunk-mb N] [--total-mb N] [--json]   KV pool vs plain I/O
+dynamo-ext keys gen DIR --name NAME                                  CURVE key pair files
+dynamo-ext keys show FILE                                            public key and key id
 """
 
 from __future__ import annotations
@@ -124,6 +126,19 @@ def _bench_main(args: argparse.Namespace) -> int:
     raise ConfigError("bench", f"unknown benchmark {args.what!r}")  # pragma: no cover
 
 
+def _keys_main(args: argparse.Namespace) -> int:
+    from dynamo_ext import security
+
+    if args.what == "gen":
+        sec, pub = security.generate_keys(args.dir, args.name, force=args.force)
+        public = security.load_public(str(pub))
+        print(f"secret {sec}\npublic {pub}\nkey {public.decode()}\nid {security.key_id(public)}")
+        return 0
+    public = security.load_public(args.file, "FILE")
+    print(f"{public.decode()} {security.key_id(public)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dynamo-ext", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -194,11 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--migration-limit", type=int)
     fe.set_defaults(func=_frontend_main)
 
-    from dynamo_ext.sim import mocker
+    k = sub.add_parser("keys", help="CURVE key files for the ZeroMQ planes")
+    ksub = k.add_subparsers(dest="what", required=True)
+    kg = ksub.add_parser("gen", help="write DIR/NAME.key (secret, 0600) and DIR/NAME.key.pub")
+    kg.add_argument("dir")
+    kg.add_argument("--name", required=True)
+    kg.add_argument("--force", action="store_true", help="replace existing files")
+    ks = ksub.add_parser("show", help="print a key file's public key and key id")
+    ks.add_argument("file")
+    k.set_defaults(func=_keys_main)
+
+    from dynamo_ext.sim import cli as mocker_cli
 
     m = sub.add_parser("mocker", help="simulated vLLM workers (KV events, metrics, HTTP)")
-    mocker.add_arguments(m)
-    m.set_defaults(func=mocker.main)
+    mocker_cli.add_arguments(m)
+    m.set_defaults(func=mocker_cli.main)
     return p
 
 

@@ -69,16 +69,24 @@ class ScorerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 @overload
-def advertise(endpoint: str, host: str) -> str: ...
+def advertise(endpoint: str, host: str, *, any_host: bool = False) -> str: ...
 @overload
-def advertise(endpoint: str | None, host: str) -> str | None: ...
-def advertise(endpoint: str | None, host: str) -> str | None:
-    """``tcp://*:5557`` is where a publisher binds; subscribers connect to ``tcp://host:5557``."""
+def advertise(endpoint: str | None, host: str, *, any_host: bool = False) -> str | None: ...
+def advertise(endpoint: str | None, host: str, *, any_host: bool = False) -> str | None:
+    """``tcp://*:5557`` is where a publisher binds; subscribers connect to ``tcp://host:5557``.
+
+    ``any_host``: replace whatever host the endpoint names, not only a wildcard (a process
+    bound to one interface that peers reach under another name, as the mocker's
+    ``--advertise-host``).
+    """
     if endpoint is None:
         return None
     for wildcard in ("tcp://*:", "tcp://0.0.0.0:", "tcp://[::]:"):
         if endpoint.startswith(wildcard):
             return f"tcp://{host}:{endpoint[len(wildcard) :]}"
+    if any_host:
+        scheme, _, rest = endpoint.partition("://")
+        return f"{scheme}://{host}:{rest.rpartition(':')[2]}"
     return endpoint
 
 

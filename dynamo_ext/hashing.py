@@ -119,6 +119,18 @@ class BlockHasher:
         extra_keys: Sequence[tuple[Any, ...] | None] | None = None,
     ) -> list[int]:
         """Chained engine hashes of the full blocks of ``token_ids`` after ``parent``."""
+        return self.chain(parent, token_ids, extra_keys)[0]
+
+    def chain(
+        self,
+        parent: bytes | None,
+        token_ids: Sequence[int],
+        extra_keys: Sequence[tuple[Any, ...] | None] | None = None,
+    ) -> tuple[list[int], bytes | None]:
+        """The one engine-mode chain: the published 64-bit hashes of the full blocks of
+        ``token_ids`` after ``parent`` (a full digest, None: the first block), and the last
+        full digest (``parent`` when no block is full), where a continuation starts: a
+        request's output blocks, a trace's next block."""
         fn = self._fn
         bs = self.block_size
         prev = parent or self.none_hash
@@ -127,7 +139,7 @@ class BlockHasher:
             extra = extra_keys[i] if extra_keys else None
             prev = fn((prev, tuple(token_ids[i * bs : (i + 1) * bs]), extra))
             out.append(int.from_bytes(prev, "big") & _MASK64)
-        return out
+        return out, (prev if out else parent)
 
 
 def token_block_hashes(token_ids: Sequence[int], block_size: int, parent: int = 0) -> list[int]:

@@ -12,11 +12,8 @@ decoded every ``--metrics-period`` virtual seconds, ``route`` for each arrival,
 ``PrefillFinished`` at the first token and ``RequestFinished`` at the last, as our frontend
 sends them. Nothing waits on a clock, so an hour of trace replays in seconds to minutes.
 
-Prompts: token ids are synthesized from ``hash_ids`` (the same id always gives the same 512
-tokens, the last block cut to ``input_length``) and hashed with the router's own block hash
-(vLLM's sha256 chain at ``--block-size``, which must divide the trace's block or the cache
-of hashed trace blocks is bypassed), so equal ``hash_ids`` prefixes are equal cached
-prefixes.
+Prompts: ``sim.trace`` (token ids synthesized from ``hash_ids``, hashed with the router's own
+block hash). Figures, table and plot: ``sim.report``.
 
 Policies, compared on the same trace and fleet in one call: ``round_robin``,
 ``least_loaded``, ``random``, ``dynamo`` (Dynamo's cost formula in our scorer), ``kv`` (our
@@ -44,18 +41,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import heapq
 import json
 import logging
-import math
-import os
 import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +64,12 @@ from dynamo_ext.protocol import (
     metrics_decoder,
     seq_bytes,
 )
-from dynamo_ext.sim.mocker import ChainHasher, MockerConfig, MockerCore, SimRequest, StepResult
+from dynamo_ext.sim.model import MockerConfig, MockerCore, SimRequest, StepResult
+from dynamo_ext.sim.peers import dynamo_available, run_dynamo
+from dynamo_ext.sim.report import PolicyRun, Rec, plot, ratios, summarize, table
+from dynamo_ext.sim.trace import TracePrompts, load_trace
 
 ALL_POLICIES = ("round_robin", "least_loaded", "random", "dynamo", "kv", "kv_offload")
-DYNAMO_ROWS = ("dynamo_mocker_rr", "dynamo_mocker_kv")
 
 # Our scorer as the `kv` and `kv_offload` policies run it: the router's defaults. Those
 # weigh a block still to prefill 16x a block held by a running request (decode_weight
@@ -90,155 +84,6 @@ KV_POLICY = ScorerConfig(mode="kv", seed=0)  # the router's defaults
 # CPU offload tier of the `kv_offload` engines: 100 GB of pinned host memory per GPU
 # (a typical 8-GPU H100 node has 1-2 TB of RAM), ~2x the GPU KV cache.
 OFFLOAD_CPU_KV_GB = 100.0
-
-
-# ======================================================================================
-# Trace
-# ======================================================================================
-@dataclass(slots=True)
-class TraceRow:
-    arrival_ms: float
-    input_length: int
-    output_length: int
-    hash_ids: list[int]
-    raw: str  # the line as read, to hand the same requests to Dynamo's replayer
-
-
-def load_trace(path: str | Path, limit: int | None = None) -> list[TraceRow]:
-    """Mooncake JSON lines; a bad line fails with its number. Sorted by arrival."""
-    rows: list[TraceRow] = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                d = json.loads(line)
-                row = TraceRow(
-                    float(d["timestamp"]),
-                    int(d["input_length"]),
-                    int(d["output_length"]),
-                    [int(h) for h in d["hash_ids"]],
-                    line,
-                )
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ConfigError("trace", f"{path}:{n}: not a Mooncake row: {exc}") from exc
-            if row.input_length <= 0:
-                raise ConfigError("trace", f"{path}:{n}: input_length must be > 0")
-            rows.append(row)
-            if limit and len(rows) >= limit:
-                break
-    if not rows:
-        raise ConfigError("trace", f"{path} holds no request")
-    rows.sort(key=lambda r: r.arrival_ms)
-    return rows
-
-
-class TracePrompts:
-    """Token ids and router block hashes of a trace's prompts, computed once for all
-    policies. A trace block's hashes depend only on (parent digest, hash id, length), so
-    each distinct one is hashed once."""
-
-    def __init__(
-        self,
-        rows: Sequence[TraceRow],
-        block_size: int,
-        trace_block_size: int = 512,
-        hash_algo: str = "sha256",
-        seed: str = "dynamo-ext-replay",
-    ) -> None:
-        self.rows = rows
-        self.block_size = block_size
-        self.trace_block_size = trace_block_size
-        self._seed = seed.encode()
-        self.hasher = ChainHasher(block_size, hash_algo)
-        self.hashes: list[array[int]] = []
-        self.digests: list[bytes | None] = []
-        cache: dict[tuple[bytes | None, int, int], tuple[list[int], bytes | None]] = {}
-        aligned = trace_block_size % block_size == 0
-        for i, row in enumerate(rows):
-            if not aligned:
-                hs, dg = self.hasher.chain(None, self.tokens(i))
-                self.hashes.append(array("Q", hs))
-                self.digests.append(dg)
-                continue
-            out = array("Q")
-            parent: bytes | None = None
-            left = row.input_length
-            for hid in row.hash_ids:
-                if left <= 0:
-                    break
-                cut = min(trace_block_size, left)
-                key = (parent, hid, cut)
-                hit = cache.get(key)
-                if hit is None:
-                    hit = cache[key] = self.hasher.chain(parent, self._block(hid)[:cut])
-                out.extend(hit[0])
-                parent = hit[1]
-                left -= cut
-            if left > 0:
-                # The ids cover less than input_length: every trace block was full, so the
-                # unique tail starts on a block boundary and continues the chain.
-                hs, parent = self.hasher.chain(parent, self.tokens(i)[len(out) * block_size :])
-                out.extend(hs)
-            self.hashes.append(out)
-            self.digests.append(parent)
-
-    def _block(self, hid: int) -> list[int]:
-        # 512 pseudo-random 16-bit token ids per hash id, from a seeded XOF: fast, stable
-        # across processes and platforms.
-        raw = hashlib.shake_128(self._seed + hid.to_bytes(8, "big", signed=True)).digest(
-            2 * self.trace_block_size
-        )
-        return array("H", raw).tolist()
-
-    def _tail(self, i: int, n: int) -> list[int]:
-        raw = hashlib.shake_128(self._seed + b"tail" + i.to_bytes(8, "big")).digest(2 * n)
-        return array("H", raw).tolist()
-
-    def tokens(self, i: int) -> list[int]:
-        row = self.rows[i]
-        toks: list[int] = []
-        left = row.input_length
-        for hid in row.hash_ids:
-            if left <= 0:
-                break
-            b = self._block(hid)
-            toks.extend(b[:left] if left < len(b) else b)
-            left -= min(left, len(b))
-        if left > 0:
-            toks.extend(self._tail(i, left))
-        return toks
-
-
-# ======================================================================================
-# One policy, in virtual time
-# ======================================================================================
-@dataclass(slots=True)
-class Rec:
-    arrival: float
-    input_length: int
-    output_length: int
-    worker: int = -1
-    first: float | None = None
-    last: float | None = None
-    finish: float | None = None
-    predicted_hit_blocks: int = 0
-    error: str | None = None
-
-
-@dataclass
-class PolicyRun:
-    name: str
-    recs: list[Rec]
-    itl: array[float]
-    cores: list[MockerCore]
-    routed_tokens: list[int]
-    wall_s: float
-    block_size: int
-    kv_events: int = 0
-    metrics_msgs: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _drive(coro: Any) -> None:
@@ -391,249 +236,6 @@ def simulate(
     run.wall_s = time.perf_counter() - t_wall
     ctx.term()
     return run
-
-
-# ======================================================================================
-# Figures
-# ======================================================================================
-def pct(xs: Sequence[float], p: float) -> float:
-    """Percentile with linear interpolation (numpy's default); ``xs`` sorted."""
-    if not xs:
-        return float("nan")
-    k = (len(xs) - 1) * p / 100.0
-    lo = math.floor(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-def _imbalance(per_worker: Sequence[float]) -> float:
-    mean = sum(per_worker) / len(per_worker) if per_worker else 0.0
-    return max(per_worker) / mean if mean else 1.0
-
-
-def summarize(run: PolicyRun) -> dict[str, Any]:
-    done = [r for r in run.recs if r.finish is not None and r.error is None]
-    ttft = sorted((r.first - r.arrival) * 1e3 for r in done if r.first is not None)  # type: ignore[operator]
-    e2e = sorted((r.finish - r.arrival) * 1e3 for r in done)  # type: ignore[operator]
-    itl = sorted(x * 1e3 for x in run.itl)
-    t0 = min(r.arrival for r in run.recs)
-    t1 = max((r.finish for r in done), default=t0)  # type: ignore[type-var]
-    span = max(1e-9, t1 - t0)  # type: ignore[operator]
-    in_tok = sum(r.input_length for r in done)
-    out_tok = sum(max(1, r.output_length) for r in done)
-    queries = sum(c.prefix_queries for c in run.cores)
-    gpu_hits = sum(c.prefix_hits for c in run.cores)
-    cpu_hits = sum(c.cpu_hits for c in run.cores)
-    busy = [c.busy_s for c in run.cores]
-    predicted = sum(r.predicted_hit_blocks for r in run.recs) * run.block_size
-    return {
-        "ttft_p50_ms": round(pct(ttft, 50), 2),
-        "ttft_p90_ms": round(pct(ttft, 90), 2),
-        "ttft_p99_ms": round(pct(ttft, 99), 2),
-        "ttft_mean_ms": round(sum(ttft) / len(ttft), 2) if ttft else float("nan"),
-        "itl_p50_ms": round(pct(itl, 50), 3),
-        "itl_p99_ms": round(pct(itl, 99), 3),
-        "e2e_p50_ms": round(pct(e2e, 50), 2),
-        "e2e_p99_ms": round(pct(e2e, 99), 2),
-        "throughput_tok_s": round((in_tok + out_tok) / span, 1),
-        "output_tok_s": round(out_tok / span, 1),
-        "prefix_hit_rate": round((gpu_hits + cpu_hits) / queries, 4) if queries else 0.0,
-        "gpu_hit_rate": round(gpu_hits / queries, 4) if queries else 0.0,
-        "cpu_hit_rate": round(cpu_hits / queries, 4) if queries else 0.0,
-        "router_predicted_hit_rate": round(
-            predicted / max(1, sum(r.input_length for r in run.recs)), 4
-        ),
-        "load_imbalance": round(_imbalance(run.routed_tokens), 3),
-        "busy_imbalance": round(_imbalance(busy), 3),
-        "utilization": round(sum(busy) / len(busy) / span, 3),
-        "preemptions": sum(c.preemptions for c in run.cores),
-        "completed": len(done),
-        "rejected": sum(1 for r in run.recs if r.error is not None),
-        "kv_event_batches": sum(c.steps for c in run.cores),
-        "sim_span_s": round(span, 2),
-        "wall_s": round(run.wall_s, 2),
-    }
-
-
-# ======================================================================================
-# Dynamo's own simulator on the same trace
-# ======================================================================================
-def dynamo_available() -> bool:
-    try:
-        import importlib.util
-
-        return importlib.util.find_spec("dynamo._core") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def run_dynamo(
-    rows: Sequence[TraceRow],
-    workers: int,
-    speedup: float,
-    mcfg: MockerConfig | None,
-    trace_block_size: int,
-) -> dict[str, tuple[dict[str, Any], list[float]]]:
-    """``{row name: (figures, sorted TTFTs ms)}`` from Dynamo's offline replay."""
-    os.environ.setdefault("DYN_LOG", "error")  # before the import: its logger reads it once
-    from dynamo._core import run_mocker_trace_replay  # type: ignore[import-not-found]
-
-    engine: dict[str, Any] | None = None
-    if mcfg is not None:
-        engine = {
-            "engine": {
-                "block_size": mcfg.block_size,
-                "num_gpu_blocks": mcfg.gpu_blocks(),
-                "max_num_batched_tokens": mcfg.max_num_batched_tokens,
-                "max_num_seqs": mcfg.max_num_seqs,
-                "enable_prefix_caching": mcfg.enable_prefix_caching,
-            },
-            "num_gpu_blocks_is_explicit": True,
-        }
-    out: dict[str, tuple[dict[str, Any], list[float]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.jsonl"
-        trace.write_text("".join(r.raw + "\n" for r in rows))
-        for mode, name in (("round_robin", DYNAMO_ROWS[0]), ("kv_router", DYNAMO_ROWS[1])):
-            t = time.perf_counter()
-            res = run_mocker_trace_replay(
-                [str(trace)],
-                extra_engine_args=engine,
-                num_workers=workers,
-                router_mode=mode,
-                replay_mode="offline",
-                arrival_speedup_ratio=speedup,
-                trace_block_size=trace_block_size,
-                capture_per_request=True,
-            )
-            wall = time.perf_counter() - t
-            s = res.summary
-            per = res.per_request or []
-            load = [0.0] * workers
-            for p in per:
-                w = p.get("decode_worker_idx")
-                if isinstance(w, int) and 0 <= w < workers:
-                    load[w] += (p.get("input_length") or 0) + (p.get("output_length") or 0)
-            ttfts = sorted(float(p["ttft_ms"]) for p in per if p.get("ttft_ms") is not None)
-            fig = {
-                "ttft_p50_ms": round(s["median_ttft_ms"], 2),
-                "ttft_p90_ms": round(s["p90_ttft_ms"], 2),
-                "ttft_p99_ms": round(s["p99_ttft_ms"], 2),
-                "ttft_mean_ms": round(s["mean_ttft_ms"], 2),
-                "itl_p50_ms": round(s["median_itl_ms"], 3),
-                "itl_p99_ms": round(s["p99_itl_ms"], 3),
-                "e2e_p50_ms": round(s["median_e2e_latency_ms"], 2),
-                "e2e_p99_ms": round(s["p99_e2e_latency_ms"], 2),
-                "throughput_tok_s": round(s["total_throughput_tok_s"], 1),
-                "output_tok_s": round(s["output_throughput_tok_s"], 1),
-                "prefix_hit_rate": round(s["prefix_cache_reused_ratio"], 4),
-                "load_imbalance": round(_imbalance(load), 3) if per else None,
-                "completed": s.get("completed_requests"),
-                "sim_span_s": round(s["duration_ms"] / 1e3, 2),
-                "wall_s": round(wall, 2),
-            }
-            out[name] = (fig, ttfts)
-    return out
-
-
-# ======================================================================================
-# Report
-# ======================================================================================
-def _ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
-        return None
-    return round(a / b, 3)
-
-
-def ratios(policies: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-
-    def get(name: str, key: str) -> float | None:
-        p = policies.get(name)
-        return None if p is None else p.get(key)
-
-    for q in ("p50", "p99"):
-        k = f"ttft_{q}_ms"
-        out[f"ours_rr_over_kv_ttft_{q}"] = _ratio(get("round_robin", k), get("kv", k))
-        out[f"dynamo_rr_over_kv_ttft_{q}"] = _ratio(get(DYNAMO_ROWS[0], k), get(DYNAMO_ROWS[1], k))
-        out[f"ours_dynamo_over_kv_ttft_{q}"] = _ratio(get("dynamo", k), get("kv", k))
-    targets: dict[str, bool] = {}
-    for q in ("p50", "p99"):
-        ours = out[f"ours_rr_over_kv_ttft_{q}"]
-        theirs = out[f"dynamo_rr_over_kv_ttft_{q}"]
-        if ours is not None and theirs is not None:
-            targets[f"kv_vs_rr_wider_than_dynamo_{q}"] = ours > theirs
-        d = out[f"ours_dynamo_over_kv_ttft_{q}"]
-        if d is not None:
-            targets[f"kv_beats_dynamo_policy_{q}"] = d > 1.0
-    out["targets"] = targets
-    return out
-
-
-def table(policies: dict[str, dict[str, Any]]) -> str:
-    cols = [
-        ("policy", None, "{:<18}"),
-        ("ttft p50", "ttft_p50_ms", "{:>9.1f}"),
-        ("p90", "ttft_p90_ms", "{:>9.1f}"),
-        ("p99", "ttft_p99_ms", "{:>9.1f}"),
-        ("itl p50", "itl_p50_ms", "{:>8.2f}"),
-        ("e2e p50", "e2e_p50_ms", "{:>9.1f}"),
-        ("tok/s", "throughput_tok_s", "{:>9.0f}"),
-        ("hit", "prefix_hit_rate", "{:>6.3f}"),
-        ("imbal", "load_imbalance", "{:>6.2f}"),
-        ("util", "utilization", "{:>5.2f}"),
-        ("wall s", "wall_s", "{:>7.2f}"),
-    ]
-    head = " ".join(
-        f"{c[0]:<18}" if i == 0 else f"{c[0]:>{len(c[2].format(0.0))}}" for i, c in enumerate(cols)
-    )
-    lines = [head, "-" * len(head)]
-    for name, p in policies.items():
-        cells = [f"{name:<18}"]
-        for _title, key, fmt in cols[1:]:
-            v = p.get(key)  # type: ignore[arg-type]
-            width = len(fmt.format(0.0))
-            cells.append(fmt.format(v) if isinstance(v, int | float) else f"{'-':>{width}}")
-        lines.append(" ".join(cells))
-    return "\n".join(lines)
-
-
-def plot(
-    path: Path,
-    ttfts: dict[str, list[float]],
-    policies: dict[str, dict[str, Any]],
-    title: str,
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
-    for name, xs in ttfts.items():
-        if not xs:
-            continue
-        ys = [(i + 1) / len(xs) for i in range(len(xs))]
-        style = "--" if name.startswith("dynamo_mocker") else "-"
-        a.plot([max(x, 1e-3) for x in xs], ys, style, label=name)
-    a.set_xscale("log")
-    a.set_xlabel("TTFT (ms, log)")
-    a.set_ylabel("share of requests")
-    a.set_title("TTFT CDF")
-    a.grid(True, which="both", alpha=0.3)
-    a.legend(fontsize=8)
-    names = list(policies)
-    b.bar(range(len(names)), [policies[n].get("prefix_hit_rate") or 0.0 for n in names])
-    b.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    b.set_ylabel("prefix hit rate (prompt tokens cached)")
-    b.set_ylim(0, 1)
-    b.set_title("Prefix hit rate")
-    b.grid(True, axis="y", alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ======================================================================================
@@ -866,7 +468,7 @@ async def _live_policy(name: str, args: argparse.Namespace, prompts: TracePrompt
     engines alike; latencies are measured on the wall clock and scaled back.
     """
     from dynamo_ext.router.client import RouterClient
-    from dynamo_ext.sim.mocker import MockerFleet
+    from dynamo_ext.sim.fleet import MockerFleet
     from dynamo_ext.testing import RouterProc, wait_for
 
     scale = args.time_scale

@@ -21,11 +21,10 @@ from dynamo_ext.protocol import (
     encode,
     kv_batch_decoder,
 )
-from dynamo_ext.sim.mocker import (
-    ChainHasher,
+from dynamo_ext.sim.fleet import MockerFleet
+from dynamo_ext.sim.model import (
     MockerConfig,
     MockerCore,
-    MockerFleet,
     SimRequest,
     StepResult,
     TimingModel,
@@ -66,11 +65,12 @@ def events(results: list[StepResult]) -> list[object]:
     return out
 
 
-def test_chain_hasher_is_the_routers_block_hash() -> None:
+def test_the_mockers_chain_is_the_routers_block_hash() -> None:
     toks = list(range(1000, 1037))
-    hs, digest = ChainHasher(BS).chain(None, toks)
+    assert isinstance(MockerCore(MockerConfig(block_size=BS, num_gpu_blocks=8)).hasher, BlockHasher)
+    hs, digest = BlockHasher(BS).chain(None, toks)
     assert hs == BlockHasher(BS).hash_tokens(toks) and len(hs) == 9
-    more, _ = ChainHasher(BS).chain(digest, list(range(50, 58)))
+    more, _ = BlockHasher(BS).chain(digest, list(range(50, 58)))
     assert hs + more == BlockHasher(BS).hash_tokens(toks[:36] + list(range(50, 58)))
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from dynamo_ext.errors import ConfigError
 from dynamo_ext.hashing import BlockHasher
-from dynamo_ext.sim import replay
+from dynamo_ext.sim import peers, replay, report, trace
 
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "synthetic_trace.jsonl"
 if not SAMPLE.exists():  # a clone without the shared folder: the trace's first 200 requests
@@ -44,9 +44,9 @@ def test_prompts_share_prefixes_as_their_hash_ids(tmp_path: Path) -> None:
             {"timestamp": 9, "input_length": 600, "output_length": 1, "hash_ids": [7]},
         ],
     )
-    rows = replay.load_trace(p)
+    rows = trace.load_trace(p)
     assert [r.input_length for r in rows] == [700, 1100, 600]  # sorted by arrival
-    pr = replay.TracePrompts(rows, 64)
+    pr = trace.TracePrompts(rows, 64)
     a, b, c = (pr.tokens(i) for i in range(3))
     assert len(a) == 700 and len(b) == 1100 and len(c) == 600
     assert a[:512] == b[:512] and a[512:600] != b[512:600]  # same id, same 512 tokens
@@ -55,7 +55,7 @@ def test_prompts_share_prefixes_as_their_hash_ids(tmp_path: Path) -> None:
         assert pr.hashes[i].tolist() == BlockHasher(64).hash_tokens(toks)
     assert pr.hashes[0][:8] == pr.hashes[1][:8] and pr.hashes[0][8] != pr.hashes[1][8]
     # Block sizes that do not divide the trace's are hashed without the block cache.
-    odd = replay.TracePrompts(rows, 48)
+    odd = trace.TracePrompts(rows, 48)
     assert odd.hashes[1].tolist() == BlockHasher(48).hash_tokens(b)
 
 
@@ -63,7 +63,7 @@ def test_bad_trace_line_is_named(tmp_path: Path) -> None:
     p = _trace(tmp_path, [{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [1]}])
     p.write_text(p.read_text() + '{"timestamp": 1}\n')
     with pytest.raises(ConfigError, match=r"t.jsonl:2"):
-        replay.load_trace(p)
+        trace.load_trace(p)
 
 
 def test_replay_sample_trace_all_policies(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -77,8 +77,8 @@ def test_replay_sample_trace_all_policies(tmp_path: Path, capsys: pytest.Capture
     out = json.loads(lines[-1])
     assert out["workers"] == 8 and out["requests"] == 200
     names = list(replay.ALL_POLICIES)
-    if replay.dynamo_available():
-        names += list(replay.DYNAMO_ROWS)
+    if peers.dynamo_available():
+        names += list(report.DYNAMO_ROWS)
     assert set(out["policies"]) == set(names)
     for name in names:
         pol = out["policies"][name]
