@@ -3,6 +3,14 @@
 Policies (``ScorerConfig.mode``): ``kv`` our default cost (see ``ScorerConfig``), ``dynamo``
 Dynamo's KV-router cost with softmax sampling, and the baselines ``round_robin``,
 ``random`` and ``least_loaded`` that the simulator compares against.
+
+``dynamo`` is Dynamo's scheduler cost, ``overlap_weight * potential prefill blocks +
+potential decode blocks``, with its active-sequence tracker's count of decode blocks: each
+active block once per worker, plus the prompt's blocks not already active there. That needs
+the prompt's hashes (``select(..., hashes=)``) and loads reserved with hashes
+(``ActiveSequences.add(..., hashes=)``); without them every routed block counts, which
+over-counts shared prefixes (issue 14). Dynamo's own core runs beside it in the simulator
+(``sim.peers``) as the reference.
 """
 
 from __future__ import annotations
@@ -98,13 +106,16 @@ class Scorer:
                 costs[i] -= ow * self._saved(o)
         return costs
 
-    def _dynamo_cost(self, c: Candidate, matches: PrefixMatches, n: int) -> float:
+    def _dynamo_cost(
+        self, c: Candidate, matches: PrefixMatches, n: int, hashes: Sequence[int] | None
+    ) -> float:
         # Dynamo: potential prefill blocks (prompt minus device overlap, plus the prefill
-        # tokens already queued on the worker) weighted, plus its decode blocks after
-        # taking this request.
+        # tokens already queued on the worker) weighted, plus its potential decode blocks:
+        # the worker's active blocks, each once, and the prompt's blocks new to them.
+        ld = c.load
         gpu = matches.gpu.get(c.worker_id, 0)
-        prefill = (n - gpu) + c.load.prefill_tokens / self.block_size
-        decode = c.load.active_blocks + n
+        prefill = (n - gpu) + ld.prefill_tokens / self.block_size
+        decode = ld.unique_blocks + (ld.new_blocks(hashes) if hashes is not None else n)
         return self.config.overlap_weight * prefill + decode
 
     def select(
@@ -113,8 +124,11 @@ class Scorer:
         matches: PrefixMatches,
         explain: bool = False,
         pos: dict[str, int] | None = None,
+        *,
+        hashes: Sequence[int] | None = None,
     ) -> tuple[WorkerScore, list[WorkerScore]]:
-        """Pick a worker. ``pos`` maps worker id to its index in ``candidates`` (cacheable)."""
+        """Pick a worker. ``pos`` maps worker id to its index in ``candidates`` (cacheable);
+        ``hashes`` are the prompt's block hashes (``dynamo`` mode uses them)."""
         if not candidates:
             raise ValueError("no candidates")
         n = matches.num_blocks
@@ -126,7 +140,7 @@ class Scorer:
             costs = self._kv_costs(candidates, matches, pos)
             best = self._argmin(costs, candidates)
         elif mode == "dynamo":
-            costs = [self._dynamo_cost(c, matches, n) for c in candidates]
+            costs = [self._dynamo_cost(c, matches, n, hashes) for c in candidates]
             best = self._softmax_sample(costs)
         elif mode == "round_robin":
             costs = [0.0] * len(candidates)

@@ -4,31 +4,62 @@ Worker metrics arrive once a period; between two of them a burst of requests wou
 the same stale load and pile onto one worker. Each routed request therefore reserves its
 prefill tokens (until ``prefill_done``) and its blocks (until ``finish``) on its worker at
 once. Entries expire after a TTL so a caller that dies never leaves phantom load behind.
+
+Given the request's block hashes (``add(..., hashes=)``), a worker's load also counts each
+active block once (``WorkerLoad.unique_blocks``), as Dynamo's active-sequence tracker does:
+ten running requests that share a 100-block prefix hold 100 blocks of it, not 1000.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 
 
 class _Seq:
-    __slots__ = ("worker_id", "blocks", "prefill_tokens", "deadline")
+    __slots__ = ("worker_id", "blocks", "prefill_tokens", "deadline", "hashes")
 
-    def __init__(self, worker_id: str, blocks: int, prefill_tokens: int, deadline: float) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        blocks: int,
+        prefill_tokens: int,
+        deadline: float,
+        hashes: Sequence[int] | None,
+    ) -> None:
         self.worker_id = worker_id
         self.blocks = blocks
         self.prefill_tokens = prefill_tokens
         self.deadline = deadline
+        self.hashes = hashes
 
 
 class WorkerLoad:
-    __slots__ = ("requests", "active_blocks", "prefill_tokens")
+    """One worker's reserved load. ``active_blocks`` sums every request's blocks;
+    ``block_refs`` counts the requests holding each hashed block (requests added with
+    hashes), ``hashed_blocks`` the blocks so counted, with multiplicity."""
+
+    __slots__ = ("requests", "active_blocks", "prefill_tokens", "block_refs", "hashed_blocks")
 
     def __init__(self) -> None:
         self.requests = 0
         self.active_blocks = 0
         self.prefill_tokens = 0
+        self.block_refs: dict[int, int] = {}
+        self.hashed_blocks = 0
+
+    @property
+    def unique_blocks(self) -> int:
+        """Active blocks with each hashed block counted once (Dynamo's count)."""
+        return self.active_blocks - self.hashed_blocks + len(self.block_refs)
+
+    def new_blocks(self, hashes: Sequence[int]) -> int:
+        """How many of a prompt's blocks would be new to this worker's active set."""
+        refs = self.block_refs
+        if not refs:
+            return len(hashes)
+        return sum(1 for h in hashes if h not in refs)
 
 
 class ActiveSequences:
@@ -45,16 +76,31 @@ class ActiveSequences:
             wl = self._load[worker_id] = WorkerLoad()
         return wl
 
-    def add(self, request_id: str, worker_id: str, blocks: int, prefill_tokens: int) -> None:
+    def add(
+        self,
+        request_id: str,
+        worker_id: str,
+        blocks: int,
+        prefill_tokens: int,
+        hashes: Sequence[int] | None = None,
+    ) -> None:
+        """Reserve ``blocks`` and ``prefill_tokens`` on the worker. ``hashes``: the prompt's
+        block hashes (kept by reference, not copied), so that shared blocks count once in
+        ``unique_blocks``; ``blocks`` beyond them (a partial block, output) count apart."""
         if request_id in self._seqs:
             self.finish(request_id)  # a re-route (migration) replaces the old reservation
         self._seqs[request_id] = _Seq(
-            worker_id, blocks, prefill_tokens, time.monotonic() + self.ttl_s
+            worker_id, blocks, prefill_tokens, time.monotonic() + self.ttl_s, hashes
         )
         wl = self.load(worker_id)
         wl.requests += 1
         wl.active_blocks += blocks
         wl.prefill_tokens += prefill_tokens
+        if hashes:
+            refs = wl.block_refs
+            for h in hashes:
+                refs[h] = refs.get(h, 0) + 1
+            wl.hashed_blocks += len(hashes)
 
     def prefill_done(self, request_id: str) -> str | None:
         """Returns the request's worker, or None for an unknown request."""
@@ -74,6 +120,15 @@ class ActiveSequences:
         wl.requests -= 1
         wl.active_blocks -= s.blocks
         wl.prefill_tokens -= s.prefill_tokens
+        if s.hashes:
+            refs = wl.block_refs
+            for h in s.hashes:
+                c = refs[h] - 1
+                if c:
+                    refs[h] = c
+                else:
+                    del refs[h]
+            wl.hashed_blocks -= len(s.hashes)
         return s.worker_id
 
     def drop_worker(self, worker_id: str) -> list[str]:
@@ -83,7 +138,8 @@ class ActiveSequences:
             del self._seqs[rid]
         # Reset in place: routers keep a reference to the WorkerLoad of each worker.
         wl = self.load(worker_id)
-        wl.requests = wl.active_blocks = wl.prefill_tokens = 0
+        wl.requests = wl.active_blocks = wl.prefill_tokens = wl.hashed_blocks = 0
+        wl.block_refs.clear()
         return gone
 
     def expire(self, now: float | None = None) -> list[str]:

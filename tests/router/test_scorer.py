@@ -121,3 +121,29 @@ def test_baseline_policies() -> None:
 def test_no_candidates_is_an_error() -> None:
     with pytest.raises(ValueError):
         Scorer(ScorerConfig(), 16).select([], PrefixMatches({}, {}, 1))
+
+
+def test_dynamo_counts_each_active_block_once_per_worker() -> None:
+    """Issue 14's example: worker a holds a 100-block prefix shared by 10 running requests;
+    an 11th request of that prefix plus 11 new blocks costs a 11 prefill + (100 + 11) decode
+    = 122 in Dynamo's active-sequence tracker (each active block once per worker), not
+    11 + 10 * 100 + 111 = 1122, so it goes to the cache, not to the empty worker b (222)."""
+    from dynamo_ext.router.sequences import ActiveSequences
+
+    prefix = list(range(1, 101))
+    seqs = ActiveSequences()
+    for i in range(10):
+        seqs.add(f"r{i}", "a", len(prefix), 0, hashes=prefix)
+    assert seqs.load("a").active_blocks == 1000 and seqs.load("a").unique_blocks == 100
+    s = Scorer(ScorerConfig(mode="dynamo", overlap_weight=1.0, seed=0), block_size=16)
+    cs = [Candidate("a", None, seqs.load("a")), Candidate("b", None, seqs.load("b"))]
+    prompt = prefix + list(range(1000, 1011))
+    chosen, scores = s.select(cs, PrefixMatches({"a": 100}, {}, 111), True, hashes=prompt)
+    assert {x.worker_id: x.cost for x in scores} == {"a": 122.0, "b": 222.0}
+    assert chosen.worker_id == "a"
+    # Finishing releases each request's share; the last one frees the blocks.
+    for i in range(9):
+        seqs.finish(f"r{i}")
+    assert seqs.load("a").unique_blocks == 100
+    seqs.finish("r9")
+    assert seqs.load("a").unique_blocks == 0 and seqs.load("a").active_blocks == 0
