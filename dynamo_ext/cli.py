@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--json", action="store_true", help="one JSON object on one line")
     br.set_defaults(func=_bench_main)
     from dynamo_ext.benchmarks import pool_bench, prefetch_bench, prefill_bench, serve_bench
-    from dynamo_ext.sim import replay
+    from dynamo_ext.sim import chaos, replay
 
     # benchmarks that declare their own arguments (add_arguments) and run through main(args)
     for name, mod, help_ in (
@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("replay", replay, "replay a Mooncake trace through simulated workers"),
         ("prefetch", prefetch_bench, "TTFT of disk/pool-only prefixes, with/without prefetch"),
         ("pool", pool_bench, "KV pool write/read MB/s vs plain files on the same disk"),
+        ("chaos", chaos, "real router + mocker fleet under seeded faults, invariants checked"),
     ):
         bm = bsub.add_parser(name, help=help_)
         mod.add_arguments(bm)

@@ -1,0 +1,1058 @@
+"""Chaos harness: the real router process under load and randomized, seeded faults, checked
+against the simulated fleet's true caches (issue 12, item 7; ``dynamo-ext bench chaos``).
+
+A fleet of mocker workers (each a one-worker ``MockerFleet`` in this process, so the harness
+can read its true cache through ``MockerCore``'s public calls) sits behind fault-injecting
+proxies: every worker's KV stream reaches the router through our own SUB->PUB forwarder,
+which can drop batches or slip malformed frames in, and its replay ROUTER through a proxy
+that can delay or never answer. The router is ``dynamo-ext router`` as a child process
+(``RouterProc``). Clients route prompts with shared prefixes through ``RouterClient`` and
+send them to the chosen worker's OpenAI endpoint, so the caches the router indexes are the
+ones the routed load builds. Faults, one every ``fault_every_s`` by a seeded draw: a worker
+killed (its sockets gone at once, no deregistration, as with SIGKILL) and restarted with a
+new instance id, under its old id or a new one (a pod rescheduled); KV batches dropped for a
+while; replay stalled or slow; the router killed with -9 and restarted; malformed peers on
+the control socket (garbage, bad headers, deeply nested msgpack, oversized frames, a huge
+prompt) and on a KV stream (garbage, nested msgpack, oversized).
+
+At checkpoints (every ``checkpoint_every_s`` and at the end) the load pauses, faults heal,
+and the harness waits up to ``settle_s`` for the router's index to equal the union of the
+live workers' true caches: per worker and tier block counts (``FleetState``), and the exact
+prefix each worker holds of sampled served prompts (``explain`` routes, ``track=False``).
+Throughout: every request ends within ``request_deadline_s`` with a completion or a clear
+error; the router's RSS and open fds (``/proc``) stay within bounds calibrated at the first
+checkpoint. The report is one JSON object of counts and the invariants' verdicts, with the
+evidence for each one that fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import signal
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from dynamo_ext.errors import DynamoExtError, NoWorkerAvailable, ProtocolError, RouterUnavailable
+from dynamo_ext.hashing import BlockHasher
+from dynamo_ext.protocol import (
+    MEDIUM_GPU,
+    PROTOCOL_HEADER,
+    REPLAY_END_SEQ,
+    RouteRequest,
+    WorkerRegistration,
+    encode,
+)
+from dynamo_ext.router.client import RouterClient
+from dynamo_ext.sim.fleet import MockerFleet, MockerWorker
+from dynamo_ext.sim.model import MockerConfig, output_token
+from dynamo_ext.testing import RouterProc
+
+log = logging.getLogger("dynamo_ext.sim.chaos")
+
+FAULT_KINDS: tuple[str, ...] = (
+    "kill_worker",
+    "drop_batches",
+    "stall_replay",
+    "kill_router",
+    "control_garbage",
+    "control_nested",
+    "control_oversized",
+    "kv_garbage",
+    "kv_nested",
+)
+# Relative draw weights: churn and lossy streams are the ordinary life of a fleet; the
+# lethal malformed kinds are rarer so that one run still exercises everything else.
+_WEIGHTS = {
+    "kill_worker": 3.0,
+    "drop_batches": 3.0,
+    "stall_replay": 2.0,
+    "kill_router": 1.0,
+    "control_garbage": 1.5,
+    "control_nested": 0.5,
+    "control_oversized": 0.5,
+    "kv_garbage": 1.5,
+    "kv_nested": 0.5,
+}
+_NESTING = 5000  # msgpack arrays nested this deep (5 kB): deeper than any real message
+
+
+class ChaosConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    duration_s: float = 40.0
+    seed: int = 0
+    workers: int = 6
+    clients: int = 4  # concurrent request loops
+    think_s: float = 0.02  # pause of a client between two requests
+    block_size: int = 16
+    gpu_blocks: int = 256  # per worker: small, so the load evicts and BlockRemoved flows
+    speedup: float = 2.0
+    prefix_groups: int = 8  # distinct shared system prompts
+    prefix_blocks: int = 8  # blocks in each shared prefix
+    max_tokens: int = 6
+    faults: list[str] = msgspec.field(default_factory=lambda: list(FAULT_KINDS))
+    fault_every_s: float = 1.5
+    drop_rate: float = 0.3  # fraction of batches a lossy proxy drops
+    checkpoint_every_s: float = 15.0
+    settle_s: float = 8.0  # how long the index may take to converge once faults heal
+    request_deadline_s: float = 10.0
+    probes: int = 24  # served prompts whose per-worker prefix is compared exactly
+    rss_slack_mb: float = 64.0
+    fd_slack: int = 8
+    router: dict[str, Any] = {}  # RouterConfig overrides
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.faults) - set(FAULT_KINDS))
+        if unknown:
+            raise ValueError(f"unknown fault kinds {unknown}; known: {list(FAULT_KINDS)}")
+        if self.workers < 1 or self.clients < 1 or self.duration_s <= 0:
+            raise ValueError("workers, clients and duration_s must be > 0")
+
+
+ROUTER_DEFAULTS: dict[str, Any] = {
+    "worker_timeout_s": 2.0,
+    "failure_holdoff_s": 2.0,
+    "replay_timeout_s": 1.0,
+    "resync_interval_s": 2.0,
+}
+
+
+# ======================================================================================
+# Fault-injecting proxy of one worker's KV stream and replay socket
+# ======================================================================================
+ReplayMode = Literal["ok", "delay", "stall"]
+
+
+class StreamProxy:
+    """SUB->PUB forwarder of a vLLM KV event stream, plus a ROUTER->DEALER replay proxy.
+
+    Frames pass unchanged (seqs included), so a dropped batch is a real gap for the router
+    and the real publisher's buffer, reached through the replay proxy, can fill it.
+    """
+
+    def __init__(
+        self, ctx: zmq.asyncio.Context, kv_endpoint: str, replay_endpoint: str, rng: random.Random
+    ) -> None:
+        self.ctx = ctx
+        self.upstream_replay = replay_endpoint
+        self.rng = rng
+        self.drop_rate = 0.0
+        self.replay_mode: ReplayMode = "ok"
+        self.replay_delay_s = 1.0
+        self.last_forwarded: bytes | None = None  # seq frame of the last batch sent on
+        self.forwarded = self.dropped = self.replays = self.replays_stalled = 0
+        self._sub = ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.RCVHWM, 0)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.connect(kv_endpoint)
+        self._pub = ctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        self._pub.setsockopt(zmq.SNDHWM, 0)
+        self._pub.bind("tcp://127.0.0.1:0")
+        self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._replay = ctx.socket(zmq.ROUTER)
+        self._replay.setsockopt(zmq.LINGER, 0)
+        self._replay.bind("tcp://127.0.0.1:0")
+        self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._spawn(self._forward())
+        self._spawn(self._serve_replay())
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    def heal(self) -> None:
+        self.drop_rate = 0.0
+        self.replay_mode = "ok"
+
+    async def _forward(self) -> None:
+        while True:
+            frames = await self._sub.recv_multipart()
+            if self.drop_rate and self.rng.random() < self.drop_rate:
+                self.dropped += 1
+                continue
+            await self._pub.send_multipart(frames)
+            if len(frames) == 3:
+                self.last_forwarded = frames[1]
+            self.forwarded += 1
+
+    async def inject(self, frames: list[bytes]) -> None:
+        await self._pub.send_multipart(frames)
+
+    async def _serve_replay(self) -> None:
+        while True:
+            frames = await self._replay.recv_multipart()
+            self.replays += 1
+            if self.replay_mode == "stall":
+                self.replays_stalled += 1
+                continue  # never answered
+            self._spawn(self._answer(frames[0], frames[1:], self.replay_mode == "delay"))
+
+    async def _answer(self, ident: bytes, request: list[bytes], delay: bool) -> None:
+        if delay:
+            await asyncio.sleep(self.replay_delay_s)
+        dealer = self.ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(self.upstream_replay)
+        try:
+            await dealer.send_multipart(request)
+            while await dealer.poll(2000):
+                frames = await dealer.recv_multipart()
+                await self._replay.send_multipart([ident, *frames])
+                if len(frames) >= 3 and frames[2] == REPLAY_END_SEQ:
+                    break
+        finally:
+            dealer.close(linger=0)
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, zmq.ZMQError):
+                await t
+        for s in (self._sub, self._pub, self._replay):
+            s.close(linger=0)
+
+
+# ======================================================================================
+# One simulated worker process
+# ======================================================================================
+class SimWorker:
+    """A mocker worker behind its proxy; ``kill`` makes its sockets vanish without a word."""
+
+    def __init__(self, worker_prefix: str, cfg: MockerConfig) -> None:
+        self.prefix = worker_prefix
+        self.cfg = cfg
+        self.fleet = MockerFleet(1, cfg, router=None, prefix=worker_prefix)
+        self.proxy: StreamProxy | None = None
+        self.alive = False
+        self.dead: asyncio.Future[None] | None = None
+        self.started_at = 0.0
+        # Block hashes this instance may hold: the chains of every prompt sent to it,
+        # continued over the output tokens it generates (a superset of its true cache).
+        self.universe: set[int] = set()
+        self.prompts: list[tuple[int, ...]] = []
+
+    @property
+    def mocker(self) -> MockerWorker:
+        return next(iter(self.fleet.workers.values()))
+
+    @property
+    def worker_id(self) -> str:
+        return self.mocker.worker_id
+
+    async def start(self, ctx: zmq.asyncio.Context, rng: random.Random) -> None:
+        await self.fleet.start()
+        kv = self.mocker.kv
+        assert kv.replay_endpoint is not None
+        self.proxy = StreamProxy(ctx, kv.endpoint, kv.replay_endpoint, rng)
+        self.proxy.start()
+        self.alive = True
+        self.dead = asyncio.get_running_loop().create_future()
+        self.started_at = time.monotonic()
+
+    def registration(self) -> WorkerRegistration:
+        assert self.proxy is not None
+        return msgspec.structs.replace(
+            self.fleet.registration(self.mocker),
+            kv_events_endpoint=self.proxy.endpoint,
+            replay_endpoint=self.proxy.replay_endpoint,
+        )
+
+    def kill(self) -> asyncio.Task[None]:
+        """Gone at once: KV, replay, metrics and HTTP sockets closed, nothing deregistered.
+        Returns the teardown task (the HTTP server may wait for in-flight handlers)."""
+        self.alive = False
+        if self.dead is not None and not self.dead.done():
+            self.dead.set_result(None)
+
+        async def teardown() -> None:
+            if self.proxy is not None:
+                await self.proxy.close()
+            await self.fleet.stop()
+
+        return asyncio.get_running_loop().create_task(teardown())
+
+    def served(self, prompt: tuple[int, ...], hasher: BlockHasher, max_tokens: int) -> None:
+        full = list(prompt) + [output_token(i) for i in range(max_tokens)]
+        self.universe.update(hasher.chain(None, full)[0])
+        self.prompts.append(prompt)
+        if len(self.prompts) > 256:
+            del self.prompts[:128]
+
+    def true_counts(self) -> dict[str, int]:
+        core = self.mocker.core
+        out = {MEDIUM_GPU: core.cached_blocks()}
+        if core.cpu_cached_blocks():
+            out["CPU"] = core.cpu_cached_blocks()
+        return {k: v for k, v in out.items() if v}
+
+    def true_hashes(self) -> set[int]:
+        core = self.mocker.core
+        return {h for h in self.universe if core.is_cached(h)}
+
+    def true_prefix(self, hashes: list[int]) -> int:
+        core = self.mocker.core
+        k = 0
+        for h in hashes:
+            if not core.is_cached(h):
+                break
+            k += 1
+        return k
+
+
+# ======================================================================================
+# The harness
+# ======================================================================================
+class Harness:
+    def __init__(self, cfg: ChaosConfig, tmp: Path) -> None:
+        self.cfg = cfg
+        self.tmp = tmp
+        self.rng = random.Random(cfg.seed)
+        self.prompt_rng = random.Random(cfg.seed + 1)
+        self.proxy_rng = random.Random(cfg.seed + 2)
+        self.ctx = zmq.asyncio.Context()
+        self.mcfg = MockerConfig(
+            block_size=cfg.block_size,
+            num_gpu_blocks=cfg.gpu_blocks,
+            speedup=cfg.speedup,
+            metrics_period_s=0.25,
+        )
+        self.hasher = BlockHasher(
+            cfg.block_size, "engine", self.mcfg.hash_algo, self.mcfg.hash_seed
+        )
+        router_cfg = {**ROUTER_DEFAULTS, "block_size": cfg.block_size, **cfg.router}
+        self.router_cfg = router_cfg
+        self.router = RouterProc(tmp, router_cfg)
+        self.router_logs: list[Path] = []
+        self.router_down = False
+        self.router_incarnation = 0
+        self.slots: list[SimWorker | None] = [None] * cfg.workers
+        self.generation = [0] * cfg.workers
+        self.by_id: dict[str, SimWorker] = {}  # live workers by worker id
+        self.teardowns: list[asyncio.Task[None]] = []
+        self.fault_tasks: set[asyncio.Task[None]] = set()
+        self.faults: Counter[str] = Counter()
+        self.outcomes: Counter[str] = Counter()
+        self.route_latency: list[float] = []
+        self.routed_to_dead = 0
+        self.retries = 0
+        self.no_worker_while_live = 0
+        self.control_unanswered = 0
+        self.control_answered = 0
+        self.injected = Counter[str]()
+        self.unexpected_router_exits = 0
+        self.resume = asyncio.Event()
+        self.resume.set()
+        self.inflight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.stop = asyncio.Event()
+        self.checkpoints: list[dict[str, Any]] = []
+        self.samples: list[tuple[float, float, int]] = []  # (t, rss MB, fds)
+        self.rss_max = 0.0
+        self.fds_max = 0
+        self.fd_base: int | None = None  # router fds with no worker
+        self.rss_base: float | None = None
+        self.fd_per_worker: float | None = None
+        self.rss_limit: float | None = None
+        self.bound_violations: list[str] = []
+        self.ctl = RouterClient(self.router.endpoint, timeout_s=2.0, ctx=self.ctx)
+        self.load = RouterClient(self.router.endpoint, timeout_s=2.0, ctx=self.ctx)
+        self.t0 = time.monotonic()
+        groups = []
+        for _ in range(cfg.prefix_groups):
+            n = cfg.prefix_blocks * cfg.block_size
+            groups.append([self.prompt_rng.randrange(1, 30000) for _ in range(n)])
+        self.groups = groups
+        self.recent: list[tuple[int, ...]] = []
+
+    # ------------------------------------------------------------------ processes
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    async def start_router(self) -> None:
+        if self.router.log_path.exists():  # RouterProc waits for a *new* "listening" line
+            old = self.router.log_path.with_suffix(f".log.{self.router_incarnation}")
+            self.router.log_path.rename(old)
+            self.router_logs.append(old)
+        await asyncio.to_thread(self.router.start)
+        self.router_incarnation += 1
+        self.router_down = False
+        pid = self.router_pid()
+        if pid is not None and self.fd_base is None:
+            await asyncio.sleep(0.2)
+            rss, fds = _proc_usage(pid)
+            self.fd_base, self.rss_base = fds, rss
+
+    def router_pid(self) -> int | None:
+        p = self.router.proc
+        return p.pid if p is not None and p.poll() is None else None
+
+    async def start_worker(self, slot: int, new_id: bool) -> SimWorker:
+        if new_id:
+            self.generation[slot] += 1
+        g = self.generation[slot]
+        sw = SimWorker(f"w{slot}" + (f"g{g}" if g else ""), self.mcfg)
+        await sw.start(self.ctx, random.Random(self.proxy_rng.random()))
+        self.slots[slot] = sw
+        self.by_id[sw.worker_id] = sw
+        with contextlib.suppress(DynamoExtError, OSError, TimeoutError):
+            await asyncio.wait_for(self.ctl.register(sw.registration()), 2.0)
+        return sw
+
+    def kill_slot(self, slot: int) -> SimWorker | None:
+        sw = self.slots[slot]
+        if sw is None or not sw.alive:
+            return None
+        self.slots[slot] = None
+        if self.by_id.get(sw.worker_id) is sw:
+            del self.by_id[sw.worker_id]
+        self.teardowns.append(sw.kill())
+        return sw
+
+    def live(self) -> list[SimWorker]:
+        return [w for w in self.slots if w is not None and w.alive]
+
+    # ------------------------------------------------------------------ background loops
+    async def keepalive(self) -> None:
+        """Re-register every live worker each second, as our plugins do: a restarted router
+        learns the fleet again."""
+        while not self.stop.is_set():
+            for sw in self.live():
+                with contextlib.suppress(DynamoExtError, OSError, TimeoutError):
+                    await asyncio.wait_for(self.ctl.register(sw.registration()), 1.0)
+            await asyncio.sleep(1.0)
+
+    async def sampler(self) -> None:
+        while not self.stop.is_set():
+            pid = self.router_pid()
+            if pid is not None:
+                with contextlib.suppress(OSError):
+                    rss, fds = _proc_usage(pid)
+                    self.samples.append((self.now(), rss, fds))
+                    self.rss_max = max(self.rss_max, rss)
+                    self.fds_max = max(self.fds_max, fds)
+            elif not self.router_down:
+                self.unexpected_router_exits += 1
+                log.error("router exited on its own:\n%s", self.router.log()[-2000:])
+                await self.start_router()
+            await asyncio.sleep(0.5)
+
+    # ------------------------------------------------------------------ load
+    def next_prompt(self) -> tuple[int, ...]:
+        r = self.prompt_rng
+        if self.recent and r.random() < 0.3:
+            return r.choice(self.recent)  # a repeated request: full prefix hit
+        g = r.choice(self.groups)
+        tail = [r.randrange(1, 30000) for _ in range(r.randrange(8, 4 * self.cfg.block_size))]
+        p = tuple(g + tail)
+        self.recent.append(p)
+        if len(self.recent) > 64:
+            self.recent.pop(0)
+        return p
+
+    async def client_loop(self, cid: int, http: Any) -> None:
+        n = 0
+        while not self.stop.is_set():
+            await self.resume.wait()
+            if self.stop.is_set():
+                break
+            n += 1
+            rid = f"c{cid}-{n}"
+            self.inflight += 1
+            self.idle.clear()
+            try:
+                outcome = await asyncio.wait_for(
+                    self.one_request(rid, self.next_prompt(), http), self.cfg.request_deadline_s
+                )
+            except TimeoutError:
+                outcome = "hang"
+                log.warning("request %s hung past %.0fs", rid, self.cfg.request_deadline_s)
+            finally:
+                self.inflight -= 1
+                if not self.inflight:
+                    self.idle.set()
+            self.outcomes[outcome] += 1
+            await asyncio.sleep(self.cfg.think_s)
+
+    async def one_request(self, rid: str, prompt: tuple[int, ...], http: Any) -> str:
+        import aiohttp
+
+        exclude: list[str] = []
+        for attempt in range(4):
+            t = time.monotonic()
+            try:
+                resp = await self.load.route(rid, prompt, exclude_workers=exclude)
+            except NoWorkerAvailable:
+                if self.live():
+                    self.no_worker_while_live += 1
+                return "no_worker"
+            except RouterUnavailable:
+                return "router_unavailable"
+            except ProtocolError:
+                return "router_error"
+            self.route_latency.append(time.monotonic() - t)
+            sw = self.by_id.get(resp.worker_id)
+            if sw is None or sw.dead is None:
+                self.routed_to_dead += 1
+                exclude.append(resp.worker_id)
+                self.retries += 1
+                with contextlib.suppress(DynamoExtError, OSError):
+                    await self.load.finished(rid)
+                    await self.load.worker_failed(resp.worker_id, "connection refused")
+                continue
+            sw.served(prompt, self.hasher, self.cfg.max_tokens)
+            body = {"prompt": list(prompt), "max_tokens": self.cfg.max_tokens}
+            post = asyncio.ensure_future(
+                http.post(f"{resp.http_endpoint}/v1/completions", json=body)
+            )
+            try:
+                await asyncio.wait({post, sw.dead}, return_when=asyncio.FIRST_COMPLETED)
+                ok = False
+                if post.done():
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        r = post.result()
+                        ok = r.status == 200
+                        await r.read()
+                        r.release()
+            finally:
+                if not post.done():
+                    post.cancel()  # the worker died under the request: connection reset
+                    with contextlib.suppress(BaseException):
+                        await post
+            with contextlib.suppress(DynamoExtError, OSError):
+                await self.load.finished(rid)
+            if ok:
+                return "ok" if attempt == 0 else "ok_after_retry"
+            exclude.append(resp.worker_id)
+            self.retries += 1
+            with contextlib.suppress(DynamoExtError, OSError):
+                await self.load.worker_failed(resp.worker_id, "request failed")
+        return "worker_error"
+
+    # ------------------------------------------------------------------ faults
+    async def fault_loop(self) -> None:
+        kinds = list(self.cfg.faults)
+        if not kinds:
+            return
+        weights = [_WEIGHTS[k] for k in kinds]
+        while not self.stop.is_set():
+            await asyncio.sleep(self.rng.uniform(0.5, 1.5) * self.cfg.fault_every_s)
+            await self.resume.wait()
+            if self.stop.is_set():
+                return
+            kind = self.rng.choices(kinds, weights)[0]
+            t = asyncio.get_running_loop().create_task(self.inject(kind), name=f"fault-{kind}")
+            self.fault_tasks.add(t)
+            t.add_done_callback(self.fault_tasks.discard)
+
+    async def inject(self, kind: str) -> None:
+        rng = self.rng
+        live = self.live()
+        if kind in ("kill_worker", "drop_batches", "stall_replay", "kv_garbage", "kv_nested"):
+            if not live:
+                return
+            sw = rng.choice(live)
+        self.faults[kind] += 1
+        if kind == "kill_worker":
+            slot = self.slots.index(sw)
+            new_id = rng.random() < 0.5
+            down_s = rng.uniform(0.3, 2.0)
+            self.kill_slot(slot)
+            log.info("fault: kill %s (back in %.1fs, new id: %s)", sw.worker_id, down_s, new_id)
+            try:
+                await asyncio.sleep(down_s)
+            finally:
+                if self.slots[slot] is None:
+                    await self.start_worker(slot, new_id)
+        elif kind == "drop_batches":
+            assert sw.proxy is not None
+            sw.proxy.drop_rate = self.cfg.drop_rate
+            try:
+                await asyncio.sleep(rng.uniform(1.0, 4.0))
+            finally:
+                sw.proxy.drop_rate = 0.0
+        elif kind == "stall_replay":
+            assert sw.proxy is not None
+            sw.proxy.replay_mode = "stall" if rng.random() < 0.5 else "delay"
+            try:
+                await asyncio.sleep(rng.uniform(2.0, 5.0))
+            finally:
+                sw.proxy.replay_mode = "ok"
+        elif kind == "kill_router":
+            self.router_down = True
+            self.router.stop(signal.SIGKILL)
+            log.info("fault: router killed -9")
+            try:
+                await asyncio.sleep(rng.uniform(0.2, 1.5))
+            finally:
+                await self.start_router()
+        elif kind.startswith("control_"):
+            await self.control_peer(kind)
+        elif kind in ("kv_garbage", "kv_nested"):
+            await self.kv_peer(sw, kind)
+
+    async def control_peer(self, kind: str) -> None:
+        """A hostile or broken client on the router's control socket."""
+        rng = self.rng
+        msgs: list[tuple[str, list[bytes]]] = []
+        corr = rng.randrange(1, 1 << 62).to_bytes(8, "big")
+        if kind == "control_garbage":
+            for _ in range(10):
+                pick = rng.randrange(4)
+                if pick == 0:
+                    msgs.append(("garbage", [PROTOCOL_HEADER, corr, rng.randbytes(64)]))
+                elif pick == 1:
+                    msgs.append(("bad_header", [b"dynamo-ext/99", corr, b"\x80"]))
+                elif pick == 2:
+                    msgs.append(("frames", [rng.randbytes(5)]))
+                else:
+                    bad = msgspec.msgpack.encode({"type": "route", "request_id": 7})
+                    msgs.append(("bad_fields", [PROTOCOL_HEADER, corr, bad]))
+        elif kind == "control_nested":
+            msgs.append(("nested", [PROTOCOL_HEADER, corr, _nested_route()]))
+        else:  # control_oversized
+            msgs.append(("oversized", [PROTOCOL_HEADER, corr, rng.randbytes(16 << 20)]))
+            huge = RouteRequest(request_id="huge", token_ids=[7] * 1_000_000, track=False)
+            msgs.append(("huge_prompt", [PROTOCOL_HEADER, corr, encode(huge)]))
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.router.endpoint)
+        try:
+            for what, frames in msgs:
+                self.injected["control_" + what] += 1
+                await sock.send_multipart(frames)
+                if len(frames) != 3:
+                    continue  # nothing to correlate an answer with
+                if await sock.poll(3000):
+                    await sock.recv_multipart()
+                    self.control_answered += 1
+                else:
+                    self.control_unanswered += 1
+                    log.warning("router did not answer a malformed control message (%s)", what)
+        finally:
+            sock.close(linger=0)
+
+    async def kv_peer(self, sw: SimWorker, kind: str) -> None:
+        """Malformed frames on a worker's proxied KV stream. Garbage carries the seq of a
+        batch already forwarded, so a router that drops it loses nothing."""
+        proxy = sw.proxy
+        assert proxy is not None
+        seq = proxy.last_forwarded
+        if seq is None:
+            return
+        topic = b"kv"
+        if kind == "kv_nested":
+            frames = [[topic, seq, _nested_batch()]]
+        else:
+            frames = [
+                [topic, b"short"],
+                [topic, seq, self.rng.randbytes(200)],
+                [topic, b"\x00" * 3, b"x"],
+                [topic, seq, self.rng.randbytes(4 << 20)],
+            ]
+        for f in frames:
+            self.injected[kind] += 1
+            await proxy.inject(f)
+
+    async def heal(self) -> None:
+        for t in list(self.fault_tasks):
+            t.cancel()
+        if self.fault_tasks:
+            await asyncio.gather(*self.fault_tasks, return_exceptions=True)
+        for sw in self.live():
+            assert sw.proxy is not None
+            sw.proxy.heal()
+        for slot, cur in enumerate(self.slots):
+            if cur is None:
+                await self.start_worker(slot, False)
+        if self.router_pid() is None:
+            await self.start_router()
+
+    # ------------------------------------------------------------------ invariants
+    async def checkpoint(self, final: bool) -> dict[str, Any]:
+        self.resume.clear()
+        t_start = self.now()
+        await self.heal()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.idle.wait(), self.cfg.request_deadline_s)
+        for sw in self.live():  # the router may have restarted since the last keep-alive
+            with contextlib.suppress(DynamoExtError, OSError, TimeoutError):
+                await asyncio.wait_for(self.ctl.register(sw.registration()), 2.0)
+        t_heal = self.now()
+        deadline = time.monotonic() + self.cfg.settle_s
+        result: dict[str, Any] = {}
+        while True:
+            result = await self.compare()
+            if result["mismatches"] == 0 or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.5)
+        result = {
+            "t": round(t_start, 1),
+            "final": final,
+            "converged": result["mismatches"] == 0,
+            "converge_s": round(self.now() - t_heal, 2),
+            **result,
+        }
+        self.check_bounds(result)
+        self.checkpoints.append(result)
+        log.info("checkpoint: %s", json.dumps(result))
+        if not final:
+            self.resume.set()
+        return result
+
+    async def compare(self) -> dict[str, Any]:
+        """The router's index vs the union of the live workers' true caches."""
+        out: dict[str, Any] = {"mismatches": 0}
+        try:
+            fleet = await self.ctl.workers()
+        except DynamoExtError as exc:
+            return {"mismatches": 1, "error": f"workers() failed: {exc}"}
+        live = {sw.worker_id: sw for sw in self.live()}
+        count_mm: list[dict[str, Any]] = []
+        seen = set()
+        for ws in fleet.workers:
+            seen.add(ws.worker_id)
+            got = {k: v for k, v in ws.indexed_blocks.items() if v}
+            sw = live.get(ws.worker_id)
+            want = sw.true_counts() if sw is not None else {}
+            if got != want:
+                count_mm.append(
+                    {"worker": ws.worker_id, "live": sw is not None, "router": got, "true": want}
+                )
+        for wid, sw in live.items():
+            if wid not in seen and sw.true_counts():
+                count_mm.append(
+                    {"worker": wid, "live": True, "router": None, "true": sw.true_counts()}
+                )
+        harness_mm = [
+            sw.worker_id
+            for sw in live.values()
+            if len(sw.true_hashes()) != sw.true_counts().get(MEDIUM_GPU, 0)
+        ]
+        probe_mm: list[dict[str, Any]] = []
+        probes = 0
+        prompts = [p for sw in live.values() for p in sw.prompts[-64:]]
+        rng = random.Random(len(self.checkpoints))
+        for prompt in rng.sample(prompts, min(self.cfg.probes, len(prompts))):
+            hashes = self.hasher.chain(None, prompt)[0]
+            try:
+                resp = await self.ctl.route(f"probe-{probes}", prompt, track=False, explain=True)
+            except DynamoExtError as exc:
+                probe_mm.append({"error": str(exc)})
+                break
+            probes += 1
+            got = {c.worker_id: c.prefix_hit_blocks.get(MEDIUM_GPU, 0) for c in resp.candidates}
+            for wid, blocks in got.items():
+                sw = live.get(wid)
+                want_blocks = sw.true_prefix(hashes) if sw is not None else 0
+                if blocks != want_blocks:
+                    probe_mm.append(
+                        {
+                            "worker": wid,
+                            "live": sw is not None,
+                            "router": blocks,
+                            "true": want_blocks,
+                        }
+                    )
+        ghosts = sorted(w.worker_id for w in fleet.workers if w.worker_id not in live)
+        out.update(
+            mismatches=len(count_mm) + len(probe_mm),
+            count_mismatches=len(count_mm),
+            probe_mismatches=len(probe_mm),
+            probes=probes,
+            router_workers=len(fleet.workers),
+            router_up=sum(1 for w in fleet.workers if w.up),
+            live_workers=len(live),
+            dead_listed=ghosts,
+            harness_universe_gaps=harness_mm,
+            count_details=count_mm[:6],
+            probe_details=probe_mm[:6],
+        )
+        return out
+
+    def check_bounds(self, cp: dict[str, Any]) -> None:
+        """RSS and fds against a budget calibrated at the first checkpoint: a router holds a
+        few sockets per live worker and an index bounded by their caches, whatever the churn."""
+        pid = self.router_pid()
+        if pid is None:
+            return
+        rss, fds = _proc_usage(pid)
+        live = len(self.live())
+        cp["router_rss_mb"] = round(rss, 1)
+        cp["router_fds"] = fds
+        assert self.fd_base is not None and self.rss_base is not None
+        if self.fd_per_worker is None:
+            self.fd_per_worker = max(1.0, (fds - self.fd_base) / max(1, live))
+            self.rss_limit = max(rss, self.rss_base) + self.cfg.rss_slack_mb
+        fd_limit = self.fd_base + self.fd_per_worker * live + self.cfg.fd_slack
+        cp["fd_limit"] = round(fd_limit, 1)
+        cp["rss_limit_mb"] = round(self.rss_limit or 0, 1)
+        if fds > fd_limit:
+            self.bound_violations.append(
+                f"t={cp['t']}: {fds} fds > {fd_limit:.0f} for {live} workers"
+            )
+        if self.rss_limit is not None and rss > self.rss_limit:
+            self.bound_violations.append(f"t={cp['t']}: RSS {rss:.0f} MB > {self.rss_limit:.0f} MB")
+
+    # ------------------------------------------------------------------ the run
+    async def run(self) -> dict[str, Any]:
+        import aiohttp
+
+        cfg = self.cfg
+        await self.start_router()
+        self.ctl.connect()
+        self.load.connect()
+        for slot in range(cfg.workers):
+            await self.start_worker(slot, False)
+        bg = [
+            asyncio.create_task(self.keepalive(), name="chaos-keepalive"),
+            asyncio.create_task(self.sampler(), name="chaos-sampler"),
+        ]
+        timeout = aiohttp.ClientTimeout(total=5.0)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            try:
+                await asyncio.sleep(1.0)  # registrations and subscriptions settle
+                clients = [
+                    asyncio.create_task(self.client_loop(i, http), name=f"chaos-client-{i}")
+                    for i in range(cfg.clients)
+                ]
+                faults = asyncio.create_task(self.fault_loop(), name="chaos-faults")
+                end = time.monotonic() + cfg.duration_s
+                next_cp = time.monotonic() + cfg.checkpoint_every_s
+                while time.monotonic() < end:
+                    await asyncio.sleep(min(0.25, max(0.0, end - time.monotonic())))
+                    if time.monotonic() >= next_cp and end - time.monotonic() > cfg.settle_s:
+                        await self.checkpoint(final=False)
+                        next_cp = time.monotonic() + cfg.checkpoint_every_s
+                faults.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await faults
+                await self.checkpoint(final=True)
+                self.stop.set()
+                self.resume.set()
+                await asyncio.gather(*clients, return_exceptions=True)
+            finally:
+                self.stop.set()
+                self.resume.set()
+                for t in bg:
+                    t.cancel()
+                await asyncio.gather(*bg, return_exceptions=True)
+                report = await self.report()
+                await self.shutdown()
+        return report
+
+    async def report(self) -> dict[str, Any]:
+        metrics: dict[str, float] = {}
+        with contextlib.suppress(OSError):
+            metrics = _counter_totals(await asyncio.to_thread(self.router.scrape))
+        logs = self.router_logs + [self.router.log_path]
+        errors: list[str] = []
+        for p in logs:
+            with contextlib.suppress(OSError):
+                for line in p.read_text(errors="replace").splitlines():
+                    if re.search(r"ERROR|Traceback|Error:|exception", line):
+                        errors.append(f"{p.name}: {line[:300]}")
+        final = self.checkpoints[-1] if self.checkpoints else {}
+        lat = sorted(self.route_latency)
+        total = sum(self.outcomes.values())
+        invariants = {
+            "index_equals_truth": bool(self.checkpoints)
+            and all(c["converged"] for c in self.checkpoints),
+            "no_request_hung": self.outcomes["hang"] == 0,
+            "rss_bounded": not any("RSS" in v for v in self.bound_violations),
+            "fds_bounded": not any("fds" in v for v in self.bound_violations),
+            "router_never_exited": self.unexpected_router_exits == 0,
+        }
+        return {
+            "seed": self.cfg.seed,
+            "duration_s": self.cfg.duration_s,
+            "workers": self.cfg.workers,
+            "faults": dict(sorted(self.faults.items())),
+            "malformed_sent": dict(sorted(self.injected.items())),
+            "requests": {
+                "total": total,
+                **dict(sorted(self.outcomes.items())),
+                "retries": self.retries,
+                "routed_to_dead": self.routed_to_dead,
+                "no_worker_while_live": self.no_worker_while_live,
+                "route_p50_ms": round(_pct(lat, 0.5) * 1e3, 2),
+                "route_p99_ms": round(_pct(lat, 0.99) * 1e3, 2),
+                "route_max_ms": round((lat[-1] if lat else 0.0) * 1e3, 1),
+            },
+            "failures": total - self.outcomes["ok"] - self.outcomes["ok_after_retry"],
+            "control_malformed": {
+                "answered": self.control_answered,
+                "unanswered": self.control_unanswered,
+            },
+            "index_mismatches": final.get("mismatches", -1),
+            "checkpoints": self.checkpoints,
+            "proxies": {
+                "batches_dropped": sum(s.proxy.dropped for s in self.live() if s.proxy),
+                "replays_stalled": sum(s.proxy.replays_stalled for s in self.live() if s.proxy),
+            },
+            "router": {
+                "incarnations": self.router_incarnation,
+                "unexpected_exits": self.unexpected_router_exits,
+                "max_rss_mb": round(self.rss_max, 1),
+                "max_fds": self.fds_max,
+                "bound_violations": self.bound_violations,
+                "config": self.router_cfg,
+                "counters": metrics,
+                "log_errors": len(errors),
+                "log_error_lines": errors[:12],
+            },
+            "invariants": invariants,
+            "ok": all(invariants.values()),
+        }
+
+    async def shutdown(self) -> None:
+        for t in list(self.fault_tasks):
+            t.cancel()
+        for slot in range(len(self.slots)):
+            self.kill_slot(slot)
+        with contextlib.suppress(Exception):
+            await self.ctl.close()
+            await self.load.close()
+        self.router.stop()
+        # A killed worker's HTTP server waits for handlers that will never finish.
+        done, pending = (
+            await asyncio.wait(self.teardowns, timeout=2.0) if self.teardowns else (set(), set())
+        )
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        self.ctx.destroy(linger=0)
+
+
+# ======================================================================================
+# Helpers
+# ======================================================================================
+def _nested_route() -> bytes:
+    """A RouteRequest whose token_ids nest ``_NESTING`` arrays deep (about 5 kB)."""
+    head = msgspec.msgpack.encode({"type": "route", "request_id": "nested"})
+    # fixmap of 3 instead of 2, then the extra key and the nested value
+    return (
+        bytes([0x83])
+        + head[1:]
+        + msgspec.msgpack.encode("token_ids")
+        + b"\x91" * _NESTING
+        + b"\x90"
+    )
+
+
+def _nested_batch() -> bytes:
+    """A KVEventBatch ``[ts, events]`` whose events nest ``_NESTING`` arrays deep."""
+    return b"\x92" + msgspec.msgpack.encode(time.time()) + b"\x91" * _NESTING + b"\x90"
+
+
+def _proc_usage(pid: int) -> tuple[float, int]:
+    """(RSS in MB, open fds) of a process, from /proc."""
+    rss = 0.0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+                break
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _counter_totals(text: str) -> dict[str, float]:
+    """Prometheus text -> each counter's total over its labels (names as exported)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or "_total" not in line:
+            continue
+        name, _, rest = line.partition("{") if "{" in line.split(" ")[0] else line.partition(" ")
+        value = rest.rsplit(" ", 1)[-1]
+        name = name.removeprefix("dynamo_ext_router_")
+        with contextlib.suppress(ValueError):
+            out[name] = out.get(name, 0.0) + float(value)
+    return {k: v for k, v in sorted(out.items()) if v}
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return 0.0
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def run_chaos(cfg: ChaosConfig, tmp: Path | None = None) -> dict[str, Any]:
+    if tmp is not None:
+        return await Harness(cfg, tmp).run()
+    with tempfile.TemporaryDirectory(prefix="dynamo-ext-chaos-") as d:
+        return await Harness(cfg, Path(d)).run()
+
+
+# ======================================================================================
+# CLI: dynamo-ext bench chaos
+# ======================================================================================
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "Chaos run: real router, mocker fleet, seeded faults, invariants (JSON)."
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of load and faults")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=6)
+    p.add_argument("--clients", type=int, default=4, help="concurrent request loops")
+    p.add_argument(
+        "--faults",
+        default=",".join(FAULT_KINDS),
+        help=f"comma-separated fault kinds ('' for none): {','.join(FAULT_KINDS)}",
+    )
+    p.add_argument("--fault-every", type=float, default=1.5, help="mean seconds between faults")
+    p.add_argument("--checkpoint-every", type=float, default=15.0)
+    p.add_argument("--settle", type=float, default=8.0, help="convergence budget per checkpoint")
+    p.add_argument(
+        "--router-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="RouterConfig override (YAML value), repeatable",
+    )
+    p.add_argument("--keep-logs", help="folder for the router logs (default: a temp folder)")
+    p.add_argument("--json", action="store_true", help="one JSON object on one line")
+
+
+def main(args: argparse.Namespace) -> int:
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for item in args.router_set:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise ValueError(f"--router-set wants KEY=VALUE, got {item!r}")
+        overrides[k] = yaml.safe_load(v)
+    cfg = ChaosConfig(
+        duration_s=args.duration,
+        seed=args.seed,
+        workers=args.workers,
+        clients=args.clients,
+        faults=[f for f in args.faults.split(",") if f],
+        fault_every_s=args.fault_every,
+        checkpoint_every_s=args.checkpoint_every,
+        settle_s=args.settle,
+        router=overrides,
+    )
+    tmp = Path(args.keep_logs) if args.keep_logs else None
+    if tmp is not None:
+        tmp.mkdir(parents=True, exist_ok=True)
+    res = asyncio.run(run_chaos(cfg, tmp))
+    print(json.dumps(res) if args.json else json.dumps(res, indent=2))
+    return 0 if res["ok"] else 1
