@@ -7,7 +7,7 @@ that share system-prompt prefixes, encodes them as real vLLM ``KVEventBatch`` ms
 measures:
 
 * ``ingest_events_per_s``: blocks applied per second, decode of the frame included, through
-  the router's own ``_apply_batch``;
+  the router's own ``KvIngest.apply``;
 * ``route_p50_us`` / ``route_p99_us``: one full ``route()`` (find_matches over precomputed
   block hashes, scoring of every worker, bookkeeping) for 4k- and 32k-token prompts that hit
   a worker's chain part way;
@@ -35,7 +35,7 @@ from dynamo_ext.protocol import (
     encode,
 )
 from dynamo_ext.router.indexer import KvIndex
-from dynamo_ext.router.server import RouterServer
+from dynamo_ext.router.service import RouterService
 from dynamo_ext.stats import percentile
 
 BLOCK_SIZE = 16
@@ -95,10 +95,10 @@ class Workload:
         return chain[:keep] + [self.rng.getrandbits(64) for _ in range(num_blocks - keep)]
 
 
-def _router(workers: int) -> tuple[RouterServer, list[Any]]:
+def _router(workers: int) -> tuple[RouterService, list[Any]]:
     cfg = RouterConfig(bind="tcp://127.0.0.1:0", metrics_port=None, block_size=BLOCK_SIZE)
-    srv = RouterServer(cfg)
-    entries = [srv._add_worker(WorkerRegistration(f"w{i}"), static=True) for i in range(workers)]
+    srv = RouterService(cfg)
+    entries = [srv.register(WorkerRegistration(f"w{i}"), static=True) for i in range(workers)]
     return srv, entries
 
 
@@ -107,16 +107,16 @@ def bench_one(workers: int, blocks: int, queries: int, peer: bool) -> dict[str, 
     frames = wl.frames()
     srv, entries = _router(workers)
     for e in entries:  # synthetic hashes are not hashes of the synthetic tokens
-        e.hash_checked = True
-    decode = srv._decode_kv  # the router's own choice of decoder (lean in engine mode)
-    apply = srv._apply_batch
+        e.stream.hash_checked = True
+    decode = srv.ingest.decode  # the router's own choice of decoder (lean in engine mode)
+    apply = srv.ingest.apply
     gc.collect()
     gc.disable()
     try:
         t0 = time.perf_counter()
         for w, payload in frames:
-            e = entries[w]
-            apply(e, decode(e, payload))
+            st = entries[w].stream
+            apply(st, decode(st, payload))
         ingest_s = time.perf_counter() - t0
     finally:
         gc.enable()

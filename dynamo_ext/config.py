@@ -107,7 +107,19 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # published while our SUB was still joining (ZMQ drops it) is then not lost for good
     # when the worker goes idle after it. 0: never.
     resync_interval_s: float = 5.0
-    max_blocks_per_worker: int = 0  # 0: unbounded; engines bound their own caches
+    # 0: unbounded (engines bound their own caches); else the least recently stored blocks
+    # of a worker's tier are evicted from the index past this many.
+    max_blocks_per_worker: int = 0
+    # A dynamic worker with no sign of life (metrics, keep-alive, KV batch) this long is
+    # removed with its index and sockets (pods that restart under new names). 0: never.
+    worker_expiry_s: float = 60.0
+    max_message_bytes: int = 16 << 20  # every socket's ZMQ_MAXMSGSIZE
+    max_route_tokens: int = 1 << 20  # a longer prompt gets a bad_request reply
+    sub_hwm: int = 100_000  # receive high-water mark of the KV and metrics SUBs
+    kv_buffer_batches: int = 10_000  # live batches a stream holds while a replay runs
+    max_replays_in_flight: int = 8
+    replay_attempts: int = 4  # rounds per replay when the publisher skips seqs
+    reconnect_ivl_max_ms: int = 10_000  # reconnects to a dead endpoint back off to this
     log_decisions: bool = False
     # Router-driven prefetch: when the chosen worker's memory tiers (GPU, CPU) miss a
     # prefix that its disk tier or the global pool (REMOTE tier, any writer) holds, tell
@@ -126,6 +138,19 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         for name in ("worker_timeout_s", "request_ttl_s", "replay_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, "must be > 0")
+        for name in (
+            "max_message_bytes",
+            "max_route_tokens",
+            "sub_hwm",
+            "kv_buffer_batches",
+            "max_replays_in_flight",
+            "replay_attempts",
+            "reconnect_ivl_max_ms",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, "must be > 0")
+        if self.worker_expiry_s < 0 or self.max_blocks_per_worker < 0:
+            raise ConfigError("worker_expiry_s", "must be >= 0 (0: off)")
         if self.resync_interval_s < 0:
             raise ConfigError("resync_interval_s", "must be >= 0 (0: off)")
         ids = [w.worker_id for w in self.workers]

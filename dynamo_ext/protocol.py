@@ -166,6 +166,14 @@ class WorkerRegistration(msgspec.Struct, tag="register", omit_defaults=True):
     # SGLang PD only: host:port of the prefill worker's bootstrap server
     # (--disaggregation-bootstrap-port), sent as bootstrap_host/bootstrap_port.
     bootstrap_endpoint: str | None = None
+    # Data parallel: each DP engine of one server is its own worker (own cache, own KV
+    # stream); the router keys it as ``worker_id`` + ``@dp<rank>`` (``dp_worker_id``).
+    data_parallel_rank: int | None = None
+
+
+def dp_worker_id(worker_id: str, data_parallel_rank: int | None) -> str:
+    """The router's id for one data-parallel engine of a worker."""
+    return worker_id if data_parallel_rank is None else f"{worker_id}@dp{data_parallel_rank}"
 
 
 class WorkerDeregistration(msgspec.Struct, tag="deregister"):
@@ -184,6 +192,8 @@ class RouteRequest(msgspec.Struct, tag="route", omit_defaults=True):
     # Reserve predicted load on the chosen worker until RequestFinished (default) or not.
     track: bool = True
     explain: bool = False  # return the score of every candidate, not only the winner
+    # Route only to workers serving this model (workers that registered one); None: any.
+    model: str | None = None
 
 
 class PrefillFinished(msgspec.Struct, tag="prefill_done"):
@@ -192,8 +202,13 @@ class PrefillFinished(msgspec.Struct, tag="prefill_done"):
     request_id: str
 
 
-class RequestFinished(msgspec.Struct, tag="finished"):
+class RequestFinished(msgspec.Struct, tag="finished", omit_defaults=True):
     request_id: str
+    # What the router predicted the worker had cached for the prompt and what the worker
+    # reported it reused (vLLM's usage.prompt_tokens_details.cached_tokens), in tokens:
+    # the router's index checks itself against the engine with these.
+    predicted_cached_tokens: int | None = None
+    actual_cached_tokens: int | None = None
 
 
 class WorkerFailed(msgspec.Struct, tag="worker_failed"):
@@ -206,7 +221,8 @@ class WorkerFailed(msgspec.Struct, tag="worker_failed"):
 class RouterQuery(msgspec.Struct, tag="query"):
     """Ask for the router's view of the fleet (debugging, tests, gateways)."""
 
-    what: Literal["workers"] = "workers"
+    what: Literal["workers", "index"] = "workers"
+    worker_id: str | None = None  # "index": whose indexed blocks to return
 
 
 ControlMessage = (
@@ -262,10 +278,22 @@ class WorkerState(msgspec.Struct, omit_defaults=True):
     indexed_blocks: dict[str, int]
     last_metrics: WorkerMetrics | None = None
     active_requests: int = 0  # routed by this router, not reported finished
+    stale: str = ""  # why the index may differ from the worker's cache ("" if exact)
+    last_seq: int = -1  # last KV batch applied
+    hit_error_tokens: float = 0.0  # mean |predicted - reported| cached tokens, recent
 
 
 class FleetState(msgspec.Struct, tag="fleet"):
     workers: list[WorkerState]
+
+
+class WorkerIndex(msgspec.Struct, tag="index"):
+    """The audit answer: every block hash the router indexes for one worker, per tier."""
+
+    worker_id: str
+    blocks: dict[str, list[int]]
+    last_seq: int = -1
+    stale: str = ""
 
 
 class PrefetchRequest(msgspec.Struct, tag="prefetch", omit_defaults=True):
@@ -287,7 +315,7 @@ class ErrorReply(msgspec.Struct, tag="error"):
     request_id: str | None = None
 
 
-ReplyMessage = RouteResponse | Ack | FleetState | ErrorReply
+ReplyMessage = RouteResponse | Ack | FleetState | WorkerIndex | ErrorReply
 
 # Shared encoders/decoders: building them once keeps per-message allocation off the hot path.
 encoder = msgspec.msgpack.Encoder()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from dynamo_ext.errors import DynamoExtError
 from dynamo_ext.protocol import MEDIUM_CPU, MEDIUM_DISK, MEDIUM_GPU, MEDIUM_REMOTE, MEDIUM_STORAGE
 
 # Lookup order after the GPU prefix: an engine tries its host memory first, then disk, then
@@ -24,6 +25,10 @@ from dynamo_ext.protocol import MEDIUM_CPU, MEDIUM_DISK, MEDIUM_GPU, MEDIUM_REMO
 TIER_ORDER: tuple[str, ...] = (MEDIUM_GPU, MEDIUM_CPU, MEDIUM_DISK, MEDIUM_STORAGE, MEDIUM_REMOTE)
 
 MAX_WORKERS = 4096
+
+
+class IndexFullError(DynamoExtError, ValueError):
+    """Every worker slot of the index is taken."""
 
 
 class PrefixMatches:
@@ -68,7 +73,10 @@ class KvIndex:
         self._counts: list[dict[str, int]] = []
         self._all_mask = 0
         self.max_blocks_per_worker = max_blocks_per_worker
-        self.dropped_over_capacity = 0
+        self.dropped_over_capacity = 0  # blocks evicted to respect max_blocks_per_worker
+        # With a capacity bound: per slot and tier, the held hashes in store order, so the
+        # least recently stored are evicted first (never the block just stored).
+        self._lru: list[dict[str, dict[int, None]]] = []
 
     # ---- workers -------------------------------------------------------------------
     def add_worker(self, worker_id: str) -> int:
@@ -79,13 +87,15 @@ class KvIndex:
             slot = self._free.pop()
             self._ids[slot] = worker_id
             self._counts[slot] = {}
+            self._lru[slot] = {}
         else:
             slot = len(self._ids)
             if slot >= MAX_WORKERS:
-                raise ValueError(f"index holds at most {MAX_WORKERS} workers")
+                raise IndexFullError(f"index holds at most {MAX_WORKERS} workers")
             self._ids.append(worker_id)
             self._bits.append(1 << slot)
             self._counts.append({})
+            self._lru.append({})
         self._slots[worker_id] = slot
         self._all_mask |= self._bits[slot]
         return slot
@@ -119,6 +129,7 @@ class KvIndex:
                 else:
                     del d[h]
             self._counts[slot].pop(t, None)
+            self._lru[slot].pop(t, None)
 
     def workers(self) -> list[str]:
         return list(self._slots)
@@ -139,6 +150,24 @@ class KvIndex:
         slot = self._slots.get(worker_id)
         return dict(self._counts[slot]) if slot is not None else {}
 
+    def tier_sizes(self) -> dict[str, int]:
+        """Distinct blocks held per tier (any worker)."""
+        return {t: len(d) for t, d in self._tiers.items()}
+
+    def holds(self, slot: int, h: int) -> bool:
+        """Whether the worker in ``slot`` holds block ``h`` in any tier."""
+        b = self._bits[slot]
+        return any(d.get(h, 0) & b for d in self._tiers.values())
+
+    def worker_blocks(self, worker_id: str) -> dict[str, list[int]]:
+        """Every block hash the worker holds, per tier (the audit view; O(index))."""
+        slot = self._slots.get(worker_id)
+        if slot is None:
+            return {}
+        b = self._bits[slot]
+        out = {t: [h for h, m in d.items() if m & b] for t, d in self._tiers.items()}
+        return {t: hs for t, hs in out.items() if hs}
+
     def num_entries(self) -> int:
         """Distinct (tier, block) keys held: the unit of ``bytes_per_block``."""
         return sum(len(d) for d in self._tiers.values())
@@ -151,14 +180,12 @@ class KvIndex:
             d = self._tiers[tier] = {}
             self._tier_rank.setdefault(tier, len(self._tier_rank))
         counts = self._counts[slot]
-        cap = self.max_blocks_per_worker
-        if cap and counts.get(tier, 0) + len(hashes) > cap:
-            room = max(0, cap - counts.get(tier, 0))
-            self.dropped_over_capacity += len(hashes) - room
-            hashes = hashes[:room]
         b = self._bits[slot]
         get = d.get
         added = 0
+        cap = self.max_blocks_per_worker
+        if cap:
+            return self._store_bounded(slot, hashes, tier, d, cap)
         for h in hashes:
             old = get(h, 0)
             if not old & b:
@@ -167,6 +194,37 @@ class KvIndex:
                 added += 1
         if added:
             counts[tier] = counts.get(tier, 0) + added
+        return added
+
+    def _store_bounded(
+        self, slot: int, hashes: Sequence[int], tier: str, d: dict[int, int], cap: int
+    ) -> int:
+        lru = self._lru[slot].setdefault(tier, {})
+        b = self._bits[slot]
+        nb = ~b
+        added = 0
+        for h in hashes:
+            old = d.get(h, 0)
+            if old & b:
+                del lru[h]  # stored again: now the most recent
+            else:
+                d[h] = old | b if old else b
+                added += 1
+            lru[h] = None
+        counts = self._counts[slot]
+        over = len(lru) - cap
+        if over > 0:
+            it = iter(lru)
+            victims = [next(it) for _ in range(over)]
+            for h in victims:
+                del lru[h]
+                m = d[h] & nb
+                if m:
+                    d[h] = m
+                else:
+                    del d[h]
+            self.dropped_over_capacity += over
+        counts[tier] = len(lru)
         return added
 
     def remove(self, slot: int, hashes: Iterable[int], tier: str = MEDIUM_GPU) -> int:
@@ -186,6 +244,8 @@ class KvIndex:
                 else:
                     del d[h]
                 removed += 1
+                if self.max_blocks_per_worker:
+                    self._lru[slot].get(tier, {}).pop(h, None)
         if removed:
             counts = self._counts[slot]
             counts[tier] = counts.get(tier, 0) - removed

@@ -112,6 +112,58 @@ class RouterMetrics:
         self.indexed_blocks = Gauge(
             p + "indexed_blocks", "Distinct blocks in the index, per tier", ["tier"], registry=r
         )
+        self.index_stale = Gauge(
+            p + "worker_index_stale",
+            "1 while the worker's index may differ from its cache (lost KV batches)",
+            ["worker"],
+            registry=r,
+        )
+        self.kv_dropped = Counter(
+            p + "kv_batches_dropped",
+            "KV batches never applied: lost (no replay could fill the gap) or dropped from "
+            "the bounded buffer while a replay ran",
+            ["reason"],
+            registry=r,
+        )
+        self.orphan_blocks = Counter(
+            p + "orphan_blocks",
+            "Blocks stored under a parent the worker's index does not hold (engine mode)",
+            registry=r,
+        )
+        self.metrics_gaps = Counter(
+            p + "metrics_gaps",
+            "WorkerMetrics heartbeats missed (dropped by the metrics SUB or the network)",
+            registry=r,
+        )
+        self.task_restarts = Counter(
+            p + "task_restarts",
+            "Router tasks that died with an exception and were restarted",
+            ["task"],
+            registry=r,
+        )
+        self.workers_expired = Counter(
+            p + "workers_expired",
+            "Workers removed with their index after being down past worker_expiry_s",
+            registry=r,
+        )
+        self.rejected = Counter(
+            p + "rejected_requests",
+            "Control requests refused, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.hit_error = Histogram(
+            p + "hit_prediction_error_tokens",
+            "Predicted minus engine-reported cached prompt tokens, per finished request",
+            buckets=(-4096, -1024, -256, -128, -1, 0, 1, 128, 256, 1024, 4096),
+            registry=r,
+        )
+        self.worker_staleness = Gauge(
+            p + "worker_hit_prediction_error",
+            "Mean |predicted - reported| cached tokens of the worker's recent requests",
+            ["worker"],
+            registry=r,
+        )
         self.active_requests = Gauge(
             p + "active_requests", "Routed requests not yet reported finished", registry=r
         )

@@ -5,9 +5,9 @@ A Mooncake trace (JSON lines: ``timestamp`` ms, ``input_length``, ``output_lengt
 ``--speedup`` (the load multiplier, as Dynamo's ``arrival_speedup_ratio``), in virtual time:
 a discrete-event simulation of ``--workers`` simulated vLLM engines (``MockerCore``: paged
 prefix cache, chunked-prefill batching, roofline step times) behind OUR REAL router logic, a
-``RouterServer`` embedded in this process. The router is fed what it would get over its
+``RouterService`` embedded in this process. The router is fed what it would get over its
 sockets: every step's KV events encoded as vLLM's msgpack ``KVEventBatch`` and passed
-through its sequence-checking ingest (``_on_kv_frames``), ``WorkerMetrics`` encoded and
+through its sequence-checking ingest (``KvIngest.on_live``), ``WorkerMetrics`` encoded and
 decoded every ``--metrics-period`` virtual seconds, ``route`` for each arrival,
 ``PrefillFinished`` at the first token and ``RequestFinished`` at the last, as our frontend
 sends them. Nothing waits on a clock, so an hour of trace replays in seconds to minutes.
@@ -86,16 +86,6 @@ KV_POLICY = ScorerConfig(mode="kv", seed=0)  # the router's defaults
 OFFLOAD_CPU_KV_GB = 100.0
 
 
-def _drive(coro: Any) -> None:
-    """Run a router coroutine that completes without awaiting I/O (no gap: no replay)."""
-    try:
-        coro.send(None)
-    except StopIteration:
-        return
-    coro.close()
-    raise RuntimeError("router ingest awaited I/O inside the virtual-time replay")
-
-
 def simulate(
     name: str,
     scorer: ScorerConfig,
@@ -105,31 +95,28 @@ def simulate(
     speedup: float,
     metrics_period_s: float,
 ) -> PolicyRun:
-    import zmq.asyncio
 
-    from dynamo_ext.router.server import RouterServer
+    from dynamo_ext.router.service import RouterService
 
     rows = prompts.rows
     bs = mcfg.block_size
     t_wall = time.perf_counter()
     # Worker registrations of a simulated fleet are not news: keep the router's log quiet.
     logging.getLogger("dynamo_ext.router").setLevel(logging.WARNING)
-    ctx = zmq.asyncio.Context()
-    srv = RouterServer(
+    srv = RouterService(
         RouterConfig(
             bind="tcp://127.0.0.1:0",
             metrics_port=None,
             block_size=bs,
             request_ttl_s=1e12,  # virtual time outruns the wall clock the TTL counts in
             scorer=scorer,
-        ),
-        ctx=ctx,
+        )
     )
     ids = [f"worker-{i}" for i in range(workers)]
-    entries = [srv._add_worker(WorkerRegistration(wid, block_size=bs), static=True) for wid in ids]
+    entries = [srv.register(WorkerRegistration(wid, block_size=bs), static=True) for wid in ids]
     if not mcfg.emit_token_ids:
         for e in entries:  # nothing to check the engine's hashes against: trust them
-            e.hash_checked = True
+            e.stream.hash_checked = True
     pos = {wid: i for i, wid in enumerate(ids)}
     cores = [MockerCore(mcfg, wid) for wid in ids]
     seqs = [0] * workers
@@ -155,7 +142,7 @@ def simulate(
         nonlocal pending
         if res.events:
             payload = encode(KVEventBatch(ts=res.end, events=res.events))
-            _drive(srv._on_kv_frames(entries[w], [b"kv", seq_bytes(seqs[w]), payload]))
+            srv.ingest.on_live(entries[w].stream, [b"kv", seq_bytes(seqs[w]), payload])
             seqs[w] += 1
             run.kv_events += len(res.events)
         end = res.end
@@ -234,7 +221,6 @@ def simulate(
             heapq.heappush(heap, (t + metrics_period_s, METRICS, order, 0))
             order += 1
     run.wall_s = time.perf_counter() - t_wall
-    ctx.term()
     return run
 
 

@@ -101,11 +101,20 @@ def test_candidates_mask_limits_the_answer() -> None:
     assert m.gpu == {"a": 2}
 
 
-def test_capacity_bound_drops_and_counts() -> None:
+def test_capacity_bound_evicts_least_recently_stored_never_the_newest() -> None:
+    # Was: the bound kept the oldest blocks and dropped every new one.
     idx = KvIndex(max_blocks_per_worker=3)
     a = idx.add_worker("a")
-    assert idx.store(a, [1, 2, 3, 4, 5]) == 3
+    idx.store(a, [1, 2, 3, 4, 5])
     assert idx.dropped_over_capacity == 2
+    assert idx.block_counts("a") == {"GPU": 3}
+    assert idx.worker_blocks("a") == {"GPU": [3, 4, 5]}
+    idx.store(a, [3])  # stored again: now the most recent
+    idx.store(a, [6])
+    assert sorted(idx.worker_blocks("a")["GPU"]) == [3, 5, 6]
+    idx.remove(a, [5])
+    idx.store(a, [7])
+    assert sorted(idx.worker_blocks("a")["GPU"]) == [3, 6, 7]
     assert idx.block_counts("a") == {"GPU": 3}
 
 

@@ -117,19 +117,18 @@ def test_lru_eviction_emits_block_removed_tail_first() -> None:
     assert [e.medium for e in evs if isinstance(e, BlockRemoved)] == ["GPU"]
     assert c.is_cached(ha[0]) and not c.is_cached(ha[3])
     # The router's index, fed these very events, agrees with the engine.
-    from dynamo_ext.router.server import RouterServer
+    from dynamo_ext.router.service import RouterService
 
-    srv = RouterServer(RouterConfig(metrics_port=None, block_size=BS))
-    w = srv._add_worker(WorkerRegistration("w", block_size=BS), static=True)
+    srv = RouterService(RouterConfig(metrics_port=None, block_size=BS))
+    w = srv.register(WorkerRegistration("w", block_size=BS), static=True)
     c2 = core(blocks=8)
     for r in run(c2, [SimRequest("a", list(a.tokens[:16]), 1, 0.0)]) + run(
         c2, [SimRequest("b", list(range(300, 323)), 1, 1.0)], at=1.0
     ):
         if r.events:
-            srv._apply_batch(w, kv_batch_decoder.decode(encode(KVEventBatch(0.0, r.events))))
+            srv.ingest.apply(w.stream, kv_batch_decoder.decode(encode(KVEventBatch(0.0, r.events))))
     m = srv.index.find_matches(ha)
     assert m.gpu == {"w": 2}
-    srv.ctx.term()
 
 
 def test_chunked_prefill_shares_steps_with_decodes() -> None:

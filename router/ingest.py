@@ -1,0 +1,438 @@
+"""KV event ingestion: per-stream sequence state, batch decoding, validation and applying
+batches to the index. No sockets: the server feeds it frames and runs the replays it asks
+for, the simulator and benchmarks call it directly.
+
+A worker's stream is ``[topic, seq, payload]`` batches from vLLM's ``ZmqEventPublisher`` (or
+ours). The rules, per stream:
+
+* batches apply in seq order; a seq already applied (a replay overlapping the live stream)
+  is a duplicate; a seq going back below what a replay covered is a restarted publisher;
+* a seq gap asks for a replay (``on_live`` returns the seq to replay from); while a replay
+  runs, live batches wait in a bounded buffer, so the index never applies a batch before
+  the batches it follows;
+* a replay that comes back short (a hole: the publisher's send buffer dropped frames) is
+  retried from the hole; what no replay can fill is *lost*: the stream advances past it
+  (one loss counts as one gap, not one per later batch), the worker's index is marked
+  stale, and, where the publisher can replay its history, rebuilt from it;
+* every payload is decoded and validated on its own: a malformed batch (bad msgpack, too
+  deep, wrong block size, token count, hash type, unknown tier) is counted with its origin
+  and dropped, and nothing it holds reaches the index.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Final
+
+import msgspec
+
+from dynamo_ext.hashing import BlockHasher, to_external, token_block_hashes
+from dynamo_ext.protocol import (
+    MEDIUM_CPU,
+    MEDIUM_DISK,
+    MEDIUM_GPU,
+    MEDIUM_REMOTE,
+    MEDIUM_STORAGE,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    Cleared,
+    HashesBatch,
+    KVEventBatch,
+    RemovedHashes,
+    StoredHashes,
+    event_tier,
+    hashes_batch_decoder,
+    kv_batch_decoder,
+    seq_from_bytes,
+)
+from dynamo_ext.router.indexer import KvIndex
+from dynamo_ext.router.metrics import RouterMetrics
+
+log = logging.getLogger(__name__)
+
+Batch = KVEventBatch | HashesBatch
+# Tiers an event may name; anything else is malformed (it would create an index tier and
+# a metrics label per distinct string).
+KNOWN_TIERS: Final = frozenset((MEDIUM_GPU, MEDIUM_CPU, MEDIUM_DISK, MEDIUM_REMOTE))
+_KNOWN_MEDIA: Final = frozenset((None, MEDIUM_GPU, MEDIUM_CPU, MEDIUM_DISK, MEDIUM_STORAGE))
+_KNOWN_LOCALITY: Final = frozenset((None, "LOCAL", "REMOTE"))
+MAX_HASH_BYTES: Final = 32  # a sha256 digest; vLLM sends ints by default
+# Errors a payload may raise while decoding: msgspec's own, and RecursionError from a
+# payload nested deeper than msgspec's recursion bound.
+DECODE_ERRORS: Final = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
+
+Malformed = Callable[[str, str, object], None]
+
+
+class InvalidEvent(ValueError):
+    """A decoded event that breaks the stream's rules (block size, hashes, tier)."""
+
+
+class StreamState:
+    """One worker's KV stream as the ingest sees it."""
+
+    __slots__ = (
+        "worker_id",
+        "slot",
+        "last_seq",
+        "dup_floor",
+        "xlat",
+        "hash_checked",
+        "events_applied",
+        "replaying",
+        "pending",
+        "overflowed",
+        "replay_hole",
+        "stale",
+        "lost_batches",
+        "can_replay",
+        "replay_first",
+    )
+
+    def __init__(self, worker_id: str, slot: int, can_replay: bool) -> None:
+        self.worker_id = worker_id
+        self.slot = slot
+        self.can_replay = can_replay
+        self.last_seq = -1  # last applied batch; -1: nothing yet
+        self.dup_floor = 0  # live seqs in [dup_floor, last_seq] are replay duplicates
+        # tokens mode only: engine hash -> router hash, per tier.
+        self.xlat: dict[str, dict[int, int]] = {}
+        self.hash_checked = False
+        self.events_applied = 0
+        self.replaying = False
+        self.pending: deque[tuple[int, Batch]] = deque()
+        self.overflowed = False  # live batches dropped while a replay ran
+        self.replay_hole = False  # the running replay skipped a seq
+        self.stale = ""  # why the index may differ from the worker's cache; "" if exact
+        self.lost_batches = 0
+        self.replay_first: int | None = None  # first seq a replay applied
+
+
+class KvIngest:
+    """Decodes, validates and applies KV batches for every worker's stream."""
+
+    def __init__(
+        self,
+        index: KvIndex,
+        hasher: BlockHasher,
+        metrics: RouterMetrics,
+        malformed: Malformed,
+        *,
+        block_size: int,
+        hash_mode: str,
+        hash_algo: str,
+        buffer_batches: int = 10_000,
+    ) -> None:
+        self.index = index
+        self.hasher = hasher
+        self.metrics = metrics
+        self.malformed = malformed
+        self.block_size = block_size
+        self.tokens_mode = hash_mode == "tokens"
+        self.hash_algo = hash_algo
+        self.buffer_batches = buffer_batches
+        self.streams: dict[str, StreamState] = {}
+
+    # ------------------------------------------------------------------ streams
+    def add_stream(self, worker_id: str, slot: int, can_replay: bool) -> StreamState:
+        st = StreamState(worker_id, slot, can_replay)
+        self.streams[worker_id] = st
+        self.metrics.index_stale.labels(worker_id).set(0)
+        return st
+
+    def remove_stream(self, worker_id: str) -> None:
+        if self.streams.pop(worker_id, None) is not None:
+            _remove_label(self.metrics.index_stale, worker_id)
+
+    def reset(self, st: StreamState, why: str) -> None:
+        """The worker's cache is empty again (a restart): forget its index and stream."""
+        log.warning("worker %s: %s, clearing its index", st.worker_id, why)
+        self.metrics.restarts.labels(st.worker_id).inc()
+        self.index.clear_worker(st.worker_id)
+        st.xlat.clear()
+        self._set_stale(st, "")
+
+    def _set_stale(self, st: StreamState, why: str) -> None:
+        if why and not st.stale:
+            log.warning("worker %s: index marked stale: %s", st.worker_id, why)
+        st.stale = why
+        self.metrics.index_stale.labels(st.worker_id).set(1 if why else 0)
+
+    # ------------------------------------------------------------------ decoding
+    def decode(self, st: StreamState, payload: bytes) -> Batch:
+        """Decode one payload (raises one of ``DECODE_ERRORS``)."""
+        # Token ids are only needed to hash them (tokens mode) or to check once that the
+        # router reproduces the engine's hashes; otherwise skip them while decoding.
+        if self.tokens_mode or not st.hash_checked:
+            return kv_batch_decoder.decode(payload)
+        return hashes_batch_decoder.decode(payload)
+
+    def _decode(self, st: StreamState, payload: bytes, source: str) -> Batch | None:
+        try:
+            return self.decode(st, payload)
+        except DECODE_ERRORS as exc:
+            self.malformed(source, st.worker_id, exc)
+        except Exception as exc:  # noqa: BLE001 - one payload must never stop a stream
+            self.malformed(source, st.worker_id, f"{type(exc).__name__}: {exc}")
+        return None
+
+    # ------------------------------------------------------------------ live stream
+    def on_live(self, st: StreamState, frames: Sequence[bytes]) -> int | None:
+        """One live ``[topic, seq, payload]`` message. Returns the seq to replay from when
+        the caller should start a replay (and then call ``begin_replay``), else None."""
+        if len(frames) != 3:
+            self.malformed("kv", st.worker_id, f"{len(frames)} frames")
+            return None
+        try:
+            seq = seq_from_bytes(frames[1])
+        except msgspec.DecodeError as exc:
+            self.malformed("kv", st.worker_id, exc)
+            return None
+        if seq < 0:
+            self.malformed("kv", st.worker_id, f"negative seq {seq}")
+            return None
+        batch = self._decode(st, frames[2], "kv")
+        if st.replaying:
+            if batch is None:
+                return None
+            if len(st.pending) >= self.buffer_batches:
+                # Bounded: drop the buffer; the replay's end rebuilds the stream.
+                st.pending.clear()
+                st.overflowed = True
+                self.metrics.kv_dropped.labels("buffer").inc()
+            st.pending.append((seq, batch))
+            return None
+        return self._sequence(st, seq, batch)
+
+    def _sequence(self, st: StreamState, seq: int, batch: Batch | None) -> int | None:
+        last = st.last_seq
+        if last < 0 or seq == last + 1:
+            self._apply_logged(st, batch)
+        elif seq <= last:
+            if seq >= st.dup_floor:
+                return None  # already applied from a replay
+            # The publisher's counter went back: a new process with an empty cache.
+            self.reset(st, f"KV seq went back {last} -> {seq}: restart")
+            self._apply_logged(st, batch)
+        else:
+            self.metrics.seq_gaps.labels(st.worker_id).inc()
+            log.warning("worker %s KV seq gap: expected %d got %d", st.worker_id, last + 1, seq)
+            if st.can_replay and batch is not None:
+                st.pending.append((seq, batch))
+                return last + 1
+            self._lost(st, seq - last - 1, f"batches {last + 1}..{seq - 1} lost, no replay")
+            self._apply_logged(st, batch)
+        st.last_seq = seq
+        st.dup_floor = seq + 1
+        return None
+
+    def _lost(self, st: StreamState, n: int, why: str) -> None:
+        st.lost_batches += n
+        self.metrics.kv_dropped.labels("lost").inc(n)
+        self._set_stale(st, why)
+
+    # ------------------------------------------------------------------ replay
+    def begin_replay(self, st: StreamState) -> None:
+        st.replaying = True
+        st.replay_hole = False
+        st.replay_first = None
+
+    def on_replayed(self, st: StreamState, seq_frame: bytes, payload: bytes) -> None:
+        """One replayed batch (the replay socket's ``seq`` and ``payload`` frames)."""
+        try:
+            seq = seq_from_bytes(seq_frame)
+        except msgspec.DecodeError as exc:
+            self.malformed("replay", st.worker_id, exc)
+            return
+        if seq <= st.last_seq or st.replay_hole:
+            return
+        if st.last_seq >= 0 and seq != st.last_seq + 1:
+            # The publisher skipped seqs (its send buffer was full): ask again from the hole.
+            st.replay_hole = True
+            return
+        batch = self._decode(st, payload, "replay")
+        self._apply_logged(st, batch)
+        st.last_seq = seq
+        if st.replay_first is None:
+            st.replay_first = seq
+
+    def replay_round(self, st: StreamState, complete: bool) -> int | None:
+        """A replay round ended (``complete``: its end marker arrived). Returns the seq to
+        ask from again when it came back short, else None."""
+        if st.replay_hole and complete:
+            self.metrics.replays.labels(st.worker_id, "short").inc()
+            st.replay_hole = False
+            return st.last_seq + 1
+        return None
+
+    def end_replay(self, st: StreamState, start: int, complete: bool) -> bool:
+        """The replay is over: apply the batches that waited, in order. Returns True when the
+        stream lost batches that a full rebuild from the publisher's history could restore
+        (the caller may then ``rebuild``)."""
+        st.replaying = False
+        st.dup_floor = min(st.dup_floor, start)
+        lost = False
+        if st.overflowed:
+            st.overflowed = False
+            lost = True
+            self._lost(st, 0, "live batches dropped while a replay ran")
+        pending, st.pending = st.pending, deque()
+        for seq, batch in pending:
+            last = st.last_seq
+            if seq <= last:
+                continue
+            if last >= 0 and seq != last + 1:
+                self._lost(st, seq - last - 1, f"replay did not fill {last + 1}..{seq - 1}")
+                lost = True
+            self._apply_logged(st, batch)
+            st.last_seq = seq
+            st.dup_floor = seq + 1
+        return lost and st.can_replay
+
+    def rebuild(self, st: StreamState) -> None:
+        """Before replaying the publisher's whole history: start the worker's index over."""
+        self.index.clear_worker(st.worker_id)
+        st.xlat.clear()
+        st.last_seq = -1
+        st.dup_floor = 0
+
+    def rebuilt(self, st: StreamState) -> None:
+        """A rebuild's replay ended; exact again only if the history started at seq 0."""
+        if st.replay_first == 0:
+            self._set_stale(st, "")
+        else:
+            self._set_stale(st, "rebuilt from partial history")
+
+    # ------------------------------------------------------------------ applying
+    def _apply_logged(self, st: StreamState, batch: Batch | None) -> None:
+        if batch is None:
+            return
+        try:
+            self.apply(st, batch)
+        except Exception as exc:  # noqa: BLE001 - counted; the stream goes on
+            self.malformed("kv", st.worker_id, f"{type(exc).__name__}: {exc}")
+
+    def apply(self, st: StreamState, batch: Batch) -> None:
+        """Apply one decoded batch; an invalid event is counted and skipped."""
+        index = self.index
+        slot = st.slot
+        stored = removed = 0
+        for ev in batch.events:
+            t = type(ev)
+            try:
+                if t is StoredHashes or t is BlockStored:
+                    stored += self._store(st, ev)  # type: ignore[arg-type]
+                elif t is BlockRemoved or t is RemovedHashes:
+                    tier = self._tier(ev)  # type: ignore[arg-type]
+                    hashes = self._hashes(ev.block_hashes)  # type: ignore[union-attr]
+                    if self.tokens_mode:
+                        x = st.xlat.get(tier)
+                        if not x:
+                            continue
+                        hashes = [x.pop(h) for h in hashes if h in x]
+                    removed += index.remove(slot, hashes, tier)
+                elif t is AllBlocksCleared or t is Cleared:
+                    index.clear_worker(st.worker_id, MEDIUM_GPU)
+                    st.xlat.pop(MEDIUM_GPU, None)
+            except InvalidEvent as exc:
+                self.malformed("kv_event", st.worker_id, exc)
+        st.events_applied += len(batch.events)
+        if stored:
+            self.metrics.kv_blocks.labels("stored").inc(stored)
+        if removed:
+            self.metrics.kv_blocks.labels("removed").inc(removed)
+
+    def _tier(self, ev: StoredHashes | BlockStored | BlockRemoved | RemovedHashes) -> str:
+        if ev.medium not in _KNOWN_MEDIA or ev.locality not in _KNOWN_LOCALITY:
+            raise InvalidEvent(f"unknown tier {ev.medium!r}/{ev.locality!r}"[:120])
+        return event_tier(ev.medium, ev.locality)
+
+    @staticmethod
+    def _hashes(hashes: list[int | bytes]) -> list[int]:
+        """vLLM sends int hashes by default; raw sha256 bytes become the same 64-bit int."""
+        if hashes and type(hashes[0]) is not int:
+            out = []
+            for h in hashes:
+                if type(h) is not int:
+                    if len(h) > MAX_HASH_BYTES:  # type: ignore[arg-type]
+                        raise InvalidEvent(f"block hash of {len(h)} bytes")  # type: ignore[arg-type]
+                    h = to_external(h)  # type: ignore[arg-type]
+                out.append(h)
+            return out  # type: ignore[return-value]
+        return hashes  # type: ignore[return-value]
+
+    def _store(self, st: StreamState, ev: StoredHashes | BlockStored) -> int:
+        tier = self._tier(ev)
+        if ev.block_size != self.block_size:
+            raise InvalidEvent(f"block_size {ev.block_size}, router uses {self.block_size}")
+        hashes = self._hashes(ev.block_hashes)
+        token_ids = getattr(ev, "token_ids", None)
+        if token_ids is not None and len(token_ids) != len(hashes) * self.block_size:
+            raise InvalidEvent(
+                f"{len(token_ids)} token ids for {len(hashes)} blocks of {self.block_size}"
+            )
+        if self.tokens_mode:
+            local = self._xlat_stored(st, ev, hashes, tier)  # type: ignore[arg-type]
+            if local is None:
+                return 0
+            hashes = local
+        else:
+            parent = ev.parent_block_hash
+            if parent is not None and hashes:
+                p = self._hashes([parent])[0]
+                if not self.index.holds(st.slot, p):
+                    # Not wrong (the chain is in the hashes), but its prefix is unknown to
+                    # us: a lost batch or an evicted parent. Counted, applied.
+                    self.metrics.orphan_blocks.inc(len(hashes))
+            if not st.hash_checked and tier == MEDIUM_GPU and token_ids is not None:
+                self._check_hash(st, ev, hashes)  # type: ignore[arg-type]
+        return self.index.store(st.slot, hashes, tier)
+
+    def _xlat_stored(
+        self, st: StreamState, ev: BlockStored, hashes: list[int], tier: str
+    ) -> list[int] | None:
+        x = st.xlat.setdefault(tier, {})
+        parent = ev.parent_block_hash
+        if parent is None:
+            p = 0
+        else:
+            ph = self._hashes([parent])[0]
+            found = x.get(ph)
+            if found is None:
+                # The parent may sit in another tier (offload continues a GPU prefix).
+                for other in st.xlat.values():
+                    found = other.get(ph)
+                    if found is not None:
+                        break
+            if found is None:
+                self.malformed("kv_orphan", st.worker_id, "BlockStored with unknown parent")
+                return None
+            p = found
+        local = token_block_hashes(ev.token_ids, ev.block_size, p)
+        x.update(zip(hashes, local, strict=True))
+        return local
+
+    def _check_hash(self, st: StreamState, ev: BlockStored, hashes: list[int]) -> None:
+        """Once per worker: can we reproduce the engine's hash from its tokens?"""
+        if ev.parent_block_hash is not None or ev.extra_keys or ev.lora_name:
+            return
+        st.hash_checked = True
+        mine = self.hasher.engine_chain(None, ev.token_ids[: len(hashes) * ev.block_size])
+        if mine != hashes:
+            self.metrics.hash_mismatch.labels(st.worker_id).inc()
+            log.error(
+                "worker %s: engine block hashes differ from the router's (%s): check "
+                "hash_algo / hash_seed (PYTHONHASHSEED) or use hash_mode 'tokens'",
+                st.worker_id,
+                self.hash_algo,
+            )
+
+
+def _remove_label(metric: object, *labels: str) -> None:
+    try:
+        metric.remove(*labels)  # type: ignore[attr-defined]
+    except KeyError:
+        pass
