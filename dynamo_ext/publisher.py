@@ -6,6 +6,9 @@ batches and an end marker), for the parts that vLLM does not publish itself: off
 written by a connector, the mocker's simulated caches, tests. ``MetricsPublisher`` sends
 ``WorkerMetrics`` with the same framing, on a fixed period from a daemon thread.
 
+With a ``Curve`` (``dynamo_ext.security``) their sockets are CURVE servers in a context of
+their own, admitting the router's key and the allow-listed ones only.
+
 Both are thread-safe and never block the caller on a slow or absent router: PUB drops at
 its high-water mark, and a dropped batch is what the router's replay is for.
 """
@@ -30,8 +33,20 @@ from dynamo_ext.protocol import (
     encode,
     seq_bytes,
 )
+from dynamo_ext.security import Curve, start_authenticator
 
 log = logging.getLogger("dynamo_ext.publisher")
+
+
+def _secured(
+    curve: Curve | None, ctx: zmq.Context | None
+) -> tuple[zmq.Context, zmq.Context | None, object]:
+    """(context for our sockets, the context we own or None, its authenticator or None)."""
+    if curve is None:
+        return ctx or zmq.Context.instance(), None, None
+    # A ZAP handler belongs to one context: never put ours on a shared one.
+    own: zmq.Context = zmq.Context()
+    return own, own, start_authenticator(own, curve)
 
 
 def _bind_or_connect(sock: zmq.Socket, endpoint: str) -> str:
@@ -56,9 +71,12 @@ class KvEventPublisher:
         hwm: int = 100_000,
         data_parallel_rank: int | None = None,
         ctx: zmq.Context | None = None,
+        curve: Curve | None = None,
     ) -> None:
-        self._ctx = ctx or zmq.Context.instance()
+        self._ctx, self._own_ctx, self._auth = _secured(curve, ctx)
         self._pub = self._ctx.socket(zmq.PUB)
+        if curve is not None:
+            curve.server(self._pub)
         self._pub.setsockopt(zmq.SNDHWM, hwm)
         self._pub.setsockopt(zmq.LINGER, 0)
         self.endpoint = _bind_or_connect(self._pub, endpoint)
@@ -72,6 +90,8 @@ class KvEventPublisher:
         self._replay_thread: threading.Thread | None = None
         if replay_endpoint is not None:
             self._replay = self._ctx.socket(zmq.ROUTER)
+            if curve is not None:
+                curve.server(self._replay)
             self._replay.setsockopt(zmq.LINGER, 0)
             self._replay.bind(replay_endpoint)
             self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -135,16 +155,23 @@ class KvEventPublisher:
             self._replay_thread.join(timeout=1.0)
             self._replay.close(linger=0)
         self._pub.close(linger=0)
+        _release(self._own_ctx, self._auth)
 
 
 class MetricsPublisher:
     """Publishes ``WorkerMetrics``; ``start(snapshot, period_s)`` runs it on a daemon thread."""
 
     def __init__(
-        self, endpoint: str, topic: str = "metrics", ctx: zmq.Context | None = None
+        self,
+        endpoint: str,
+        topic: str = "metrics",
+        ctx: zmq.Context | None = None,
+        curve: Curve | None = None,
     ) -> None:
-        self._ctx = ctx or zmq.Context.instance()
+        self._ctx, self._own_ctx, self._auth = _secured(curve, ctx)
         self._pub = self._ctx.socket(zmq.PUB)
+        if curve is not None:
+            curve.server(self._pub)
         self._pub.setsockopt(zmq.SNDHWM, 1000)
         self._pub.setsockopt(zmq.LINGER, 0)
         self.endpoint = _bind_or_connect(self._pub, endpoint)
@@ -186,6 +213,14 @@ class MetricsPublisher:
         if self._thread is not None:
             self._thread.join(timeout=2.0)
         self._pub.close(linger=0)
+        _release(self._own_ctx, self._auth)
+
+
+def _release(ctx: zmq.Context | None, auth: object) -> None:
+    if auth is not None:
+        auth.stop()  # type: ignore[attr-defined]
+    if ctx is not None:
+        ctx.term()
 
 
 __all__ = ["EventBatch", "KvEventPublisher", "MetricsPublisher"]
