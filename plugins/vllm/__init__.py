@@ -5,6 +5,9 @@ Entry points (pyproject.toml):
 * ``vllm.general_plugins`` -> :func:`register`: registers ``DynamoExtConnector`` with vLLM's
   ``KVConnectorFactory`` (lazily, by module path) in every vLLM process, so
   ``--kv-transfer-config '{"kv_connector":"DynamoExtConnector",...}'`` just works;
+  it also registers the ``dynamo_ext_curve`` KV event publisher
+  (:mod:`~dynamo_ext.plugins.vllm.kv_events`, vLLM's framing over CURVE) with vLLM's
+  ``EventPublisherFactory``;
 * ``vllm.stat_logger_plugins`` -> :class:`~dynamo_ext.plugins.vllm.stats.DynamoExtStatLogger`:
   publishes ``WorkerMetrics`` from the engine's scheduler stats and registers the worker with
   the router. It is inert unless the worker is configured for dynamo-ext (our connector, or
@@ -41,7 +44,10 @@ def register() -> None:
     """``vllm.general_plugins`` hook: called once per vLLM process, before engines start."""
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
+    from dynamo_ext.plugins.vllm import kv_events
+
     _setup_logging()
+    kv_events.register()
     if CONNECTOR_NAME in KVConnectorFactory._registry:
         return
     KVConnectorFactory.register_connector(

@@ -9,6 +9,10 @@ the router and repeats the registration as a keep-alive, which heals a router re
 router that is down never blocks or fails the engine: metrics are dropped by the PUB socket
 and registration retries with backoff (both counted, and logged once per outage).
 
+With ``DYNAMO_EXT_CURVE_SECRET_KEY`` (this worker's key file) and
+``DYNAMO_EXT_CURVE_SERVER_KEY`` (the router's public key) set, the metrics PUB is a CURVE server
+that admits the router only, and the registrar is a CURVE client of the router.
+
 It is inert unless the worker is configured for dynamo-ext: our connector in
 ``--kv-transfer-config`` or ``DYNAMO_EXT_ROUTER`` / ``DYNAMO_EXT_METRICS`` in the environment.
 """
@@ -37,6 +41,7 @@ from dynamo_ext.plugins.vllm.config import (
     load_worker_config,
     prefetch_endpoint_of,
 )
+from dynamo_ext.plugins.vllm.kv_events import PUBLISHER_NAME as CURVE_PUBLISHER
 from dynamo_ext.protocol import (
     PROTOCOL_HEADER,
     Ack,
@@ -47,6 +52,7 @@ from dynamo_ext.protocol import (
     reply_decoder,
 )
 from dynamo_ext.publisher import MetricsPublisher
+from dynamo_ext.security import Curve, CurveConfig, load_curve
 
 log = logging.getLogger("dynamo_ext.plugins.vllm.stats")
 
@@ -80,9 +86,10 @@ def worker_config_of(vllm_config: VllmConfig) -> WorkerPluginConfig:
 class Registrar:
     """Registers with the router and keeps the registration alive, off the engine's path."""
 
-    def __init__(self, router: str, reg: WorkerRegistration) -> None:
+    def __init__(self, router: str, reg: WorkerRegistration, curve: Curve | None = None) -> None:
         self.router = router
         self.reg = reg
+        self.curve = curve
         self.registered = False
         self.failures = 0
         self._stop = threading.Event()
@@ -115,6 +122,8 @@ class Registrar:
         while not self._stop.is_set():
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None:
+                self.curve.client(sock)
             sock.connect(self.router)
             try:
                 while not self._stop.is_set():
@@ -167,11 +176,12 @@ class DynamoExtStatLogger(StatLoggerBase):
         self._queries = 0
         self._hits = 0
         ep = self.cfg.metrics_endpoint or f"tcp://{self.cfg.advertise_host}:0"
-        self.publisher = MetricsPublisher(ep)
+        self.curve = load_curve(CurveConfig.from_env(), "DYNAMO_EXT_CURVE")
+        self.publisher = MetricsPublisher(ep, curve=self.curve)
         self.publisher.start(self.snapshot, self.cfg.metrics_period_s)
         self.registrar: Registrar | None = None
         if self.cfg.router is not None:
-            self.registrar = Registrar(self.cfg.router, self.registration())
+            self.registrar = Registrar(self.cfg.router, self.registration(), self.curve)
             self.registrar.start()
         log.info(
             "dynamo-ext worker %s (role %s): metrics on %s every %.2fs, router %s",
@@ -187,7 +197,11 @@ class DynamoExtStatLogger(StatLoggerBase):
         kve = self.vllm_config.kv_events_config
         kv_ep = replay_ep = None
         topic = ""
-        if kve is not None and kve.enable_kv_cache_events and kve.publisher == "zmq":
+        if (
+            kve is not None
+            and kve.enable_kv_cache_events
+            and kve.publisher in ("zmq", CURVE_PUBLISHER)
+        ):
             kv_ep = advertise(kve.endpoint, host)
             replay_ep = advertise(kve.replay_endpoint, host)
             topic = kve.topic
