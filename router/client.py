@@ -4,6 +4,16 @@ One DEALER socket carries any number of concurrent calls: each is tagged with an
 correlation id the router echoes back, and one reader task resolves the matching future.
 Notifications (request finished, prefill done) go out with correlation id zero and get no
 answer, so reporting the end of a request costs the caller one send.
+
+No call can hang a caller: every call has one deadline (``timeout_s``) that covers the send
+as well as the answer, and a notification gets ``notify_timeout_s`` to go out, after which it
+is dropped and counted (``dropped_notifications``). The socket queues messages only on a
+live connection (``ZMQ_IMMEDIATE``): while the router is down a send cannot go out, so it
+fails at its deadline instead of piling up stale routes that a restarted router would then
+reserve load for. Once a call has failed that way, the next sends get only
+``_FAST_FAIL_S`` to find a connection until one goes out again, so a frontend answers 503
+at once during an outage instead of after a full timeout each. ZMTP heartbeats drop a
+connection whose peer stopped answering without closing it.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 from collections.abc import Sequence
 
 import msgspec
@@ -37,7 +48,14 @@ from dynamo_ext.protocol import (
     reply_decoder,
 )
 
+log = logging.getLogger(__name__)
+
 _NO_REPLY = b"\x00" * 8
+# Send budget while the last send found no connection: long enough for a reconnect that is
+# already under way (ZMQ retries every 100 ms), short enough that an outage costs nothing.
+_FAST_FAIL_S = 0.05
+_HEARTBEAT_IVL_MS = 1000
+_HEARTBEAT_TIMEOUT_MS = 3000
 
 
 class RouterClient:
@@ -46,14 +64,23 @@ class RouterClient:
         endpoint: str,
         timeout_s: float = 2.0,
         ctx: zmq.asyncio.Context | None = None,
+        *,
+        notify_timeout_s: float | None = None,
     ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.notify_timeout_s = (
+            min(timeout_s, 0.25) if notify_timeout_s is None else notify_timeout_s
+        )
+        self.dropped_notifications = 0
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._pending: dict[bytes, asyncio.Future[ReplyMessage]] = {}
         self._ids = itertools.count(1)
         self._reader: asyncio.Task[None] | None = None
+        self._unreachable = False  # the last send found no connection in its budget
 
     async def __aenter__(self) -> RouterClient:
         self.connect()
@@ -67,6 +94,10 @@ class RouterClient:
             return
         s = self._ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IMMEDIATE, 1)  # queue on live connections only
+        s.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout_s * 1000)))  # backstop
+        s.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_IVL_MS)
+        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
         s.connect(self.endpoint)
         self._sock = s
         self._reader = asyncio.get_running_loop().create_task(self._read())
@@ -99,15 +130,38 @@ class RouterClient:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 fut.set_exception(ProtocolError(f"malformed reply from router: {exc}"))
 
-    async def call(self, msg: msgspec.Struct) -> ReplyMessage:
-        self.connect()
+    @property
+    def reachable(self) -> bool:
+        """False while the last send found no connection to the router."""
+        return not self._unreachable
+
+    async def _send(self, frames: list[bytes], budget_s: float) -> None:
+        """Send ``frames`` within ``budget_s`` (less while the router is known down), or
+        raise ``RouterUnavailable``: the message is then not queued anywhere."""
         assert self._sock is not None
+        if self._unreachable:
+            budget_s = min(budget_s, _FAST_FAIL_S)
+        try:
+            async with asyncio.timeout(max(budget_s, 0.0)):
+                await self._sock.send_multipart(frames)
+        except (TimeoutError, zmq.Again) as exc:
+            self._unreachable = True
+            raise RouterUnavailable(
+                f"router at {self.endpoint} is not reachable (no connection in {budget_s:.3g}s)"
+            ) from exc
+        self._unreachable = False
+
+    async def call(self, msg: msgspec.Struct) -> ReplyMessage:
+        """Send ``msg`` and await the router's answer, all within ``timeout_s``."""
+        self.connect()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
         corr = next(self._ids).to_bytes(8, "big")
-        fut: asyncio.Future[ReplyMessage] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[ReplyMessage] = loop.create_future()
         self._pending[corr] = fut
         try:
-            await self._sock.send_multipart([PROTOCOL_HEADER, corr, encode(msg)])
-            return await asyncio.wait_for(fut, self.timeout_s)
+            await self._send([PROTOCOL_HEADER, corr, encode(msg)], self.timeout_s)
+            return await asyncio.wait_for(fut, max(deadline - loop.time(), 0.0))
         except TimeoutError as exc:
             raise RouterUnavailable(
                 f"router at {self.endpoint} did not answer in {self.timeout_s}s"
@@ -115,10 +169,18 @@ class RouterClient:
         finally:
             self._pending.pop(corr, None)
 
-    async def notify(self, msg: msgspec.Struct) -> None:
+    async def notify(self, msg: msgspec.Struct) -> bool:
+        """Send ``msg`` without an answer; ``False`` (and counted in
+        ``dropped_notifications``) when it could not go out in ``notify_timeout_s``.
+        Never raises for a router that is down: the caller is usually cleaning up."""
         self.connect()
-        assert self._sock is not None
-        await self._sock.send_multipart([PROTOCOL_HEADER, _NO_REPLY, encode(msg)])
+        try:
+            await self._send([PROTOCOL_HEADER, _NO_REPLY, encode(msg)], self.notify_timeout_s)
+        except RouterUnavailable as exc:
+            self.dropped_notifications += 1
+            log.debug("dropped %s: %s", type(msg).__name__, exc)
+            return False
+        return True
 
     @staticmethod
     def _expect(reply: ReplyMessage, cls: type) -> None:
@@ -172,11 +234,25 @@ class RouterClient:
         self._expect(reply, FleetState)
         return reply  # type: ignore[return-value]
 
-    async def prefill_done(self, request_id: str) -> None:
-        await self.notify(PrefillFinished(request_id))
+    async def prefill_done(self, request_id: str) -> bool:
+        return await self.notify(PrefillFinished(request_id))
 
-    async def finished(self, request_id: str) -> None:
-        await self.notify(RequestFinished(request_id))
+    async def finished(
+        self,
+        request_id: str,
+        *,
+        predicted_cached_tokens: int | None = None,
+        actual_cached_tokens: int | None = None,
+    ) -> bool:
+        """The request is over; with what the router predicted the worker had cached for
+        its prompt and what the worker reported it reused, when both are known."""
+        return await self.notify(
+            RequestFinished(
+                request_id,
+                predicted_cached_tokens=predicted_cached_tokens,
+                actual_cached_tokens=actual_cached_tokens,
+            )
+        )
 
-    async def worker_failed(self, worker_id: str, reason: str = "") -> None:
-        await self.notify(WorkerFailed(worker_id, reason))
+    async def worker_failed(self, worker_id: str, reason: str = "") -> bool:
+        return await self.notify(WorkerFailed(worker_id, reason))

@@ -1,0 +1,182 @@
+"""``RouterClient`` never hangs its caller: every call has one deadline that covers the send,
+notifications are bounded and dropped (counted) when the router is away, and a router that
+comes back is used again. The "router" here is a bare ZMQ ROUTER socket in the test, so it
+can answer, stay silent or vanish on cue; the real router process is in test_router_process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from dynamo_ext.errors import NoWorkerAvailable, RouterUnavailable
+from dynamo_ext.protocol import (
+    PROTOCOL_HEADER,
+    Ack,
+    ErrorReply,
+    RequestFinished,
+    RouteRequest,
+    control_decoder,
+    encode,
+)
+from dynamo_ext.router.client import RouterClient
+from dynamo_ext.testing import free_port
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+class FakeRouter:
+    """A ROUTER socket that records what it receives and answers ``Ack`` (or nothing)."""
+
+    def __init__(self, endpoint: str, answer: bool = True) -> None:
+        self.ctx = zmq.asyncio.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(endpoint)
+        self.answer = answer
+        self.received: list[object] = []
+        self.task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self) -> None:
+        while True:
+            ident, header, corr, payload = await self.sock.recv_multipart()
+            assert header == PROTOCOL_HEADER
+            msg = control_decoder.decode(payload)
+            self.received.append(msg)
+            if self.answer and corr != b"\x00" * 8:
+                reply = (
+                    ErrorReply("no_worker", "none here") if isinstance(msg, RouteRequest) else Ack()
+                )
+                await self.sock.send_multipart([ident, PROTOCOL_HEADER, corr, encode(reply)])
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        try:
+            await self.task
+        except asyncio.CancelledError:
+            pass
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def endpoint() -> str:
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+def test_call_to_a_router_nobody_runs_fails_at_its_deadline_then_fast() -> None:
+    async def main() -> None:
+        async with RouterClient(endpoint(), timeout_s=0.5) as c:
+            t0 = time.monotonic()
+            with pytest.raises(RouterUnavailable, match="not reachable"):
+                await c.route("r1", [1, 2, 3])
+            first = time.monotonic() - t0
+            assert 0.4 < first < 1.0, first
+            assert not c.reachable
+            # known down: the next calls fail at once instead of a full deadline each
+            for _ in range(5):
+                t0 = time.monotonic()
+                with pytest.raises(RouterUnavailable):
+                    await c.workers()
+                assert time.monotonic() - t0 < 0.2
+
+    run(main())
+
+
+def test_notifications_are_bounded_and_counted_when_the_router_is_down() -> None:
+    async def main() -> None:
+        async with RouterClient(endpoint(), timeout_s=2.0, notify_timeout_s=0.2) as c:
+            t0 = time.monotonic()
+            assert await c.finished("r1") is False
+            assert await c.prefill_done("r1") is False
+            assert await c.worker_failed("w1", "x") is False
+            assert time.monotonic() - t0 < 0.6  # one budget, then fast while down
+            assert c.dropped_notifications == 3
+
+    run(main())
+
+
+def test_router_that_takes_the_message_but_never_answers() -> None:
+    async def main() -> None:
+        ep = endpoint()
+        fake = FakeRouter(ep, answer=False)
+        try:
+            async with RouterClient(ep, timeout_s=0.4) as c:
+                t0 = time.monotonic()
+                with pytest.raises(RouterUnavailable, match="did not answer"):
+                    await c.workers()
+                assert time.monotonic() - t0 < 0.8
+                assert fake.received  # it went out: the deadline covered the answer
+        finally:
+            await fake.stop()
+
+    run(main())
+
+
+def test_answers_and_finished_carries_the_hit_check() -> None:
+    async def main() -> None:
+        ep = endpoint()
+        fake = FakeRouter(ep)
+        try:
+            async with RouterClient(ep, timeout_s=2.0) as c:
+                with pytest.raises(NoWorkerAvailable):
+                    await c.route("r1", [1, 2, 3])
+                assert await c.finished("r1", predicted_cached_tokens=256, actual_cached_tokens=128)
+                assert await c.finished("r2")
+                await asyncio.sleep(0.1)
+        finally:
+            await fake.stop()
+        done = [m for m in fake.received if isinstance(m, RequestFinished)]
+        assert [
+            (m.request_id, m.predicted_cached_tokens, m.actual_cached_tokens) for m in done
+        ] == [
+            ("r1", 256, 128),
+            ("r2", None, None),
+        ]
+
+    run(main())
+
+
+def test_a_router_that_dies_then_returns() -> None:
+    """Killed mid-run: calls fail within their deadline and nothing sent meanwhile reaches
+    the router that comes back (no stale routes reserving load); then it is used again."""
+
+    async def main() -> None:
+        ep = endpoint()
+        fake = FakeRouter(ep)
+        async with RouterClient(ep, timeout_s=0.5) as c:
+            assert isinstance(await c.deregister("w0"), Ack)
+            await fake.stop()  # the router process is gone: its socket closed
+            await asyncio.sleep(0.2)
+            times = []
+            for i in range(5):
+                t0 = time.monotonic()
+                with pytest.raises(RouterUnavailable):
+                    await c.route(f"lost-{i}", [1, 2, 3])
+                await c.finished(f"lost-{i}")
+                times.append(time.monotonic() - t0)
+            assert max(times) < 1.0, times
+            back = FakeRouter(ep)
+            try:
+                deadline = time.monotonic() + 5
+                while True:  # reconnects within ZMQ's reconnect interval
+                    try:
+                        assert isinstance(await c.deregister("w0"), Ack)
+                        break
+                    except RouterUnavailable:
+                        assert time.monotonic() < deadline
+                        await asyncio.sleep(0.05)
+                assert c.reachable
+                stale = [
+                    m for m in back.received if getattr(m, "request_id", "").startswith("lost")
+                ]
+                assert stale == []
+            finally:
+                await back.stop()
+
+    run(main())
