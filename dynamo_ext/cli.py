@@ -20,6 +20,8 @@ from typing import Any
 
 from dynamo_ext.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
@@ -67,6 +69,8 @@ def _router_main(args: argparse.Namespace) -> int:
         overrides["scorer"] = {"mode": args.scorer}
     if args.log_decisions:
         overrides["log_decisions"] = True
+    if args.insecure:
+        overrides["insecure"] = True
     if args.worker:
         overrides["workers"] = [_parse_worker(w) for w in args.worker]
     if args.demo:
@@ -83,7 +87,7 @@ def _router_main(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        logging.getLogger("dynamo_ext.router").info("shutting down")
+        log.info("router shutting down")
         await srv.stop()
 
     asyncio.run(main())
@@ -161,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="static worker: id=w0,kv=tcp://h:5557,replay=...,metrics=...,http=...",
     )
     r.add_argument("--log-decisions", action="store_true", help="log every decision's breakdown")
+    r.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback bind without CURVE keys (anyone on the network may speak)",
+    )
     r.add_argument(
         "--demo",
         action="store_true",

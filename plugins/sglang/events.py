@@ -42,7 +42,7 @@ from dynamo_ext.protocol import (
     KVEvent,
 )
 
-log = logging.getLogger("dynamo_ext.plugins.sglang.events")
+log = logging.getLogger(__name__)
 
 
 # sglang.srt.disaggregation.kv_events.StorageMedium -> our router tiers.

@@ -50,7 +50,7 @@ from dynamo_ext.protocol import REPLAY_END_SEQ, WorkerRegistration
 from dynamo_ext.publisher import KvEventPublisher, MetricsPublisher
 from dynamo_ext.router.client import RouterClient
 
-log = logging.getLogger("dynamo_ext.plugins.sglang.launch")
+log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 5.0
 REPLAY_TIMEOUT_S = 2.0
@@ -360,4 +360,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # main() from the module under its package name: run as __main__, the module's logger
+    # would be "__main__" instead of dynamo_ext.plugins.sglang.launch_server.
+    from dynamo_ext.plugins.sglang.launch_server import main as _main
+
+    sys.exit(_main())

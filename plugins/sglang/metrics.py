@@ -13,6 +13,7 @@ from collections import defaultdict
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from dynamo_ext.errors import DynamoExtError
 from dynamo_ext.protocol import MEDIUM_CPU, Role, WorkerMetrics
 
 RUNNING = "sglang:num_running_reqs"
@@ -33,7 +34,7 @@ CACHED_TOKENS = "sglang:cached_tokens_total"
 _MAXED = {TOKEN_USAGE, MAX_TOKENS}
 
 
-class MetricsParseError(ValueError):
+class MetricsParseError(DynamoExtError, ValueError):
     """The text is not Prometheus exposition format."""
 
 

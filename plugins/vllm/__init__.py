@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 
-log = logging.getLogger("dynamo_ext.plugins.vllm")
+log = logging.getLogger(__name__)
 
 CONNECTOR_NAME = "DynamoExtConnector"
 

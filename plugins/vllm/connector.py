@@ -72,7 +72,7 @@ from dynamo_ext.plugins.vllm.config import (
 if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
-log = logging.getLogger("dynamo_ext.plugins.vllm.connector")
+log = logging.getLogger(__name__)
 
 
 class DynamoExtConnector(NixlConnector):

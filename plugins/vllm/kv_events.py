@@ -28,7 +28,7 @@ from vllm.distributed.kv_events import EventPublisherFactory, ZmqEventPublisher
 from dynamo_ext.errors import ConfigError
 from dynamo_ext.security import Curve, CurveConfig, load_curve, start_authenticator
 
-log = logging.getLogger("dynamo_ext.plugins.vllm.kv_events")
+log = logging.getLogger(__name__)
 
 PUBLISHER_NAME = "dynamo_ext_curve"
 

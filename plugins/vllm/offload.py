@@ -85,7 +85,7 @@ from vllm.v1.kv_offload.tiering.spec import TieringOffloadingSpec
 from dynamo_ext.hashing import to_external
 from dynamo_ext.protocol import PrefetchRequest, decode_prefetch
 
-logger = logging.getLogger("dynamo_ext.offload")
+logger = logging.getLogger(__name__)
 
 SPEC_MODULE = "dynamo_ext.plugins.vllm.offload"
 

@@ -77,7 +77,7 @@ from vllm.v1.request import Request
 
 from dynamo_ext.errors import ConfigError
 
-log = logging.getLogger("dynamo_ext.plugins.vllm.scheduler")
+log = logging.getLogger(__name__)
 
 PREFILL_QUEUE_KEY = "dynamo_ext_prefill_queue_tokens"
 EXTRA_CONFIG_KEY = "batch_prefill"

@@ -54,7 +54,7 @@ from dynamo_ext.protocol import (
 from dynamo_ext.publisher import MetricsPublisher
 from dynamo_ext.security import Curve, CurveConfig, load_curve
 
-log = logging.getLogger("dynamo_ext.plugins.vllm.stats")
+log = logging.getLogger(__name__)
 
 PREFILL_QUEUE_KEY = "dynamo_ext_prefill_queue_tokens"
 KEEPALIVE_S = 5.0
