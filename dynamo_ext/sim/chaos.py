@@ -87,6 +87,8 @@ _WEIGHTS = {
     "kv_garbage": 1.5,
     "kv_nested": 0.5,
 }
+# Kinds that killed a router task when the harness was written (issue 12, item 1).
+_LETHAL = frozenset({"control_nested", "kv_nested"})
 _NESTING = 5000  # msgpack arrays nested this deep (5 kB): deeper than any real message
 
 
@@ -110,7 +112,7 @@ class ChaosConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     request_deadline_s: float = 10.0
     probes: int = 24  # served prompts whose per-worker prefix is compared exactly
     rss_slack_mb: float = 64.0
-    fd_slack: int = 8
+    fd_slack: int = 4
     router: dict[str, Any] = {}  # RouterConfig overrides
 
     def __post_init__(self) -> None:
@@ -344,6 +346,7 @@ class Harness:
         self.router_logs: list[Path] = []
         self.router_down = False
         self.router_incarnation = 0
+        self._starting: asyncio.Task[None] | None = None
         self.slots: list[SimWorker | None] = [None] * cfg.workers
         self.generation = [0] * cfg.workers
         self.by_id: dict[str, SimWorker] = {}  # live workers by worker id
@@ -359,6 +362,7 @@ class Harness:
         self.control_answered = 0
         self.injected = Counter[str]()
         self.unexpected_router_exits = 0
+        self.harness_errors = 0
         self.resume = asyncio.Event()
         self.resume.set()
         self.inflight = 0
@@ -389,6 +393,16 @@ class Harness:
         return time.monotonic() - self.t0
 
     async def start_router(self) -> None:
+        """Start the router unless it runs; one start at a time, never cut short (a
+        cancelled fault's cleanup and a checkpoint's heal may both ask)."""
+        if self._starting is None or self._starting.done():
+            if self.router_pid() is not None:
+                self.router_down = False
+                return
+            self._starting = asyncio.get_running_loop().create_task(self._start_router())
+        await asyncio.shield(self._starting)
+
+    async def _start_router(self) -> None:
         if self.router.log_path.exists():  # RouterProc waits for a *new* "listening" line
             old = self.router.log_path.with_suffix(f".log.{self.router_incarnation}")
             self.router.log_path.rename(old)
@@ -554,15 +568,27 @@ class Harness:
         if not kinds:
             return
         weights = [_WEIGHTS[k] for k in kinds]
+        # Every kind once first (the lethal ones last, so a run learns the most before a
+        # router task may die), then seeded draws by weight.
+        first = [k for k in kinds if k not in _LETHAL]
+        self.rng.shuffle(first)
+        first += [k for k in kinds if k in _LETHAL]
         while not self.stop.is_set():
             await asyncio.sleep(self.rng.uniform(0.5, 1.5) * self.cfg.fault_every_s)
             await self.resume.wait()
             if self.stop.is_set():
                 return
-            kind = self.rng.choices(kinds, weights)[0]
-            t = asyncio.get_running_loop().create_task(self.inject(kind), name=f"fault-{kind}")
+            kind = first.pop(0) if first else self.rng.choices(kinds, weights)[0]
+            t = asyncio.get_running_loop().create_task(self.guarded(kind), name=f"fault-{kind}")
             self.fault_tasks.add(t)
             t.add_done_callback(self.fault_tasks.discard)
+
+    async def guarded(self, kind: str) -> None:
+        try:
+            await self.inject(kind)
+        except Exception:  # a broken fault is the harness's bug: counted in the report
+            self.harness_errors += 1
+            log.exception("fault %s failed", kind)
 
     async def inject(self, kind: str) -> None:
         rng = self.rng
@@ -591,13 +617,18 @@ class Harness:
             finally:
                 sw.proxy.drop_rate = 0.0
         elif kind == "stall_replay":
+            # While the stream loses batches too, so that the router asks for replays.
             assert sw.proxy is not None
             sw.proxy.replay_mode = "stall" if rng.random() < 0.5 else "delay"
+            sw.proxy.drop_rate = self.cfg.drop_rate / 2
             try:
                 await asyncio.sleep(rng.uniform(2.0, 5.0))
             finally:
-                sw.proxy.replay_mode = "ok"
+                sw.proxy.heal()
         elif kind == "kill_router":
+            if self.router_down:
+                self.faults[kind] -= 1
+                return  # one router outage at a time
             self.router_down = True
             self.router.stop(signal.SIGKILL)
             log.info("fault: router killed -9")
@@ -789,28 +820,38 @@ class Harness:
         )
         return out
 
-    def check_bounds(self, cp: dict[str, Any]) -> None:
-        """RSS and fds against a budget calibrated at the first checkpoint: a router holds a
-        few sockets per live worker and an index bounded by their caches, whatever the churn."""
+    def calibrate(self) -> None:
+        """The budget, taken with the whole fleet up and no fault yet: a router holds a few
+        sockets per live worker and an index bounded by their caches, whatever the churn."""
         pid = self.router_pid()
-        if pid is None:
-            return
+        assert pid is not None and self.fd_base is not None and self.rss_base is not None
         rss, fds = _proc_usage(pid)
+        self.fd_per_worker = max(1.0, (fds - self.fd_base) / max(1, len(self.live())))
+        self.rss_limit = max(rss, self.rss_base) + self.cfg.rss_slack_mb
+
+    def check_bounds(self, cp: dict[str, Any]) -> None:
+        """RSS and fds at a quiet point against the budget of ``calibrate``."""
+        pid = self.router_pid()
+        if pid is None or self.fd_per_worker is None or self.rss_limit is None:
+            return
+        assert self.fd_base is not None
+        rss, fds = _proc_usage(pid)
+        for _ in range(4):  # the least of a few looks: a resync opens a socket for a moment
+            time.sleep(0.1)
+            fds = min(fds, _proc_usage(pid)[1])
         live = len(self.live())
-        cp["router_rss_mb"] = round(rss, 1)
-        cp["router_fds"] = fds
-        assert self.fd_base is not None and self.rss_base is not None
-        if self.fd_per_worker is None:
-            self.fd_per_worker = max(1.0, (fds - self.fd_base) / max(1, live))
-            self.rss_limit = max(rss, self.rss_base) + self.cfg.rss_slack_mb
         fd_limit = self.fd_base + self.fd_per_worker * live + self.cfg.fd_slack
-        cp["fd_limit"] = round(fd_limit, 1)
-        cp["rss_limit_mb"] = round(self.rss_limit or 0, 1)
+        cp.update(
+            router_rss_mb=round(rss, 1),
+            router_fds=fds,
+            fd_limit=round(fd_limit, 1),
+            rss_limit_mb=round(self.rss_limit, 1),
+        )
         if fds > fd_limit:
             self.bound_violations.append(
-                f"t={cp['t']}: {fds} fds > {fd_limit:.0f} for {live} workers"
+                f"t={cp['t']}: {fds} fds > {fd_limit:.0f} for {live} live workers"
             )
-        if self.rss_limit is not None and rss > self.rss_limit:
+        if rss > self.rss_limit:
             self.bound_violations.append(f"t={cp['t']}: RSS {rss:.0f} MB > {self.rss_limit:.0f} MB")
 
     # ------------------------------------------------------------------ the run
@@ -831,6 +872,7 @@ class Harness:
         async with aiohttp.ClientSession(timeout=timeout) as http:
             try:
                 await asyncio.sleep(1.0)  # registrations and subscriptions settle
+                self.calibrate()
                 clients = [
                     asyncio.create_task(self.client_loop(i, http), name=f"chaos-client-{i}")
                     for i in range(cfg.clients)
@@ -899,6 +941,7 @@ class Harness:
                 "route_max_ms": round((lat[-1] if lat else 0.0) * 1e3, 1),
             },
             "failures": total - self.outcomes["ok"] - self.outcomes["ok_after_retry"],
+            "harness_errors": self.harness_errors,
             "control_malformed": {
                 "answered": self.control_answered,
                 "unanswered": self.control_unanswered,
