@@ -25,3 +25,31 @@ class RouterUnavailable(DynamoExtError):
 
 class NoWorkerAvailable(DynamoExtError):
     """The router has no live worker for the requested role."""
+
+
+class DisaggError(DynamoExtError, ValueError):
+    """A request cannot be disaggregated, or a prefill worker's answer carries no usable
+    handshake for its decode worker (``dynamo_ext.frontend.handshake``)."""
+
+
+class ApiError(DynamoExtError):
+    """An error the HTTP API answers with as is: its status, and OpenAI's error fields
+    (``{"error": {"message", "type", "param", "code"}}``); ``headers`` go on the response
+    (``Retry-After`` on a 503)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+        self.headers = headers

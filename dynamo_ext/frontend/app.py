@@ -5,7 +5,10 @@
 messages through its chat template), so the router sees the exact token ids the engine will
 cache, and it sends token ids, never text, to the workers. Errors are OpenAI-shaped JSON:
 ``{"error": {"message", "type", "param", "code"}}`` with 400 for bad input, 404 for an unknown
-model, 503 when no worker can serve, 502 when workers failed beyond the migration limit.
+model, 503 (with ``Retry-After``) when no worker can serve or the router cannot be reached,
+502 when workers failed beyond the migration limit or a prefill worker's handshake was
+unusable. A worker's own error answer for a request (a prompt too long for it, a token id
+outside its vocabulary) is passed through to the client with its 4xx status.
 """
 
 from __future__ import annotations
@@ -25,32 +28,25 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from dynamo_ext.errors import DynamoExtError, NoWorkerAvailable, RouterUnavailable
+from dynamo_ext.errors import (
+    ApiError,
+    DisaggError,
+    DynamoExtError,
+    NoWorkerAvailable,
+    RouterUnavailable,
+)
 from dynamo_ext.frontend.config import FrontendConfig
 from dynamo_ext.frontend.dispatch import Dispatcher, GenRequest, GenState, UpstreamError
 from dynamo_ext.frontend.metrics import FrontendMetrics
 from dynamo_ext.router.client import RouterClient
 
-log = logging.getLogger("dynamo_ext.frontend")
+log = logging.getLogger(__name__)
 
+# How long a client should wait before retrying a 503: the router's reconnect and the
+# workers' keep-alive both heal within about a second.
+RETRY_AFTER_S = 1
 
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status,
-            message,
-            type_,
-            param,
-            code,
-        )
+__all__ = ["ApiError", "Frontend", "run"]
 
 
 def _error(
@@ -59,10 +55,12 @@ def _error(
     type_: str = "invalid_request_error",
     param: str | None = None,
     code: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     return JSONResponse(
         {"error": {"message": message, "type": type_, "param": param, "code": code}},
         status_code=status,
+        headers=headers,
     )
 
 
@@ -189,7 +187,7 @@ class Frontend:
             self.metrics.requests.labels(
                 self.cfg.model_name, request.url.path, "unknown", "error"
             ).inc()
-            return _error(exc.status, exc.message, exc.type, exc.param, exc.code)
+            return _error(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
         @app.get("/health")
         async def health() -> dict[str, str]:
@@ -273,12 +271,15 @@ class Frontend:
                         m.hit_blocks.labels(model)._value.get() / total
                     )
 
-        def usage() -> dict[str, int]:
-            return {
+        def usage() -> dict[str, Any]:
+            out: dict[str, Any] = {
                 "prompt_tokens": len(ids),
                 "completion_tokens": len(state.generated),
                 "total_tokens": len(ids) + len(state.generated),
             }
+            if state.cached_tokens is not None:
+                out["prompt_tokens_details"] = {"cached_tokens": state.cached_tokens}
+            return out
 
         def chunk(
             text: str, finish: str | None, first: bool, token_ids: list[int]
@@ -403,10 +404,15 @@ class Frontend:
             return ApiError(
                 status, f"worker rejected the request: {exc.body[:300]}", "upstream_error"
             )
+        retry = {"Retry-After": str(RETRY_AFTER_S)}
         if isinstance(exc, NoWorkerAvailable):
-            return ApiError(503, str(exc), "service_unavailable", code="no_worker")
+            return ApiError(503, str(exc), "service_unavailable", code="no_worker", headers=retry)
         if isinstance(exc, RouterUnavailable):
-            return ApiError(503, str(exc), "service_unavailable", code="router_unavailable")
+            return ApiError(
+                503, str(exc), "service_unavailable", code="router_unavailable", headers=retry
+            )
+        if isinstance(exc, DisaggError):
+            return ApiError(502, str(exc), "upstream_error", code="disaggregation_failed")
         if isinstance(exc, DynamoExtError):
             return ApiError(502, str(exc), "upstream_error")
         log.exception("unexpected error", exc_info=exc)

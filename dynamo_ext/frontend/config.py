@@ -20,7 +20,9 @@ class FrontendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080
     router: str = "tcp://127.0.0.1:5600"
-    router_timeout_s: float = 2.0
+    # Deadline of every router call, send included: a router that is down or hung costs a
+    # request at most this before its 503 (the client then fails fast while it stays down).
+    router_timeout_s: float = 1.0
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     # conditional disaggregation
     disaggregation: bool = True
@@ -34,6 +36,8 @@ class FrontendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ConfigError("port", f"not a port: {self.port}")
+        if not self.router_timeout_s > 0:
+            raise ConfigError("router_timeout_s", f"must be > 0, got {self.router_timeout_s}")
         if self.migration_limit < 0:
             raise ConfigError("migration_limit", "must be >= 0")
         if self.min_remote_prefill_tokens < 0:

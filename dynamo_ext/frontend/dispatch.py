@@ -2,25 +2,32 @@
 request migration, independent of the HTTP API in front.
 
 For each request the dispatcher asks the router for a decode-capable worker, decides whether
-a remote prefill pays (see ``FrontendConfig``), optionally has a prefill worker compute the
-prompt's KV cache (vLLM's ``kv_transfer_params`` handshake: ``max_tokens=1`` with
-``do_remote_decode`` on the prefill worker, its returned params sent with the same prompt to
-the decode worker, which pulls the blocks over NIXL), and streams the decode worker's tokens.
+it is paired with a prefill worker, streams the decode worker's tokens and tells the router
+when the request is over. How a pair is made is the engine's business: the dispatcher asks
+the decode worker's engine for its :class:`~dynamo_ext.frontend.handshake.Handshake` and
+knows no engine itself. A decode worker is paired when its engine cannot prefill on a decode
+worker (SGLang), or when a remote prefill pays (see ``FrontendConfig``: enough uncached
+prompt tokens, a prefill queue that is not backed up); otherwise it prefills locally
+(conditional disaggregation). A sequential handshake (vLLM) posts the prefill request first
+and gives its checked answer to the decode worker; a prefill worker that cannot be reached or
+refuses leaves the prompt to the decode worker, one whose answer is not a usable handshake
+fails the request with a clear error (counted by engine and reason). A concurrent handshake
+(SGLang) sends both at once; a prefill worker that fails before the first decoded token fails
+the attempt, which is retried with another prefill worker.
 
-The handshake is chosen per worker pool, by the engine the decode worker registered with.
-An SGLang decode worker (``--disaggregation-mode decode``) cannot prefill by itself: every
-request is paired with an SGLang prefill worker the way SGLang's own PD router does it. The
-same request goes to both at once, carrying the prefill worker's ``bootstrap_host`` /
-``bootstrap_port`` (its ``--disaggregation-bootstrap-port``) and one random
-``bootstrap_room``; the decode worker meets the prefill worker in that room, pulls the KV
-cache (NIXL) and streams the tokens, while the prefill worker's answer is drained. A prefill
-worker that fails before the first decoded token fails the attempt, which is retried with
-another prefill worker.
+Failures are told apart by whose they are. A worker that refuses the connection, or a stream
+that breaks before the request finished, is the worker's: it is reported to the router at once
+and the request moves to another worker with the prompt plus the tokens already generated and
+the remaining token budget, so the client's stream continues where it stopped, neither losing
+nor repeating a token (migration). A worker that answers with an error, as an HTTP status or as
+an error event inside its stream (vLLM validates some inputs, e.g. token ids, only once the
+stream has begun), is alive: the error is the request's and goes back to its client (4xx as
+is, others as 502); the worker is neither reported nor left.
 
-If a worker refuses the connection or the stream breaks before the request finished, the
-worker is reported to the router at once and the request moves to another worker with the
-prompt plus the tokens already generated and the remaining token budget: the client's stream
-continues where it stopped, neither losing nor repeating a token (migration).
+Every locally prefilled attempt checks the router's index against the engine: the router's
+predicted prefix hit (``chosen.prefix_hit_blocks`` times the block size) against the
+``usage.prompt_tokens_details.cached_tokens`` the worker reports at the end of its stream. The
+difference goes to the metrics and, in ``RequestFinished``, to the router.
 """
 
 from __future__ import annotations
@@ -29,25 +36,24 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-from dynamo_ext.errors import DynamoExtError, NoWorkerAvailable
+from dynamo_ext.errors import DisaggError, DynamoExtError, NoWorkerAvailable, RouterUnavailable
 from dynamo_ext.frontend.config import FrontendConfig
+from dynamo_ext.frontend.handshake import Handshake, handshake_for
 from dynamo_ext.frontend.metrics import FrontendMetrics
 from dynamo_ext.protocol import MEDIUM_GPU, RouteResponse
 from dynamo_ext.router.client import RouterClient
 
-log = logging.getLogger("dynamo_ext.frontend")
+log = logging.getLogger(__name__)
 
 
 class UpstreamError(DynamoExtError):
-    """A worker answered with an error status (the request itself is at fault)."""
+    """A worker answered with an error (the request itself is at fault)."""
 
     def __init__(self, status: int, body: str) -> None:
         super().__init__(f"worker answered {status}: {body[:500]}")
@@ -60,15 +66,16 @@ class _Broken(DynamoExtError):
 
 
 class _PrefillFailed(DynamoExtError):
-    """The paired (SGLang) prefill worker failed before the decode worker produced a token."""
+    """The paired (concurrent) prefill worker failed before the decode worker produced a
+    token."""
 
     def __init__(self, worker_id: str, reason: str) -> None:
         super().__init__(f"prefill worker {worker_id} failed: {reason}")
         self.worker_id = worker_id
 
 
-# How many prefill candidates of the wrong engine the router may offer before we give up
-# (a fleet that mixes vLLM and SGLang pools routes both through one router).
+# How many prefill candidates that do not fit the handshake (another engine, no bootstrap
+# endpoint) the router may offer before we give up: one router can serve mixed fleets.
 _ENGINE_PICKS = 4
 
 
@@ -97,6 +104,19 @@ class GenState:
     prompt_blocks: int = 0
     hit_blocks: int = 0
     generated: list[int] = field(default_factory=list)
+    # What the worker reported it reused of the prompt (first attempt only: a migrated
+    # request's prompt is another one).
+    cached_tokens: int | None = None
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One worker's try at a request."""
+
+    route: RouteResponse
+    prompt_len: int
+    prefill: str = "local"
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
 
 
 class Dispatcher:
@@ -129,20 +149,18 @@ class Dispatcher:
                 state.prompt_blocks = d.num_blocks
                 state.hit_blocks = d.chosen.prefix_hit_blocks.get(MEDIUM_GPU, 0)
             body = self._body(prompt, remaining, req.sampling)
+            att = _Attempt(d, len(prompt))
             reason = ""
             prefill_task: asyncio.Task[None] | None = None
             try:
-                if d.engine == "sglang" and d.worker_role == "decode":
-                    prefill_task = await self._sglang_pair(rid, prompt, d, body, prefill_exclude)
-                    state.prefill = "remote"
-                elif attempt == 0 and self.cfg.disaggregation:
-                    kv = await self._maybe_remote_prefill(rid, prompt, d, req.sampling)
-                    if kv is not None:
-                        body["kv_transfer_params"] = kv
-                        state.prefill = "remote"
-                self.metrics.prefill.labels(model, state.prefill if attempt == 0 else "local").inc()
+                paired = await self._disaggregate(rid, prompt, d, body, attempt, prefill_exclude)
+                if paired is not None:
+                    body, prefill_task = paired
+                    att.prefill = state.prefill = "remote"
+                self.metrics.prefill.labels(model, att.prefill).inc()
                 first = True
-                stream = self._stream(d, body)
+                done = False
+                stream = self._stream(d, body, att)
                 if prefill_task is not None:
                     stream = self._watch_prefill(stream, prefill_task)
                 async for delta in stream:
@@ -151,9 +169,13 @@ class Dispatcher:
                         await self.router.prefill_done(rid)
                     state.generated.extend(delta.token_ids)
                     yield delta
-                    if delta.finish_reason is not None:
-                        return
-                raise _Broken(f"stream from {worker} ended without a finish reason")
+                    # Read on to the end of the stream: its usage comes after the finish.
+                    done = done or delta.finish_reason is not None
+                if not done:
+                    raise _Broken(f"stream from {worker} ended without a finish reason")
+                if attempt == 0:
+                    state.cached_tokens = att.cached_tokens
+                return
             except httpx.ConnectError as exc:
                 reason = "connect"
                 await self.router.worker_failed(worker, f"connect: {exc}")
@@ -173,7 +195,10 @@ class Dispatcher:
                         asyncio.CancelledError, DynamoExtError, httpx.HTTPError
                     ):
                         await prefill_task
-                await self.router.finished(rid)
+                predicted, actual = self._check_hit(att)
+                await self.router.finished(
+                    rid, predicted_cached_tokens=predicted, actual_cached_tokens=actual
+                )
             attempt += 1
             if attempt > self.cfg.migration_limit:
                 raise NoWorkerAvailable(
@@ -198,110 +223,169 @@ class Dispatcher:
             "max_tokens": max_tokens,
             "stream": True,
             "return_token_ids": True,
+            # the final chunk then carries usage.prompt_tokens_details.cached_tokens
+            "stream_options": {"include_usage": True},
         }
 
-    async def _maybe_remote_prefill(
-        self, rid: str, prompt: list[int], d: RouteResponse, sampling: dict[str, Any]
-    ) -> dict[str, Any] | None:
-        """Prefill on a prefill worker when it pays; returns the decode side's params."""
-        if d.worker_role != "decode":
-            return None  # only a decode (kv_consumer) worker can pull a remote prefill
-        cached = d.chosen.prefix_hit_blocks.get(MEDIUM_GPU, 0) * d.block_size
-        uncached = len(prompt) - cached
-        if uncached < self.cfg.min_remote_prefill_tokens:
-            return None
-        prid = rid + ":prefill"
-        try:
-            p = await self.router.route(prid, prompt, role="prefill", exclude_workers=[d.worker_id])
-        except NoWorkerAvailable:
-            return None
-        try:
-            if p.engine != "vllm":
-                return None  # kv_transfer_params mean nothing to another engine's worker
-            if p.chosen.predicted_prefill_tokens > self.cfg.max_prefill_queue_tokens:
-                return None  # the prefill pool is backed up: computing locally is faster
-            if p.http_endpoint is None:
-                return None
-            body = {
-                **sampling,
-                "prompt": prompt,
-                "max_tokens": 1,
-                "stream": False,
-                "kv_transfer_params": {"do_remote_decode": True},
-            }
-            try:
-                r = await self.http.post(p.http_endpoint + "/v1/completions", json=body)
-            except httpx.TransportError as exc:
-                await self.router.worker_failed(p.worker_id, f"prefill: {exc}")
-                return None
-            if r.status_code != 200:
-                log.warning(
-                    "prefill on %s failed (%d): prefilling locally", p.worker_id, r.status_code
-                )
-                return None
-            params = r.json().get("kv_transfer_params")
-            return params if isinstance(params, dict) else None
-        finally:
-            await self.router.finished(prid)
+    # ---- the router's prediction against the engine's report ---------------------------
+    def _check_hit(self, att: _Attempt) -> tuple[int | None, int | None]:
+        """``(predicted, actual)`` cached prompt tokens of an attempt that finished, was
+        prefilled by its own worker and got a usage report; ``(None, None)`` otherwise (a
+        worker that pulled the prompt from a prefill worker reports those tokens cached)."""
+        d = att.route
+        if att.cached_tokens is None or att.prefill != "local" or d.block_size <= 0:
+            return None, None
+        bs = d.block_size
+        # An engine computes at least the last prompt token, so it never reuses the block
+        # that holds it when the prompt ends on a block boundary.
+        reusable = (att.prompt_len - 1) // bs * bs
+        predicted = min(sum(d.chosen.prefix_hit_blocks.values()) * bs, reusable)
+        actual = att.cached_tokens
+        m = self.metrics
+        err = actual - predicted
+        m.hit_prediction_error.labels(d.worker_id).observe(abs(err))
+        m.hit_predicted_tokens.labels(d.worker_id).inc(predicted)
+        m.hit_actual_tokens.labels(d.worker_id).inc(actual)
+        if abs(err) >= bs:
+            m.hit_mispredictions.labels(d.worker_id, "over" if err < 0 else "under").inc()
+        return predicted, actual
 
-    # ---- SGLang PD: bootstrap room pairing -------------------------------------------
-    async def _sglang_pair(
+    # ---- prefill/decode pairing -------------------------------------------------------
+    def _pays(self, prompt: list[int], d: RouteResponse) -> bool:
+        cached = d.chosen.prefix_hit_blocks.get(MEDIUM_GPU, 0) * d.block_size
+        return len(prompt) - cached >= self.cfg.min_remote_prefill_tokens
+
+    async def _disaggregate(
         self,
         rid: str,
         prompt: list[int],
         d: RouteResponse,
         body: dict[str, Any],
+        attempt: int,
         prefill_exclude: list[str],
-    ) -> asyncio.Task[None]:
-        """Pick an SGLang prefill worker, put the pairing into ``body`` and send the
-        prefill request; returns its task (the decode request goes out next, concurrently:
-        each side waits for the other in the bootstrap room)."""
+    ) -> tuple[dict[str, Any], asyncio.Task[None] | None] | None:
+        """Pair decode worker ``d`` with a prefill worker when its engine requires it or a
+        remote prefill pays: the decode worker's body and, for a concurrent handshake, the
+        prefill request under way. ``None``: ``d`` prefills the prompt itself."""
+        if d.worker_role != "decode":
+            return None  # only a decode worker can take a prompt prefilled elsewhere
+        hs = handshake_for(d.engine)
+        required = hs.decode_needs_prefill
+        if not required:
+            if not (attempt == 0 and self.cfg.disaggregation and self._pays(prompt, d)):
+                return None
+            if hs.why_not(body) is not None:
+                return None
         prid = rid + ":prefill"
+        p = await self._pick_prefill(prid, prompt, d, hs, prefill_exclude, required)
+        if p is None:
+            return None
+        if hs.concurrent:
+            try:
+                pbody = hs.prefill_request(body, p)
+                dbody = hs.decode_request(body, pbody, None)
+            except BaseException:
+                await self.router.finished(prid)
+                raise
+            log.debug("request %s: prefill %s + decode %s", rid, p.worker_id, d.worker_id)
+            return dbody, asyncio.create_task(self._prefill_alongside(prid, p, pbody))
+        try:
+            if (
+                not required
+                and p.chosen.predicted_prefill_tokens > self.cfg.max_prefill_queue_tokens
+            ):
+                return None  # the prefill pool is backed up: computing locally is faster
+            pbody = hs.prefill_request(body, p)
+            answer = await self._prefill_first(p, pbody)
+            if answer is None:
+                if required:
+                    raise NoWorkerAvailable(f"prefill worker {p.worker_id} failed")
+                return None
+            try:
+                return hs.decode_request(body, pbody, answer), None
+            except DisaggError as exc:
+                self.metrics.disagg_errors.labels(self.cfg.model_name, p.engine, "bad_answer").inc()
+                log.warning("request %s: prefill worker %s: %s", rid, p.worker_id, exc)
+                raise DisaggError(
+                    f"prefill worker {p.worker_id} answered without a usable handshake: {exc}"
+                ) from exc
+        finally:
+            await self.router.finished(prid)
+
+    async def _pick_prefill(
+        self,
+        prid: str,
+        prompt: list[int],
+        d: RouteResponse,
+        hs: Handshake,
+        prefill_exclude: list[str],
+        required: bool,
+    ) -> RouteResponse | None:
+        """A prefill worker the handshake accepts, routed under ``prid``; ``None`` when there
+        is none and the decode worker may prefill by itself."""
         exclude = [d.worker_id, *prefill_exclude]
-        p: RouteResponse | None = None
+        why = "the router offered none"
         for _ in range(_ENGINE_PICKS):
             try:
                 cand = await self.router.route(
                     prid, prompt, role="prefill", exclude_workers=exclude
                 )
             except NoWorkerAvailable as exc:
-                raise NoWorkerAvailable(
-                    f"SGLang decode worker {d.worker_id} needs an SGLang prefill worker: {exc}"
-                ) from exc
-            if (
-                cand.engine == "sglang"
-                and cand.worker_role == "prefill"
-                and cand.bootstrap_endpoint
-                and cand.http_endpoint
-            ):
-                p = cand
+                why = str(exc)
                 break
+            except RouterUnavailable:
+                if required:
+                    raise
+                return None  # the decode worker was routed already: let it prefill
+            why = hs.why_not_prefill_worker(cand) or ""
+            if not why:
+                return cand
             await self.router.finished(prid)
             exclude.append(cand.worker_id)
-        if p is None:
+        if required:
             raise NoWorkerAvailable(
-                f"SGLang decode worker {d.worker_id}: no SGLang prefill worker with a "
-                "bootstrap endpoint is registered"
+                f"{d.engine} decode worker {d.worker_id} cannot prefill by itself and no "
+                f"{d.engine} prefill worker fits: {why}"
             )
-        host, _, port = p.bootstrap_endpoint.rpartition(":")  # type: ignore[union-attr]
-        body["bootstrap_host"] = host
-        body["bootstrap_port"] = int(port)
-        body["bootstrap_room"] = random.getrandbits(63)  # SGLang's rooms are non-negative i64
-        log.debug(
-            "request %s: SGLang prefill %s + decode %s, room %d",
-            rid,
-            p.worker_id,
-            d.worker_id,
-            body["bootstrap_room"],
-        )
-        return asyncio.create_task(self._sglang_prefill(prid, p, {**body, "stream": False}))
+        return None
 
-    async def _sglang_prefill(self, prid: str, p: RouteResponse, body: dict[str, Any]) -> None:
+    async def _prefill_first(
+        self, p: RouteResponse, body: dict[str, Any]
+    ) -> Mapping[str, Any] | None:
+        """A sequential handshake's prefill request: P's JSON answer, or ``None`` when P
+        cannot be reached or refuses (the decode worker then prefills by itself)."""
+        model = self.cfg.model_name
         try:
             r = await self.http.post(p.http_endpoint + "/v1/completions", json=body)  # type: ignore[operator]
+        except httpx.TransportError as exc:
+            self.metrics.disagg_errors.labels(model, p.engine, "prefill_unreachable").inc()
+            await self.router.worker_failed(p.worker_id, f"prefill: {exc}")
+            return None
+        if r.status_code != 200:
+            self.metrics.disagg_errors.labels(model, p.engine, "prefill_status").inc()
+            log.warning("prefill on %s failed (%d): prefilling locally", p.worker_id, r.status_code)
+            return None
+        try:
+            answer = r.json()
+        except ValueError as exc:
+            raise DisaggError(f"answer is not JSON: {r.text[:200]!r}") from exc
+        if not isinstance(answer, Mapping):
+            raise DisaggError(f"answer is not a JSON object: {r.text[:200]!r}")
+        return answer
+
+    async def _prefill_alongside(self, prid: str, p: RouteResponse, body: dict[str, Any]) -> None:
+        """A concurrent handshake's prefill request, drained while the decode worker
+        streams."""
+        model = self.cfg.model_name
+        try:
+            r = await self.http.post(p.http_endpoint + "/v1/completions", json=body)  # type: ignore[operator]
+            if 400 <= r.status_code < 500:
+                raise UpstreamError(r.status_code, r.text)  # the request's own fault
             if r.status_code != 200:
+                self.metrics.disagg_errors.labels(model, p.engine, "prefill_status").inc()
                 raise _PrefillFailed(p.worker_id, f"status {r.status_code}: {r.text[:200]}")
         except httpx.TransportError as exc:
+            self.metrics.disagg_errors.labels(model, p.engine, "prefill_unreachable").inc()
             await self.router.worker_failed(p.worker_id, f"prefill: {exc}")
             raise _PrefillFailed(p.worker_id, str(exc)) from exc
         finally:
@@ -323,7 +407,9 @@ class Dispatcher:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await nxt
                     exc = prefill.exception()
-                    raise exc if isinstance(exc, _PrefillFailed) else _PrefillFailed("?", str(exc))
+                    if isinstance(exc, _PrefillFailed | UpstreamError):
+                        raise exc
+                    raise _PrefillFailed("?", str(exc))
                 try:
                     delta = await nxt
                 except StopAsyncIteration:
@@ -333,7 +419,9 @@ class Dispatcher:
             with contextlib.suppress(Exception):
                 await it.aclose()  # type: ignore[attr-defined]
 
-    async def _stream(self, d: RouteResponse, body: dict[str, Any]) -> AsyncIterator[Delta]:
+    async def _stream(
+        self, d: RouteResponse, body: dict[str, Any], att: _Attempt
+    ) -> AsyncIterator[Delta]:
         if d.http_endpoint is None:
             raise _Broken(f"worker {d.worker_id} has no HTTP endpoint")
         url = d.http_endpoint + "/v1/completions"
@@ -341,18 +429,50 @@ class Dispatcher:
             if r.status_code != 200:
                 text = (await r.aread()).decode(errors="replace")
                 raise UpstreamError(r.status_code, text)
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    return
-                chunk = json.loads(data)
-                for ch in chunk.get("choices", ()):
-                    yield Delta(
-                        ch.get("text") or "", ch.get("token_ids") or [], ch.get("finish_reason")
-                    )
+            finished = False
+            try:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data == "[DONE]":
+                        return
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError as exc:
+                        raise _Broken(
+                            f"malformed chunk from {d.worker_id}: {data[:200]!r}"
+                        ) from exc
+                    err = chunk.get("error")
+                    if err is not None:
+                        # The worker is alive and refused this request mid-stream.
+                        raise UpstreamError(*_error_event(err))
+                    usage = chunk.get("usage")
+                    if isinstance(usage, dict):
+                        att.cached_tokens = _cached_tokens(usage)
+                    for ch in chunk.get("choices") or ():
+                        delta = Delta(
+                            ch.get("text") or "", ch.get("token_ids") or [], ch.get("finish_reason")
+                        )
+                        finished = finished or delta.finish_reason is not None
+                        yield delta
+            except httpx.TransportError:
+                if finished:
+                    return  # the answer was complete; only its usage was lost
+                raise
 
 
-def now() -> float:
-    return time.perf_counter()
+def _error_event(err: object) -> tuple[int, str]:
+    """Status and message of an error event in a stream (vLLM's and SGLang's shape:
+    ``{"error": {"message", "type", "param", "code"}}``, ``code`` the HTTP status)."""
+    if not isinstance(err, dict):
+        return 500, str(err)
+    code = err.get("code")
+    status = code if isinstance(code, int) and 400 <= code < 600 else 500
+    return status, json.dumps(err)
+
+
+def _cached_tokens(usage: dict[str, Any]) -> int | None:
+    details = usage.get("prompt_tokens_details")
+    n = details.get("cached_tokens") if isinstance(details, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None

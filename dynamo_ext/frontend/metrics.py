@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 _TOK = (16, 64, 256, 1024, 4096, 16384, 65536)
+_HIT_ERR = (0, 16, 64, 128, 256, 512, 1024, 4096, 16384)
 
 
 class FrontendMetrics:
@@ -84,5 +85,42 @@ class FrontendMetrics:
             q + "migrations",
             "Requests moved to another worker after a worker failure",
             ["model", "reason"],
+            registry=r,
+        )
+        self.disagg_errors = Counter(
+            q + "disagg_errors",
+            "Remote prefills that failed: prefill worker unreachable or refusing (the decode "
+            "worker then prefilled itself), or its answer no usable handshake (the request "
+            "failed)",
+            ["model", "engine", "reason"],
+            registry=r,
+        )
+        # The router's index checked against the engine on every locally prefilled request:
+        # predicted = chosen.prefix_hit_blocks * block_size, actual = the worker's
+        # usage.prompt_tokens_details.cached_tokens.
+        self.hit_prediction_error = Histogram(
+            q + "hit_prediction_error_tokens",
+            "|actual - predicted| cached prompt tokens per request, by worker",
+            ["worker"],
+            buckets=_HIT_ERR,
+            registry=r,
+        )
+        self.hit_predicted_tokens = Counter(
+            q + "hit_predicted_tokens",
+            "Prompt tokens the router predicted cached on the chosen worker",
+            ["worker"],
+            registry=r,
+        )
+        self.hit_actual_tokens = Counter(
+            q + "hit_actual_tokens",
+            "Prompt tokens the worker reported it reused (cached_tokens)",
+            ["worker"],
+            registry=r,
+        )
+        self.hit_mispredictions = Counter(
+            q + "hit_mispredictions",
+            "Requests whose predicted hit was off by a block or more: over (the index holds "
+            "blocks the worker no longer has) or under (blocks it never heard of)",
+            ["worker", "direction"],
             registry=r,
         )

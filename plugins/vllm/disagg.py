@@ -1,5 +1,8 @@
-"""The remote-prefill handshake as plain dicts: request bodies for a prefill (P) and a decode (D)
-worker, built from an OpenAI ``/v1/completions`` request. Engine-neutral: no vLLM import.
+"""vLLM's remote-prefill handshake, the one implementation the frontend and the tests use:
+request bodies for a prefill (P) and a decode (D) worker built from an OpenAI
+``/v1/completions`` request, and the check of P's answer. Plain dicts, no vLLM import;
+:class:`VllmHandshake` is the frontend's ``Handshake`` for ``engine="vllm"`` workers
+(registered by path in :mod:`dynamo_ext.frontend.handshake`).
 
 The format is vLLM's own (``NixlConnector`` and our ``DynamoExtConnector``, which is one):
 
@@ -26,6 +29,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from dynamo_ext.errors import DisaggError
+from dynamo_ext.frontend.handshake import Handshake
+from dynamo_ext.protocol import RouteResponse
+
 # kv_transfer_params keys D needs (vLLM 0.32, nixl/pull_scheduler.py); P sends more, which
 # are passed through untouched.
 REQUIRED_DECODE_KEYS: tuple[str, ...] = (
@@ -38,10 +45,6 @@ REQUIRED_DECODE_KEYS: tuple[str, ...] = (
 
 # Request fields that must not reach P: P returns exactly one token, without a stream.
 _DROP_ON_PREFILL: tuple[str, ...] = ("stream_options", "min_tokens", "suffix")
-
-
-class DisaggError(ValueError):
-    """A request cannot be disaggregated, or P's answer carries no usable handshake."""
 
 
 def why_not_disaggregable(body: Mapping[str, Any]) -> str | None:
@@ -82,18 +85,54 @@ def prefill_request(body: Mapping[str, Any]) -> dict[str, Any]:
 def decode_params(prefill_response: Mapping[str, Any]) -> dict[str, Any]:
     """The ``kv_transfer_params`` for D from P's ``/v1/completions`` response (a copy).
 
-    Raises ``DisaggError`` when P returned none (e.g. it was not started with a KV
-    connector), or they are not a remote-prefill handshake.
+    Raises ``DisaggError`` naming what is wrong when P returned none (e.g. it was not started
+    with a KV connector), they are not a remote-prefill handshake, or a field D needs is
+    missing or malformed: D would otherwise prefill the prompt itself without a word, or
+    fail to reach P.
     """
+    if not isinstance(prefill_response, Mapping):
+        raise DisaggError(f"prefill response is not a JSON object: {type(prefill_response)}")
     params = prefill_response.get("kv_transfer_params")
     if not isinstance(params, Mapping):
         raise DisaggError("prefill response carries no kv_transfer_params")
-    if not params.get("do_remote_prefill"):
+    if params.get("do_remote_prefill") is not True:
         raise DisaggError("prefill response's kv_transfer_params lack do_remote_prefill")
     missing = [k for k in REQUIRED_DECODE_KEYS if params.get(k) is None]
     if missing:
         raise DisaggError(f"prefill response's kv_transfer_params lack {missing}")
+    bad = [k for k, ok in _CHECKS.items() if k in params and not ok(params[k])]
+    if bad:
+        shown = ", ".join(f"{k}={params[k]!r:.80}" for k in bad)
+        raise DisaggError(f"prefill response's kv_transfer_params are malformed: {shown}")
     return dict(params)
+
+
+def _nonempty_str(v: object) -> bool:
+    return isinstance(v, str) and bool(v)
+
+
+def _count(v: object, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _block_ids(v: object) -> bool:
+    """One list of block ids per KV cache group (vLLM 0.32), or one flat list (older):
+    ids are non-negative ints and there is at least one, or D has nothing to read."""
+    if not isinstance(v, list) or not v:
+        return False
+    groups = v if all(isinstance(g, list) for g in v) else [v]
+    return any(groups) and all(_count(b) for g in groups for b in g)
+
+
+_CHECKS = {
+    "remote_engine_id": _nonempty_str,
+    "remote_request_id": _nonempty_str,
+    "remote_host": _nonempty_str,
+    "remote_port": lambda v: _count(v, 1) and int(v) < 65536,  # type: ignore[call-overload]
+    "remote_block_ids": _block_ids,
+    "tp_size": lambda v: v is None or _count(v, 1),
+    "remote_num_tokens": lambda v: v is None or _count(v),
+}
 
 
 def decode_request(body: Mapping[str, Any], prefill_response: Mapping[str, Any]) -> dict[str, Any]:
@@ -102,7 +141,31 @@ def decode_request(body: Mapping[str, Any], prefill_response: Mapping[str, Any])
     return {**body, "kv_transfer_params": decode_params(prefill_response)}
 
 
+class VllmHandshake(Handshake):
+    """The frontend's handshake for vLLM workers with a NIXL-style connector (ours or
+    ``NixlConnector``): sequential, P's ``kv_transfer_params`` checked before D sees them."""
+
+    engine = "vllm"
+
+    def why_not(self, body: Mapping[str, Any]) -> str | None:
+        return why_not_disaggregable(body)
+
+    def prefill_request(self, body: Mapping[str, Any], prefill: RouteResponse) -> dict[str, Any]:
+        return prefill_request(body)
+
+    def decode_request(
+        self,
+        body: Mapping[str, Any],
+        prefill_body: Mapping[str, Any],
+        prefill_answer: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        if prefill_answer is None:
+            raise DisaggError("vLLM's handshake needs the prefill worker's answer")
+        return decode_request(body, prefill_answer)
+
+
 __all__ = [
+    "VllmHandshake",
     "REQUIRED_DECODE_KEYS",
     "DisaggError",
     "decode_params",
