@@ -6,8 +6,11 @@ other argument is SGLang's and passed through untouched, except that we add what
 worker needs and the user did not give (SGLang 0.5.23 flag names, checked in the tests
 against SGLang's own parser):
 
-- ``--kv-events-config``: a ZMQ publisher with a replay socket on local ports, which the
-  launcher's sidecar subscribes to (an existing config is kept; its endpoint is used);
+- ``--kv-events-config``: a ZMQ publisher with a replay socket, which the launcher's sidecar
+  subscribes to (an existing config is kept; its endpoint is used). SGLang binds both
+  sockets itself and we learn nothing back before it runs, so instead of a port picked
+  ahead (which anything may take meanwhile) they are IPC endpoints with a fresh name
+  (``ipc_endpoint``): the sidecar always runs beside SGLang, and a name has no race;
 - ``--enable-metrics``: the Prometheus ``/metrics`` the sidecar polls;
 - ``--page-size``: the router's block size (SGLang's default page of 1 token would make
   every token a block);
@@ -27,13 +30,16 @@ import os
 import shlex
 import socket
 import sys
-from dataclasses import dataclass, field
+import tempfile
+import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
+
+import msgspec
 
 from dynamo_ext.config import advertise
 from dynamo_ext.errors import ConfigError
 from dynamo_ext.protocol import Role
-from dynamo_ext.testing import free_port
 
 SGLANG_CMD_ENV = "DYNAMO_EXT_SGLANG_CMD"
 HICACHE_MODULE = "dynamo_ext.plugins.sglang.hicache"
@@ -44,8 +50,10 @@ DEFAULT_BOOTSTRAP_PORT = 8998  # SGLang's --disaggregation-bootstrap-port defaul
 SglangMode = Literal["null", "prefill", "decode"]
 
 
-@dataclass
-class LauncherConfig:
+class LauncherConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The launcher's own options (``split_argv``: flags, then environment), validated at
+    construction with a ``ConfigError`` naming the field."""
+
     router: str | None = None
     worker_id: str | None = None
     role: Role | None = None  # None: from --disaggregation-mode, else "both"
@@ -63,7 +71,7 @@ class LauncherConfig:
     transfer_backend: str = "nixl"
     bootstrap_port: int | None = None
     pool_root: str | None = None
-    sglang_cmd: list[str] = field(
+    sglang_cmd: list[str] = msgspec.field(
         default_factory=lambda: [sys.executable, "-m", "sglang.launch_server"]
     )
 
@@ -142,6 +150,15 @@ def split_argv(
     return LauncherConfig(**values), rest  # type: ignore[arg-type]
 
 
+def ipc_endpoint(name: str) -> str:
+    """A fresh local ZMQ endpoint for a socket SGLang binds: Linux's abstract namespace (no
+    file, gone with the socket), elsewhere a socket file in the temp directory."""
+    unique = f"dynamo-ext-{uuid.uuid4().hex}-{name}"
+    if sys.platform.startswith("linux"):
+        return f"ipc://@{unique}"
+    return f"ipc://{os.path.join(tempfile.gettempdir(), unique)}"
+
+
 def _flag(args: list[str], name: str) -> str | None:
     """The value of ``--name v`` / ``--name=v`` in SGLang's args (last one wins)."""
     val = None
@@ -206,12 +223,11 @@ def build_sglang_argv(cfg: LauncherConfig, args: list[str]) -> SglangPlan:
 
     kv_json = _flag(out, "--kv-events-config")
     if kv_json is None:
-        pub_port, replay_port = free_port(), free_port()
         kv: dict[str, Any] = {
             "publisher": "zmq",
-            "endpoint": f"tcp://127.0.0.1:{pub_port}",
+            "endpoint": ipc_endpoint("kv"),
             "bind": True,
-            "replay_endpoint": f"tcp://127.0.0.1:{replay_port}",
+            "replay_endpoint": ipc_endpoint("replay"),
             "topic": "kv",
         }
         out += ["--kv-events-config", json.dumps(kv)]

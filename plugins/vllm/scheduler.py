@@ -65,9 +65,9 @@ import math
 import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from vllm.config import VllmConfig
 from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.output import SchedulerOutput
@@ -90,9 +90,9 @@ DEFAULT_MAX_WAIT_MS = 20.0
 HOLD_POLL_S = 0.001
 
 
-@dataclass(frozen=True)
-class BatchPrefillConfig:
-    """The two knobs, after defaults and validation."""
+class BatchPrefillConfig(msgspec.Struct, frozen=True):
+    """The two knobs, after defaults and validation (``load_batch_prefill_config``: extra
+    config, then environment; a bad value is a ``ConfigError`` naming the field)."""
 
     token_budget: int
     max_wait_ms: float
