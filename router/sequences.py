@@ -85,10 +85,14 @@ class ActiveSequences:
         hashes: Sequence[int] | None = None,
     ) -> None:
         """Reserve ``blocks`` and ``prefill_tokens`` on the worker. ``hashes``: the prompt's
-        block hashes (kept by reference, not copied), so that shared blocks count once in
-        ``unique_blocks``; ``blocks`` beyond them (a partial block, output) count apart."""
+        block hashes, so that shared blocks count once in ``unique_blocks``; ``blocks``
+        beyond them (a partial block, output) count apart. Copied: a caller's list may grow
+        after the call (an engine appends its output blocks to it), and finish must take
+        back exactly what was added."""
         if request_id in self._seqs:
             self.finish(request_id)  # a re-route (migration) replaces the old reservation
+        if hashes is not None:
+            hashes = tuple(hashes)
         self._seqs[request_id] = _Seq(
             worker_id, blocks, prefill_tokens, time.monotonic() + self.ttl_s, hashes
         )

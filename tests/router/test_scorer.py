@@ -134,6 +134,8 @@ def test_dynamo_counts_each_active_block_once_per_worker() -> None:
     seqs = ActiveSequences()
     for i in range(10):
         seqs.add(f"r{i}", "a", len(prefix), 0, hashes=prefix)
+    prefix.append(999)  # the caller's list grows later (an engine's output blocks): no effect
+    del prefix[-1]
     assert seqs.load("a").active_blocks == 1000 and seqs.load("a").unique_blocks == 100
     s = Scorer(ScorerConfig(mode="dynamo", overlap_weight=1.0, seed=0), block_size=16)
     cs = [Candidate("a", None, seqs.load("a")), Candidate("b", None, seqs.load("b"))]

@@ -78,7 +78,7 @@ def test_replay_sample_trace_all_policies(tmp_path: Path, capsys: pytest.Capture
     assert out["workers"] == 8 and out["requests"] == 200
     names = list(replay.ALL_POLICIES)
     if peers.dynamo_available():
-        names += list(report.DYNAMO_ROWS)
+        names += list(report.DYNAMO_ROWS) + list(replay.PEER_POLICIES)
     assert set(out["policies"]) == set(names)
     for name in names:
         pol = out["policies"][name]
@@ -94,3 +94,31 @@ def test_replay_sample_trace_all_policies(tmp_path: Path, capsys: pytest.Capture
     # What the router predicted was what the engines then found (events are exact).
     assert abs(ours["kv"]["router_predicted_hit_rate"] - ours["kv"]["gpu_hit_rate"]) < 0.02
     assert "ours_rr_over_kv_ttft_p50" in out["ratios"] and png.stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not peers.dynamo_available(), reason="needs ai-dynamo-runtime")
+def test_dynamo_core_offline_and_live_on_the_same_fleet(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Dynamo's SelectionService as a replay arm: offline behind the barrier it agrees with
+    our re-implementation of its cost (same events, same decisions up to ties), and live it
+    routes the real mocker fleet over its KV streams and finds the prefixes it caches."""
+    ap = argparse.ArgumentParser()
+    replay.add_arguments(ap)
+    common = [str(SAMPLE), "--workers", "4", "--plot", "none", "--json", "--no-dynamo"]
+    args = ap.parse_args([*common, "--limit", "120", "--policies", "dynamo,dynamo_core"])
+    assert replay.main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["policies"]
+    core, ours = out["dynamo_core"], out["dynamo"]
+    assert core["completed"] == 120
+    assert abs(core["prefix_hit_rate"] - ours["prefix_hit_rate"]) < 0.02
+    # Its prediction is what the engines then found: the barrier holds.
+    assert abs(core["router_predicted_hit_rate"] - core["gpu_hit_rate"]) < 0.02
+    args = ap.parse_args(
+        [*common, "--limit", "24", "--live", "--time-scale", "20", "--policies", "kv,dynamo_core"]
+    )
+    assert replay.main(args) == 0
+    live = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert live["mode"] == "live" and set(live["policies"]) == {"kv", "dynamo_core"}
+    for pol in live["policies"].values():
+        assert pol["completed"] == 24 and pol["ttft_p50_ms"] > 0
