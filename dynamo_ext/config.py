@@ -17,6 +17,7 @@ import yaml
 
 from dynamo_ext.errors import ConfigError
 from dynamo_ext.protocol import WorkerRegistration
+from dynamo_ext.security import CurveConfig, check_bind
 
 ScorerMode = Literal["kv", "dynamo", "round_robin", "random", "least_loaded"]
 
@@ -129,8 +130,13 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     prefetch_min_blocks: int = 1
     workers: list[WorkerRegistration] = []
     scorer: ScorerConfig = msgspec.field(default_factory=ScorerConfig)
+    # CURVE on every socket (dynamo_ext.security): the router's key, the allow-list of worker
+    # and frontend keys. Without a key the router binds loopback only, unless ``insecure``.
+    security: CurveConfig = msgspec.field(default_factory=CurveConfig)
+    insecure: bool = False
 
     def __post_init__(self) -> None:
+        check_bind(self.bind, "bind", self.security.enabled, self.insecure)
         if self.block_size <= 0:
             raise ConfigError("block_size", f"must be > 0, got {self.block_size}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:

@@ -107,10 +107,10 @@ class BlockHasher:
                 seed = VLLM_DEFAULT_NONE_HASH_SEED
             self.none_hash: bytes = self._fn(seed)
 
-    def hash_tokens(self, token_ids: Sequence[int]) -> list[int]:
+    def hash_tokens(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
         if self.mode == "tokens":
-            return token_block_hashes(token_ids, self.block_size)
-        return self.engine_chain(None, token_ids)
+            return token_block_hashes(token_ids, self.block_size, salt_parent(cache_salt))
+        return self.engine_chain(None, token_ids, salt_extra_keys(cache_salt))
 
     def engine_chain(
         self,
@@ -136,10 +136,24 @@ class BlockHasher:
         prev = parent or self.none_hash
         out: list[int] = []
         for i in range(len(token_ids) // bs):
-            extra = extra_keys[i] if extra_keys else None
+            extra = extra_keys[i] if extra_keys and i < len(extra_keys) else None
             prev = fn((prev, tuple(token_ids[i * bs : (i + 1) * bs]), extra))
             out.append(int.from_bytes(prev, "big") & _MASK64)
         return out, (prev if out else parent)
+
+
+def salt_extra_keys(cache_salt: str | None) -> list[tuple[Any, ...] | None] | None:
+    """vLLM's extra keys for a request's ``cache_salt`` (``generate_block_hash_extra_keys``
+    of vLLM 0.32): ``("cache_salt", salt)`` in the first block only, the rest None. One
+    entry covers any prompt: ``chain`` reads entries past the list's end as None."""
+    return [(("cache_salt", cache_salt),)] if cache_salt else None
+
+
+def salt_parent(cache_salt: str | None) -> int:
+    """``tokens`` mode: a salted prompt's chain starts from a parent derived from the salt."""
+    if not cache_salt:
+        return 0
+    return int.from_bytes(hashlib.sha256(cache_salt.encode()).digest()[:8], "big")
 
 
 def token_block_hashes(token_ids: Sequence[int], block_size: int, parent: int = 0) -> list[int]:

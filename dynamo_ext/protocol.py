@@ -194,6 +194,9 @@ class RouteRequest(msgspec.Struct, tag="route", omit_defaults=True):
     explain: bool = False  # return the score of every candidate, not only the winner
     # Route only to workers serving this model (workers that registered one); None: any.
     model: str | None = None
+    # The tenant's vLLM ``cache_salt``: the engine hashes it into the prompt's first block,
+    # so the router does too (a salted prompt never matches another tenant's blocks).
+    cache_salt: str | None = None
 
 
 class PrefillFinished(msgspec.Struct, tag="prefill_done"):

@@ -259,9 +259,10 @@ class _Provider:
         if self.allow.role_of(key) is not None:
             return True
         kid = key_id(key)
-        log.warning("CURVE handshake refused: key %s is not allow-listed", kid)
         if self.on_denied is not None:
             self.on_denied(kid)
+        else:
+            log.warning("CURVE handshake refused: key %s is not allow-listed", kid)
         return False
 
 

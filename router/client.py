@@ -47,6 +47,7 @@ from dynamo_ext.protocol import (
     encode,
     reply_decoder,
 )
+from dynamo_ext.security import Curve
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class RouterClient:
         ctx: zmq.asyncio.Context | None = None,
         *,
         notify_timeout_s: float | None = None,
+        curve: Curve | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -75,6 +77,7 @@ class RouterClient:
             min(timeout_s, 0.25) if notify_timeout_s is None else notify_timeout_s
         )
         self.dropped_notifications = 0
+        self._curve = curve  # a CURVE client of the router's key (dynamo_ext.security)
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._pending: dict[bytes, asyncio.Future[ReplyMessage]] = {}
@@ -98,6 +101,8 @@ class RouterClient:
         s.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout_s * 1000)))  # backstop
         s.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_IVL_MS)
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
+        if self._curve is not None:
+            self._curve.client(s)
         s.connect(self.endpoint)
         self._sock = s
         self._reader = asyncio.get_running_loop().create_task(self._read())
@@ -203,6 +208,7 @@ class RouterClient:
         exclude_workers: Sequence[str] = (),
         track: bool = True,
         explain: bool = False,
+        cache_salt: str | None = None,
     ) -> RouteResponse:
         reply = await self.call(
             RouteRequest(
@@ -214,6 +220,7 @@ class RouterClient:
                 exclude_workers=list(exclude_workers),
                 track=track,
                 explain=explain,
+                cache_salt=cache_salt,
             )
         )
         self._expect(reply, RouteResponse)

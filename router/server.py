@@ -11,6 +11,12 @@ Sockets (all ``zmq.asyncio`` on one event loop, every one with a maximum message
 * one ROUTER bound at ``config.bind`` for the control plane: ``[header, corr, payload]``
   from a DEALER, answered ``[header, corr, reply]`` unless ``corr`` is zero.
 
+With ``config.security`` keys every socket runs CURVE: the ROUTER is a CURVE server whose ZAP
+handler admits the allow-listed keys and tags each message with its sender's key, which the
+service checks (router/identity); KV, replay, metrics and prefetch sockets are CURVE clients
+of the key that registered their worker, so only that worker's process can feed them
+(metrics then get one SUB per endpoint, to know whose key each message came through).
+
 Every loop runs under a supervisor: a task that dies is logged with its traceback, counted
 (``dynamo_ext_router_task_restarts_total``) and restarted. Input never crashes a task: a
 malformed frame is counted, logged with its origin and dropped.
@@ -42,8 +48,10 @@ from dynamo_ext.protocol import (
     metrics_decoder,
     seq_bytes,
 )
+from dynamo_ext.router.identity import IdentityGuard
 from dynamo_ext.router.ingest import DECODE_ERRORS
 from dynamo_ext.router.service import HASH_CHUNK_BLOCKS, RouterService, WorkerEntry
+from dynamo_ext.security import load_curve, peer_key, start_authenticator
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,10 @@ class RouterServer:
         self.metrics_port: int | None = None
         self._http_server: object = None
         self._stopped = asyncio.Event()
+        self._curve = load_curve(config.security)
+        self._zap: object = None
+        # security on: metrics endpoint -> (SUB, its task, workers using it)
+        self._secure_metrics: dict[str, tuple[zmq.asyncio.Socket, asyncio.Task[None], int]] = {}
 
     # views for embedding code (tests, the demo)
     @property
@@ -99,6 +111,7 @@ class RouterServer:
     async def start(self) -> None:
         self._router = self._socket(zmq.ROUTER)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._secure_start(self._router)
         self._router.bind(self.config.bind)
         self.bound_endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._metrics_sub = self._socket(zmq.SUB)
@@ -181,6 +194,7 @@ class RouterServer:
         for s in (self._router, self._metrics_sub):
             if s is not None:
                 s.close(linger=0)
+        self._secure_stop()
         for ps in self._prefetch_socks.values():
             ps.close(linger=0)
         self._prefetch_socks.clear()
@@ -207,7 +221,9 @@ class RouterServer:
                 f"kv-{wid}", lambda: self._kv_loop(w), alive=lambda: self.workers.get(wid) is w
             )
         ep = reg.metrics_endpoint
-        if ep and self._metrics_sub is not None:
+        if ep and self._curve is not None:
+            self._watch_metrics_secured(w, ep)
+        elif ep and self._metrics_sub is not None:
             n = self._metrics_endpoints.get(ep, 0)
             if not n:
                 self._metrics_sub.connect(ep)
@@ -219,6 +235,8 @@ class RouterServer:
             if t is not None:
                 t.cancel()
         ep = w.reg.metrics_endpoint
+        if ep and ep in self._secure_metrics:
+            self._unwatch_metrics_secured(ep)
         if ep and ep in self._metrics_endpoints:
             n = self._metrics_endpoints[ep] - 1
             if n <= 0:
@@ -245,6 +263,7 @@ class RouterServer:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 1024)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, self.config.reconnect_ivl_max_ms)
+            self._as_client_of(sock, w)
             sock.connect(ep)
             self._prefetch_socks[ep] = sock
         try:
@@ -263,6 +282,7 @@ class RouterServer:
         sub.setsockopt(zmq.SUBSCRIBE, reg.kv_events_topic.encode())
         initial = bool(reg.replay_endpoint and self.config.initial_replay and st.last_seq < 0)
         monitor = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED) if initial else None
+        self._as_client_of(sub, w)
         sub.connect(reg.kv_events_endpoint)
         resync_ms = int(self.config.resync_interval_s * 1000) or None
         ingest = self.service.ingest
@@ -352,6 +372,7 @@ class RouterServer:
         for _attempt in range(self.config.replay_attempts):
             dealer = self._socket(zmq.DEALER)
             dealer.setsockopt(zmq.RCVHWM, 0)  # ours never drops; the publisher's may
+            self._as_client_of(dealer, w)
             dealer.connect(w.reg.replay_endpoint)
             first = st.last_seq
             n = 0
@@ -435,8 +456,14 @@ class RouterServer:
         sock = self._router
         assert sock is not None
         service = self.service
+        secured = self._curve is not None
         while True:
-            frames = await sock.recv_multipart()
+            frames: list[bytes]
+            peer: str | None = None
+            if secured:
+                frames, peer = _with_peer(await sock.recv_multipart(copy=False))
+            else:
+                frames = await sock.recv_multipart()
             ident = frames[0]
             body = frames[1:]
             if body and body[0] == b"":  # a REQ peer adds an empty delimiter
@@ -464,7 +491,10 @@ class RouterServer:
                     service.malformed("control", origin, f"{type(exc).__name__}: {exc}")
                     reply = ErrorReply("bad_request", f"malformed: {type(exc).__name__}")
                 else:
-                    if (
+                    refused = service.authorize(msg, peer)
+                    if refused is not None:
+                        reply = refused
+                    elif (
                         type(msg) is RouteRequest
                         and msg.token_ids is not None
                         and len(msg.token_ids) > _INLINE_BLOCKS * self.config.block_size
@@ -492,7 +522,7 @@ class RouterServer:
         async def run() -> None:
             try:
                 hashes: list[int] = []
-                for chunk in self.service.hash_chunks(req.token_ids or []):
+                for chunk in self.service.hash_chunks(req.token_ids or [], req.cache_salt):
                     hashes += chunk
                     await asyncio.sleep(0)
                 reply = self.service.dispatch_hashed(req, hashes)
@@ -511,3 +541,96 @@ class RouterServer:
     # convenience for embedding (tests, the demo)
     def register(self, regs: Iterable[WorkerRegistration]) -> None:
         self.service.register_all(regs)
+
+    # ------------------------------------------------------------------ CURVE (security)
+    def _secure_start(self, router: zmq.asyncio.Socket) -> None:
+        """Security on: ZAP handler, identity guard, the control socket a CURVE server."""
+        curve = self._curve
+        if curve is None:
+            return
+        guard = IdentityGuard(curve.allowlist, self.metrics.registry)
+        self.service.secure(guard)
+        self._zap = start_authenticator(self.ctx, curve, guard.handshake_refused)
+        curve.server(router)
+        # Peers without CURVE never reach the ZAP handler: count their failed handshakes.
+        mon = router.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        )
+
+        async def handshakes() -> None:
+            while True:
+                await mon.recv_multipart()
+                guard.handshake_refused("none")
+
+        self._tasks.append(self._supervised("router-handshakes", handshakes))
+        self._handshake_monitor = mon
+        log.info(
+            "CURVE on: router key %s, %d allowed keys",
+            curve.keys.public.decode()[:8] + "...",
+            len(curve.allowlist),
+        )
+
+    def _secure_stop(self) -> None:
+        for sub, task, _n in self._secure_metrics.values():
+            task.cancel()
+            sub.close(linger=0)
+        self._secure_metrics.clear()
+        mon = getattr(self, "_handshake_monitor", None)
+        if mon is not None:
+            mon.close(linger=0)
+        if self._zap is not None:
+            self._zap.stop()  # type: ignore[attr-defined]
+
+    def _owner_key(self, w: WorkerEntry) -> str | None:
+        guard = self.service.guard
+        return guard.owner_of(w.worker_id) if guard is not None else None
+
+    def _as_client_of(self, sock: zmq.Socket, w: WorkerEntry) -> None:
+        """A socket to one of ``w``'s endpoints: a CURVE client of the key that registered
+        ``w`` (a static worker has none: plain)."""
+        owner = self._owner_key(w)
+        if self._curve is not None and owner is not None:
+            self._curve.client(sock, owner.encode())
+
+    def _watch_metrics_secured(self, w: WorkerEntry, ep: str) -> None:
+        entry = self._secure_metrics.get(ep)
+        if entry is not None:
+            self._secure_metrics[ep] = (entry[0], entry[1], entry[2] + 1)
+            return
+        sub = self._socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, self.config.sub_hwm)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._as_client_of(sub, w)
+        sub.connect(ep)
+        key = self._owner_key(w)
+        task = self._supervised(f"metrics-{ep}", lambda: self._serve_metrics_from(sub, key))
+        self._secure_metrics[ep] = (sub, task, 1)
+
+    def _unwatch_metrics_secured(self, ep: str) -> None:
+        sub, task, n = self._secure_metrics[ep]
+        if n > 1:
+            self._secure_metrics[ep] = (sub, task, n - 1)
+            return
+        del self._secure_metrics[ep]
+        task.cancel()
+        sub.close(linger=0)
+
+    async def _serve_metrics_from(self, sub: zmq.asyncio.Socket, key: str | None) -> None:
+        """Metrics from one publisher, whose key ``key`` the CURVE handshake proved."""
+        service = self.service
+        while True:
+            frames = await sub.recv_multipart()
+            if len(frames) != 3:
+                service.malformed("metrics", "?", f"{len(frames)} frames")
+                continue
+            try:
+                m = metrics_decoder.decode(frames[2])
+            except Exception as exc:  # noqa: BLE001 - any bad payload is counted, dropped
+                service.malformed("metrics", "?", f"{type(exc).__name__}: {exc}")
+                continue
+            service.metrics_from(m, key)
+
+
+def _with_peer(raw: list[zmq.Frame]) -> tuple[list[bytes], str | None]:
+    """Frames as bytes, and the sender's Z85 key (ZMQ ``User-Id``, set by our ZAP handler)."""
+    return [f.bytes for f in raw], peer_key(raw[-1]) if raw else None

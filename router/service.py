@@ -21,7 +21,7 @@ import msgspec
 
 from dynamo_ext.config import RouterConfig
 from dynamo_ext.errors import ConfigError
-from dynamo_ext.hashing import BlockHasher, token_block_hashes
+from dynamo_ext.hashing import BlockHasher, salt_extra_keys, salt_parent, token_block_hashes
 from dynamo_ext.protocol import (
     MEDIUM_CPU,
     MEDIUM_DISK,
@@ -45,6 +45,7 @@ from dynamo_ext.protocol import (
     control_decoder,
     dp_worker_id,
 )
+from dynamo_ext.router.identity import IdentityGuard
 from dynamo_ext.router.indexer import IndexFullError, KvIndex
 from dynamo_ext.router.ingest import DECODE_ERRORS, KvIngest, StreamState, _remove_label
 from dynamo_ext.router.metrics import RouterMetrics
@@ -158,6 +159,7 @@ class RouterService:
         self._warned: set[tuple[str, str]] = set()
         # request id -> (worker, predicted cached tokens), for the finish's hit check
         self._predicted: dict[str, tuple[str, int]] = {}
+        self.guard: IdentityGuard | None = None  # set by secure(): CURVE keys are identities
 
     # ------------------------------------------------------------------ errors
     def malformed(self, source: str, origin: str, why: object) -> None:
@@ -329,6 +331,22 @@ class RouterService:
         if len(self._predicted) > 4 * max(1, len(self.sequences)) + 10_000:
             self._predicted.clear()  # finishes never reported: keep it bounded
 
+    # ------------------------------------------------------------------ identity (CURVE)
+    def secure(self, guard: IdentityGuard) -> None:
+        """From now on every message is checked against its peer's key (router/identity)."""
+        self.guard = guard
+
+    def authorize(self, msg: msgspec.Struct, key: str | None) -> ErrorReply | None:
+        """None if the peer holding ``key`` may send ``msg`` (always, with security off)."""
+        if self.guard is None:
+            return None
+        return self.guard.check(msg, key, self.workers)
+
+    def metrics_from(self, m: WorkerMetrics, key: str | None) -> None:
+        """``on_metrics`` for metrics from the publisher holding ``key``."""
+        if self.guard is None or self.guard.may_publish(m.worker_id, key):
+            self.on_metrics(m)
+
     # ------------------------------------------------------------------ control plane
     def handle(self, payload: bytes, origin: str = "local") -> msgspec.Struct:
         """Decode and answer one control message; nothing in it can raise."""
@@ -468,14 +486,17 @@ class RouterService:
             )
         return None
 
-    def hash_chunks(self, token_ids: Sequence[int]) -> Iterator[list[int]]:
+    def hash_chunks(
+        self, token_ids: Sequence[int], cache_salt: str | None = None
+    ) -> Iterator[list[int]]:
         """The prompt's block hashes, ``HASH_CHUNK_BLOCKS`` at a time (the server yields to
-        its event loop between chunks, so one huge prompt never stalls other routes)."""
+        its event loop between chunks, so one huge prompt never stalls other routes).
+        ``cache_salt`` enters the first block as vLLM hashes it."""
         bs = self.config.block_size
         step = HASH_CHUNK_BLOCKS * bs
         n_full = len(token_ids) // bs * bs
         if self.hasher.mode == "tokens":
-            parent = 0
+            parent = salt_parent(cache_salt)
             for i in range(0, n_full, step):
                 out = token_block_hashes(token_ids[i : i + step], bs, parent)
                 if out:
@@ -483,8 +504,10 @@ class RouterService:
                 yield out
             return
         digest: bytes | None = None
+        extra = salt_extra_keys(cache_salt)
         for i in range(0, n_full, step):
-            out, digest = self.hasher.chain(digest, token_ids[i : i + step])
+            out, digest = self.hasher.chain(digest, token_ids[i : i + step], extra)
+            extra = None
             yield out
 
     def route(self, req: RouteRequest) -> msgspec.Struct:
@@ -495,7 +518,7 @@ class RouterService:
         if req.block_hashes is not None:
             return self.route_hashed(req, req.block_hashes, req.num_tokens)
         hashes: list[int] = []
-        for chunk in self.hash_chunks(req.token_ids or []):
+        for chunk in self.hash_chunks(req.token_ids or [], req.cache_salt):
             hashes += chunk
         return self.route_hashed(req, hashes, len(req.token_ids or []))
 

@@ -79,3 +79,30 @@ def test_bad_hasher_config_names_the_field() -> None:
         BlockHasher(16, "engine", "md5")
     with pytest.raises(ConfigError, match="hash_mode"):
         BlockHasher(16, "sideways")  # type: ignore[arg-type]
+
+
+def test_cache_salt_hashes_as_vllms_request_block_hasher(kcu: ModuleType, monkeypatch) -> None:
+    """A salted request: vLLM's own block hasher (Request with cache_salt) gives our hashes;
+    the salt changes every block's hash (the chain carries it), and no salt is the plain chain."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.request import Request
+
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    fn = get_hash_fn_by_name("sha256")
+    kcu.init_none_hash(fn)
+    tokens = [(i * 31) % 2000 for i in range(16 * 4 + 5)]
+
+    def vllm_hashes(salt: str | None) -> list[int]:
+        req = Request("r", tokens, SamplingParams(max_tokens=1), None, cache_salt=salt)
+        hashes = kcu.get_request_block_hasher(16, fn)(req)
+        return [kcu.maybe_convert_block_hash(h) for h in hashes]
+
+    h = BlockHasher(16, "engine", "sha256")
+    salted = h.hash_tokens(tokens, cache_salt="tenant-a")
+    assert salted == vllm_hashes("tenant-a") and len(salted) == 4
+    assert h.hash_tokens(tokens) == vllm_hashes(None)
+    other = h.hash_tokens(tokens, cache_salt="tenant-b")
+    assert not set(salted) & set(other) and not set(salted) & set(h.hash_tokens(tokens))
+    t = BlockHasher(16, "tokens")
+    assert not set(t.hash_tokens(tokens, "tenant-a")) & set(t.hash_tokens(tokens, "tenant-b"))
