@@ -10,10 +10,11 @@ as well as the answer, and a notification gets ``notify_timeout_s`` to go out, a
 is dropped and counted (``dropped_notifications``). The socket queues messages only on a
 live connection (``ZMQ_IMMEDIATE``): while the router is down a send cannot go out, so it
 fails at its deadline instead of piling up stale routes that a restarted router would then
-reserve load for. Once a call has failed that way, the next sends get only
-``_FAST_FAIL_S`` to find a connection until one goes out again, so a frontend answers 503
-at once during an outage instead of after a full timeout each. ZMTP heartbeats drop a
-connection whose peer stopped answering without closing it.
+reserve load for. A socket monitor follows the connection: when it drops (the router
+process died, or stopped answering ZMTP heartbeats) the calls waiting for an answer fail at
+once (a new connection never carries the old answers), and while no connection is up sends
+get only ``_FAST_FAIL_S`` to find one, so a frontend answers 503 at once during an outage
+instead of after a full timeout each.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 import msgspec
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from dynamo_ext.errors import NoWorkerAvailable, ProtocolError, RouterUnavailable
 from dynamo_ext.protocol import (
@@ -57,6 +59,7 @@ _NO_REPLY = b"\x00" * 8
 _FAST_FAIL_S = 0.05
 _HEARTBEAT_IVL_MS = 1000
 _HEARTBEAT_TIMEOUT_MS = 3000
+_MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 
 
 class RouterClient:
@@ -83,7 +86,9 @@ class RouterClient:
         self._pending: dict[bytes, asyncio.Future[ReplyMessage]] = {}
         self._ids = itertools.count(1)
         self._reader: asyncio.Task[None] | None = None
-        self._unreachable = False  # the last send found no connection in its budget
+        self._unreachable = False  # no connection: the last one dropped or a send found none
+        self._monitor: zmq.asyncio.Socket | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> RouterClient:
         self.connect()
@@ -103,23 +108,49 @@ class RouterClient:
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
         if self._curve is not None:
             self._curve.client(s)
+        self._monitor = s.get_monitor_socket(_MONITORED)
         s.connect(self.endpoint)
         self._sock = s
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read())
+        self._watcher = loop.create_task(self._watch(self._monitor))
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._reader = self._watcher = None
         if self._sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
             self._sock.close(linger=0)
             self._sock = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
+        self._fail_pending("client closed")
+
+    def _fail_pending(self, why: str) -> None:
         for f in self._pending.values():
             if not f.done():
-                f.set_exception(RouterUnavailable("client closed"))
+                f.set_exception(RouterUnavailable(why))
         self._pending.clear()
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        """Follow the connection: up once the ZMTP handshake is done, down when it drops
+        or a connection attempt fails."""
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._unreachable = False
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._unreachable = True
+                # The router that took these calls is gone: their answers never come.
+                self._fail_pending(f"connection to router at {self.endpoint} lost")
+            elif event == zmq.EVENT_CONNECT_RETRIED:
+                self._unreachable = True
 
     async def _read(self) -> None:
         assert self._sock is not None
@@ -137,23 +168,36 @@ class RouterClient:
 
     @property
     def reachable(self) -> bool:
-        """False while the last send found no connection to the router."""
+        """False while there is no connection to the router."""
         return not self._unreachable
 
     async def _send(self, frames: list[bytes], budget_s: float) -> None:
-        """Send ``frames`` within ``budget_s`` (less while the router is known down), or
-        raise ``RouterUnavailable``: the message is then not queued anywhere."""
+        """Send ``frames`` within ``budget_s`` (``_FAST_FAIL_S`` while there is no
+        connection, also when it drops during the wait), or raise ``RouterUnavailable``:
+        the message is then not queued anywhere."""
         assert self._sock is not None
-        if self._unreachable:
-            budget_s = min(budget_s, _FAST_FAIL_S)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        # Done at once on a live connection (pyzmq tries DONTWAIT first); otherwise
+        # waited for in slices, so a connection found dead meanwhile ends the wait.
+        fut = asyncio.ensure_future(self._sock.send_multipart(frames))
         try:
-            async with asyncio.timeout(max(budget_s, 0.0)):
-                await self._sock.send_multipart(frames)
+            while not fut.done():
+                budget = min(budget_s, _FAST_FAIL_S) if self._unreachable else budget_s
+                left = budget - (loop.time() - t0)
+                if left <= 0:
+                    raise TimeoutError
+                await asyncio.wait({fut}, timeout=min(left, _FAST_FAIL_S))
+            fut.result()  # zmq.Again once SNDTIMEO passed
         except (TimeoutError, zmq.Again) as exc:
             self._unreachable = True
             raise RouterUnavailable(
-                f"router at {self.endpoint} is not reachable (no connection in {budget_s:.3g}s)"
+                f"router at {self.endpoint} is not reachable "
+                f"(no connection in {loop.time() - t0:.3g}s)"
             ) from exc
+        finally:
+            if not fut.done():
+                fut.cancel()  # never sent later, to a router that no longer expects it
         self._unreachable = False
 
     async def call(self, msg: msgspec.Struct) -> ReplyMessage:

@@ -7,6 +7,7 @@ can answer, stay silent or vanish on cue; the real router process is in test_rou
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -69,23 +70,42 @@ def endpoint() -> str:
     return f"tcp://127.0.0.1:{free_port()}"
 
 
-def test_call_to_a_router_nobody_runs_fails_at_its_deadline_then_fast() -> None:
+def test_call_to_a_router_nobody_runs_fails_fast() -> None:
     async def main() -> None:
-        async with RouterClient(endpoint(), timeout_s=0.5) as c:
-            t0 = time.monotonic()
-            with pytest.raises(RouterUnavailable, match="not reachable"):
-                await c.route("r1", [1, 2, 3])
-            first = time.monotonic() - t0
-            assert 0.4 < first < 1.0, first
-            assert not c.reachable
-            # known down: the next calls fail at once instead of a full deadline each
+        async with RouterClient(endpoint(), timeout_s=2.0) as c:
             for _ in range(5):
                 t0 = time.monotonic()
-                with pytest.raises(RouterUnavailable):
-                    await c.workers()
-                assert time.monotonic() - t0 < 0.2
+                with pytest.raises(RouterUnavailable, match="not reachable"):
+                    await c.route("r1", [1, 2, 3])
+                # a refused connection is known at once: no call waits its deadline
+                assert time.monotonic() - t0 < 0.3
+            assert not c.reachable
 
     run(main())
+
+
+def test_deadline_covers_the_send_to_a_router_that_never_speaks() -> None:
+    """A peer that takes the TCP connection but never completes ZMTP's handshake (a hung
+    process): nothing can be sent, and the call fails at its deadline, not later."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)  # the kernel accepts; nobody ever reads
+
+    async def main() -> None:
+        ep = f"tcp://127.0.0.1:{lsock.getsockname()[1]}"
+        async with RouterClient(ep, timeout_s=0.5) as c:
+            t0 = time.monotonic()
+            with pytest.raises(RouterUnavailable, match="not reachable"):
+                await c.workers()
+            assert 0.4 < time.monotonic() - t0 < 1.0
+            t0 = time.monotonic()
+            assert await c.finished("r1") is False
+            assert time.monotonic() - t0 < 0.3
+
+    try:
+        run(main())
+    finally:
+        lsock.close()
 
 
 def test_notifications_are_bounded_and_counted_when_the_router_is_down() -> None:
@@ -138,6 +158,23 @@ def test_answers_and_finished_carries_the_hit_check() -> None:
             ("r1", 256, 128),
             ("r2", None, None),
         ]
+
+    run(main())
+
+
+def test_calls_in_flight_fail_when_the_connection_drops() -> None:
+    async def main() -> None:
+        ep = endpoint()
+        fake = FakeRouter(ep, answer=False)
+        async with RouterClient(ep, timeout_s=5.0) as c:
+            call = asyncio.ensure_future(c.workers())
+            await asyncio.sleep(0.3)
+            assert fake.received and not call.done()
+            t0 = time.monotonic()
+            await fake.stop()
+            with pytest.raises(RouterUnavailable, match="lost"):
+                await call
+            assert time.monotonic() - t0 < 0.5  # not the 5 s deadline
 
     run(main())
 
