@@ -40,6 +40,7 @@ import msgspec
 from dynamo_ext.config import advertise
 from dynamo_ext.errors import ConfigError
 from dynamo_ext.protocol import Role
+from dynamo_ext.worker_env import worker_env
 
 SGLANG_CMD_ENV = "DYNAMO_EXT_SGLANG_CMD"
 HICACHE_MODULE = "dynamo_ext.plugins.sglang.hicache"
@@ -92,21 +93,21 @@ class LauncherConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 # option (without --dynamo-ext-) -> (field, env var, type)
 _OPTIONS: dict[str, tuple[str, str, type]] = {
-    "router": ("router", "DYNAMO_EXT_ROUTER", str),
+    "router": ("router", "DYNAMO_EXT_WORKER_ROUTER", str),
     "worker-id": ("worker_id", "DYNAMO_EXT_WORKER_ID", str),
-    "role": ("role", "DYNAMO_EXT_ROLE", str),
-    "advertise-host": ("advertise_host", "DYNAMO_EXT_HOST", str),
-    "http-endpoint": ("http_endpoint", "DYNAMO_EXT_HTTP", str),
-    "kv-endpoint": ("kv_endpoint", "DYNAMO_EXT_KV_ENDPOINT", str),
-    "replay-endpoint": ("replay_endpoint", "DYNAMO_EXT_REPLAY_ENDPOINT", str),
-    "metrics-endpoint": ("metrics_endpoint", "DYNAMO_EXT_METRICS", str),
-    "metrics-period": ("metrics_period_s", "DYNAMO_EXT_METRICS_PERIOD", float),
-    "resync-s": ("resync_s", "DYNAMO_EXT_RESYNC_S", float),
-    "block-size": ("block_size", "DYNAMO_EXT_BLOCK_SIZE", int),
-    "hash-algo": ("hash_algo", "DYNAMO_EXT_HASH_ALGO", str),
-    "hash-seed": ("hash_seed", "DYNAMO_EXT_HASH_SEED", str),
-    "transfer-backend": ("transfer_backend", "DYNAMO_EXT_TRANSFER_BACKEND", str),
-    "bootstrap-port": ("bootstrap_port", "DYNAMO_EXT_BOOTSTRAP_PORT", int),
+    "role": ("role", "DYNAMO_EXT_WORKER_ROLE", str),
+    "advertise-host": ("advertise_host", "DYNAMO_EXT_WORKER_HOST", str),
+    "http-endpoint": ("http_endpoint", "DYNAMO_EXT_WORKER_HTTP", str),
+    "kv-endpoint": ("kv_endpoint", "DYNAMO_EXT_WORKER_KV_ENDPOINT", str),
+    "replay-endpoint": ("replay_endpoint", "DYNAMO_EXT_WORKER_REPLAY_ENDPOINT", str),
+    "metrics-endpoint": ("metrics_endpoint", "DYNAMO_EXT_WORKER_METRICS", str),
+    "metrics-period": ("metrics_period_s", "DYNAMO_EXT_WORKER_METRICS_PERIOD", float),
+    "resync-s": ("resync_s", "DYNAMO_EXT_WORKER_RESYNC_S", float),
+    "block-size": ("block_size", "DYNAMO_EXT_WORKER_BLOCK_SIZE", int),
+    "hash-algo": ("hash_algo", "DYNAMO_EXT_WORKER_HASH_ALGO", str),
+    "hash-seed": ("hash_seed", "DYNAMO_EXT_WORKER_HASH_SEED", str),
+    "transfer-backend": ("transfer_backend", "DYNAMO_EXT_WORKER_TRANSFER_BACKEND", str),
+    "bootstrap-port": ("bootstrap_port", "DYNAMO_EXT_WORKER_BOOTSTRAP_PORT", int),
     "pool-root": ("pool_root", "DYNAMO_EXT_POOL_ROOT", str),
 }
 
@@ -137,7 +138,7 @@ def split_argv(
     for dest, var, typ in _OPTIONS.values():
         raw = getattr(ns, dest)
         if raw is None:
-            raw = env.get(var)
+            raw = worker_env(env, var)
         if raw is None:
             continue
         try:

@@ -1,20 +1,24 @@
 """The worker-side configuration of the vLLM plugin, from one place.
 
 Read from ``kv_transfer_config.kv_connector_extra_config`` when the worker runs our
-connector, else from ``DYNAMO_EXT_*`` environment variables (extra config wins). Validated
-once at start: a bad value stops vLLM with a ``ConfigError`` naming the field.
+connector, else from ``DYNAMO_EXT_WORKER_*`` environment variables (extra config wins).
+Validated once at start: a bad value stops vLLM with a ``ConfigError`` naming the field.
 
-=========================  ===========================  ======================================
-extra config key           environment variable         meaning
-=========================  ===========================  ======================================
-``router``                 ``DYNAMO_EXT_ROUTER``        router control socket to register with
-``worker_id``              ``DYNAMO_EXT_WORKER_ID``     id in the router (default host:port)
-``role``                   ``DYNAMO_EXT_ROLE``          prefill | decode | both
-``metrics_endpoint``       ``DYNAMO_EXT_METRICS``       PUB for WorkerMetrics, e.g. tcp://*:5559
-``metrics_period_s``       ``DYNAMO_EXT_METRICS_PERIOD``seconds between metrics messages (0.5)
-``http_endpoint``          ``DYNAMO_EXT_HTTP``          URL the router hands to gateways
-``advertise_host``         ``DYNAMO_EXT_HOST``          host in advertised tcp://* endpoints
-=========================  ===========================  ======================================
+=====================  ====================================  =================================
+extra config key       environment variable                  meaning
+=====================  ====================================  =================================
+``router``             ``DYNAMO_EXT_WORKER_ROUTER``          router control socket to register
+``worker_id``          ``DYNAMO_EXT_WORKER_ID``              id in the router (host:port)
+``role``               ``DYNAMO_EXT_WORKER_ROLE``            prefill | decode | both
+``metrics_endpoint``   ``DYNAMO_EXT_WORKER_METRICS``         PUB for WorkerMetrics
+``metrics_period_s``   ``DYNAMO_EXT_WORKER_METRICS_PERIOD``  seconds between metrics (0.5)
+``http_endpoint``      ``DYNAMO_EXT_WORKER_HTTP``            URL the router hands to gateways
+``advertise_host``     ``DYNAMO_EXT_WORKER_HOST``            host for tcp://* in endpoints
+=====================  ====================================  =================================
+
+The variables were ``DYNAMO_EXT_ROUTER``, ``DYNAMO_EXT_ROLE``, ... before the
+``DYNAMO_EXT_WORKER_`` prefix (``dynamo_ext.worker_env``); the old names still work, with a
+deprecation warning.
 """
 
 from __future__ import annotations
@@ -29,15 +33,16 @@ import msgspec
 
 from dynamo_ext.config import advertise, build
 from dynamo_ext.errors import ConfigError
+from dynamo_ext.worker_env import worker_env
 
 _ENV = {
-    "router": "DYNAMO_EXT_ROUTER",
+    "router": "DYNAMO_EXT_WORKER_ROUTER",
     "worker_id": "DYNAMO_EXT_WORKER_ID",
-    "role": "DYNAMO_EXT_ROLE",
-    "metrics_endpoint": "DYNAMO_EXT_METRICS",
-    "metrics_period_s": "DYNAMO_EXT_METRICS_PERIOD",
-    "http_endpoint": "DYNAMO_EXT_HTTP",
-    "advertise_host": "DYNAMO_EXT_HOST",
+    "role": "DYNAMO_EXT_WORKER_ROLE",
+    "metrics_endpoint": "DYNAMO_EXT_WORKER_METRICS",
+    "metrics_period_s": "DYNAMO_EXT_WORKER_METRICS_PERIOD",
+    "http_endpoint": "DYNAMO_EXT_WORKER_HTTP",
+    "advertise_host": "DYNAMO_EXT_WORKER_HOST",
 }
 
 # Keys of kv_connector_extra_config that belong to other code (vLLM's NixlConnector,
@@ -96,8 +101,9 @@ def load_worker_config(
     env = dict(os.environ) if env is None else env
     data: dict[str, Any] = {}
     for key, var in _ENV.items():
-        if var in env and env[var] != "":
-            data[key] = env[var]
+        value = worker_env(env, var)
+        if value is not None:
+            data[key] = value
     for key, value in (extra or {}).items():
         if key in PASSTHROUGH_KEYS:
             continue

@@ -3,7 +3,7 @@
 Used by ``examples/`` (aggregated and disaggregated deployments of the tiny local model),
 by the end-to-end tests and by ``dynamo-ext bench serve``. Every worker is a stock vLLM
 OpenAI server started with flags only: vLLM's own ``--kv-events-config``, our connector in
-``--kv-transfer-config`` for prefill/decode roles, and ``DYNAMO_EXT_*`` variables for the
+``--kv-transfer-config`` for prefill/decode roles, and ``DYNAMO_EXT_WORKER_*`` variables for the
 stat-logger plugin (metrics + registration). Everything is stopped on ``stop()`` / exit.
 """
 
@@ -106,9 +106,9 @@ class LocalFleet:
         env = {
             **os.environ,
             **CPU_FAST_ENV,
-            "DYNAMO_EXT_ROUTER": self.router.endpoint,
+            "DYNAMO_EXT_WORKER_ROUTER": self.router.endpoint,
             "DYNAMO_EXT_WORKER_ID": worker_id,
-            "DYNAMO_EXT_METRICS_PERIOD": "0.2",
+            "DYNAMO_EXT_WORKER_METRICS_PERIOD": "0.2",
         }
         if nixl is not None:
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(nixl)

@@ -14,7 +14,8 @@ With ``DYNAMO_EXT_CURVE_SECRET_KEY`` (this worker's key file) and
 that admits the router only, and the registrar is a CURVE client of the router.
 
 It is inert unless the worker is configured for dynamo-ext: our connector in
-``--kv-transfer-config`` or ``DYNAMO_EXT_ROUTER`` / ``DYNAMO_EXT_METRICS`` in the environment.
+``--kv-transfer-config`` or ``DYNAMO_EXT_WORKER_ROUTER`` / ``DYNAMO_EXT_WORKER_METRICS`` in the
+environment.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def test_prefill_and_decode_roles() -> None:
     # the role can come from SGLang's own flag, and a given bootstrap port is kept
     _, d = plan_for(
         [*BASE, "--disaggregation-mode", "decode", "--disaggregation-bootstrap-port", "9100"],
-        {"DYNAMO_EXT_BLOCK_SIZE": "16"},
+        {"DYNAMO_EXT_WORKER_BLOCK_SIZE": "16"},
     )
     assert d.role == "decode" and d.bootstrap_port == 9100
     assert d.argv.count("--disaggregation-mode") == 1
@@ -121,7 +121,7 @@ def test_pool_root_plugs_the_hicache_adapter(tmp_path: Path) -> None:
         (["--dynamo-ext-role", "prefill", "--disaggregation-mode", "decode"], {}, "role"),
         (["--page-size", "1"], {}, "block_size"),
         (["--dp-size", "2"], {}, "dp_size"),
-        ([], {"DYNAMO_EXT_ROUTER": "http://r:5600"}, "router"),
+        ([], {"DYNAMO_EXT_WORKER_ROUTER": "http://r:5600"}, "router"),
         (["--dynamo-ext-block-size", "x"], {}, "block_size"),
         (["--dynamo-ext-rooter", "tcp://r:1"], {}, "dynamo-ext-rooter"),
         (["--kv-events-config", "{nope"], {}, "kv_events_config"),

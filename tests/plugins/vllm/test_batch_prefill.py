@@ -169,8 +169,8 @@ def servers(start_vllm, metrics_port: int) -> Iterator[dict[str, VllmServer]]:
     env = {
         "DYNAMO_EXT_BATCH_PREFILL_WAIT_MS": str(HOLD_MS),
         # Turns our stat logger on (no router): its PUB connects here, the test's SUB binds.
-        "DYNAMO_EXT_METRICS": f"tcp://127.0.0.1:{metrics_port}",
-        "DYNAMO_EXT_METRICS_PERIOD": "0.05",
+        "DYNAMO_EXT_WORKER_METRICS": f"tcp://127.0.0.1:{metrics_port}",
+        "DYNAMO_EXT_WORKER_METRICS_PERIOD": "0.05",
     }
     # Started together (two engines at once at most), stopped when the module ends.
     srvs = {

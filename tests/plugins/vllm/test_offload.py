@@ -95,9 +95,9 @@ def setup(tmp_path_factory, start_vllm, tiny_model):
     servers = {}
     for wid, cfg in cfgs.items():
         env = {
-            "DYNAMO_EXT_ROUTER": router.endpoint,
+            "DYNAMO_EXT_WORKER_ROUTER": router.endpoint,
             "DYNAMO_EXT_WORKER_ID": wid,
-            "DYNAMO_EXT_METRICS_PERIOD": "0.2",
+            "DYNAMO_EXT_WORKER_METRICS_PERIOD": "0.2",
             "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
         }
         args = [

@@ -50,9 +50,9 @@ def workers(router: RouterProc, start_vllm):
     servers = {}
     for wid in ("w0", "w1"):
         env = {
-            "DYNAMO_EXT_ROUTER": router.endpoint,
+            "DYNAMO_EXT_WORKER_ROUTER": router.endpoint,
             "DYNAMO_EXT_WORKER_ID": wid,
-            "DYNAMO_EXT_METRICS_PERIOD": "0.2",
+            "DYNAMO_EXT_WORKER_METRICS_PERIOD": "0.2",
         }
         args = [*kv_events_args(free_port(), free_port()), "--enable-prompt-tokens-details"]
         servers[wid] = start_vllm(args, env, wait=False)
