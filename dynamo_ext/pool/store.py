@@ -222,7 +222,7 @@ def _load_usrbio(root: str, use_usrbio: bool | None) -> _UsrbioIO | None:
         return None
     mount = on_hf3fs_mount(root)
     try:
-        import hf3fs_fuse.io as h3io  # type: ignore[import-not-found]
+        import hf3fs_fuse.io as h3io
     except ImportError:
         h3io = None
     if mount is None or h3io is None:
