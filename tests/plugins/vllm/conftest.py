@@ -2,8 +2,9 @@
 
 Every test that starts a vLLM server carries the ``engine`` marker (select with ``-m engine``,
 skip with ``-m "not engine"``); ``tests/conftest.py`` refuses to collect one that does not.
-CI runs them. Servers start with the CPU fast-start flags of ``dynamo_ext.plugins.vllm.launcher`` (one engine-core
-process, eager mode, 1 GiB KV cache, 2048-token context).
+CI runs them. Servers start with the CPU fast-start flags of
+``dynamo_ext.plugins.vllm.launcher`` (one engine-core process, eager mode, 1 GiB KV cache,
+2048-token context).
 """
 
 from __future__ import annotations
