@@ -46,13 +46,17 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from dynamo_ext.config import RouterConfig
 from dynamo_ext.errors import DynamoExtError, NoWorkerAvailable, ProtocolError, RouterUnavailable
 from dynamo_ext.hashing import BlockHasher
 from dynamo_ext.protocol import (
     MEDIUM_GPU,
     PROTOCOL_HEADER,
     REPLAY_END_SEQ,
+    ErrorReply,
     RouteRequest,
+    RouterQuery,
+    WorkerIndex,
     WorkerRegistration,
     encode,
 )
@@ -123,8 +127,11 @@ class ChaosConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError("workers, clients and duration_s must be > 0")
 
 
+# Short timers so that one checkpoint's settle_s covers them: down after 2 s without
+# metrics, removed 4 s later, a silent stream resynced after 2 s.
 ROUTER_DEFAULTS: dict[str, Any] = {
     "worker_timeout_s": 2.0,
+    "worker_expiry_s": 4.0,
     "failure_holdoff_s": 2.0,
     "replay_timeout_s": 1.0,
     "resync_interval_s": 2.0,
@@ -340,7 +347,9 @@ class Harness:
         self.hasher = BlockHasher(
             cfg.block_size, "engine", self.mcfg.hash_algo, self.mcfg.hash_seed
         )
-        router_cfg = {**ROUTER_DEFAULTS, "block_size": cfg.block_size, **cfg.router}
+        known = set(RouterConfig.__struct_fields__)  # a router older than a knob lacks it
+        defaults = {k: v for k, v in ROUTER_DEFAULTS.items() if k in known}
+        router_cfg = {**defaults, "block_size": cfg.block_size, **cfg.router}
         self.router_cfg = router_cfg
         self.router = RouterProc(tmp, router_cfg)
         self.router_logs: list[Path] = []
@@ -358,8 +367,7 @@ class Harness:
         self.routed_to_dead = 0
         self.retries = 0
         self.no_worker_while_live = 0
-        self.control_unanswered = 0
-        self.control_answered = 0
+        self.control_replies: Counter[str] = Counter()  # "<kind> answered|unanswered"
         self.injected = Counter[str]()
         self.unexpected_router_exits = 0
         self.harness_errors = 0
@@ -661,8 +669,8 @@ class Harness:
         elif kind == "control_nested":
             msgs.append(("nested", [PROTOCOL_HEADER, corr, _nested_route()]))
         else:  # control_oversized
-            msgs.append(("oversized", [PROTOCOL_HEADER, corr, rng.randbytes(16 << 20)]))
-            huge = RouteRequest(request_id="huge", token_ids=[7] * 1_000_000, track=False)
+            msgs.append(("oversized", [PROTOCOL_HEADER, corr, rng.randbytes(17 << 20)]))
+            huge = RouteRequest(request_id="huge", token_ids=[7] * 1_500_000, track=False)
             msgs.append(("huge_prompt", [PROTOCOL_HEADER, corr, encode(huge)]))
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -675,10 +683,10 @@ class Harness:
                     continue  # nothing to correlate an answer with
                 if await sock.poll(3000):
                     await sock.recv_multipart()
-                    self.control_answered += 1
+                    self.control_replies[what + " answered"] += 1
                 else:
-                    self.control_unanswered += 1
-                    log.warning("router did not answer a malformed control message (%s)", what)
+                    # Expected of an oversized frame only: ZMQ drops the peer that sent it.
+                    self.control_replies[what + " unanswered"] += 1
         finally:
             sock.close(linger=0)
 
@@ -767,7 +775,14 @@ class Harness:
             want = sw.true_counts() if sw is not None else {}
             if got != want:
                 count_mm.append(
-                    {"worker": ws.worker_id, "live": sw is not None, "router": got, "true": want}
+                    {
+                        "worker": ws.worker_id,
+                        "live": sw is not None,
+                        "router": got,
+                        "true": want,
+                        "up": ws.up,
+                        "stale": getattr(ws, "stale", ""),
+                    }
                 )
         for wid, sw in live.items():
             if wid not in seen and sw.true_counts():
@@ -805,8 +820,10 @@ class Harness:
                         }
                     )
         ghosts = sorted(w.worker_id for w in fleet.workers if w.worker_id not in live)
+        audit_mm = await self.audit(live, ghosts)
         out.update(
-            mismatches=len(count_mm) + len(probe_mm),
+            mismatches=len(count_mm) + len(probe_mm) + len(audit_mm),
+            audit_mismatches=len(audit_mm),
             count_mismatches=len(count_mm),
             probe_mismatches=len(probe_mm),
             probes=probes,
@@ -817,7 +834,42 @@ class Harness:
             harness_universe_gaps=harness_mm,
             count_details=count_mm[:6],
             probe_details=probe_mm[:6],
+            audit_details=audit_mm[:6],
         )
+        return out
+
+    async def audit(self, live: dict[str, SimWorker], ghosts: list[str]) -> list[dict[str, Any]]:
+        """Exact sets: the router's audit of each worker's indexed GPU blocks vs the hashes
+        its mocker holds (dead workers must hold none)."""
+        out: list[dict[str, Any]] = []
+        for wid in [*live, *ghosts]:
+            sw = live.get(wid)
+            want = sw.true_hashes() if sw is not None else set()
+            try:
+                reply = await self.ctl.call(RouterQuery(what="index", worker_id=wid))
+            except DynamoExtError as exc:
+                out.append({"worker": wid, "error": str(exc)})
+                continue
+            if isinstance(reply, ErrorReply):
+                if want:
+                    out.append({"worker": wid, "error": reply.message, "true": len(want)})
+                continue
+            if not isinstance(reply, WorkerIndex):
+                return []  # a router without the audit call
+            got = set(reply.blocks.get(MEDIUM_GPU, []))
+            extra_tiers = {t: len(b) for t, b in reply.blocks.items() if b and t != MEDIUM_GPU}
+            if got != want or extra_tiers:
+                out.append(
+                    {
+                        "worker": wid,
+                        "live": sw is not None,
+                        "missing": len(want - got),
+                        "extra": len(got - want),
+                        "other_tiers": extra_tiers,
+                        "stale": reply.stale,
+                        "last_seq": reply.last_seq,
+                    }
+                )
         return out
 
     def calibrate(self) -> None:
@@ -942,10 +994,7 @@ class Harness:
             },
             "failures": total - self.outcomes["ok"] - self.outcomes["ok_after_retry"],
             "harness_errors": self.harness_errors,
-            "control_malformed": {
-                "answered": self.control_answered,
-                "unanswered": self.control_unanswered,
-            },
+            "control_malformed_replies": dict(sorted(self.control_replies.items())),
             "index_mismatches": final.get("mismatches", -1),
             "checkpoints": self.checkpoints,
             "proxies": {
