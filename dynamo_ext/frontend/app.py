@@ -35,10 +35,11 @@ from dynamo_ext.errors import (
     NoWorkerAvailable,
     RouterUnavailable,
 )
+from dynamo_ext.frontend import auth
 from dynamo_ext.frontend.config import FrontendConfig
 from dynamo_ext.frontend.dispatch import Dispatcher, GenRequest, GenState, UpstreamError
 from dynamo_ext.frontend.metrics import FrontendMetrics
-from dynamo_ext.router.client import RouterClient
+from dynamo_ext.security import load_curve
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,8 @@ class Frontend:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         self.max_model_len = _max_model_len(cfg)
         self.metrics = FrontendMetrics()
-        self.router = RouterClient(cfg.router, timeout_s=cfg.router_timeout_s)
+        curve = load_curve(cfg.security.router, "security.router")
+        self.router = auth.TenantRouterClient(cfg.router, cfg.router_timeout_s, curve=curve)
         self.dispatcher = Dispatcher(cfg, self.router, self.metrics)
         self.app = self._build()
 
@@ -172,6 +174,7 @@ class Frontend:
             await self.router.close()
 
         app = FastAPI(title="dynamo-ext frontend", lifespan=lifespan)
+        auth.install(app, self.cfg.security, lambda text: len(self.tokenizer(text).input_ids))
 
         @app.exception_handler(RequestValidationError)
         async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -245,7 +248,7 @@ class Frontend:
     ) -> Any:
         model = self.cfg.model_name
         rid = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
-        req = GenRequest(rid, ids, max_tokens, body.sampling())
+        req = GenRequest(rid, ids, max_tokens, {**body.sampling(), **auth.tenant_fields()})
         state = GenState()
         created = int(time.time())
         rtype = "stream" if body.stream else "unary"
@@ -428,4 +431,12 @@ def run(cfg: FrontendConfig) -> None:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call
     fe = Frontend(cfg)
-    uvicorn.run(fe.app, host=cfg.host, port=cfg.port, log_level="warning", timeout_keep_alive=30)
+    uvicorn.run(
+        fe.app,
+        host=cfg.host,
+        port=cfg.port,
+        log_level="warning",
+        timeout_keep_alive=30,
+        ssl_certfile=cfg.security.ssl_certfile,  # both None: plain HTTP
+        ssl_keyfile=cfg.security.ssl_keyfile,
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import msgspec
 
 from dynamo_ext.errors import ConfigError
+from dynamo_ext.frontend.auth import FrontendSecurity
 
 
 class FrontendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -32,6 +33,8 @@ class FrontendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     migration_limit: int = 3
     upstream_connect_timeout_s: float = 2.0
     request_timeout_s: float = 600.0
+    # API keys, TLS, CURVE keys for the router (dynamo_ext.frontend.auth)
+    security: FrontendSecurity = msgspec.field(default_factory=FrontendSecurity)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
