@@ -72,8 +72,18 @@ from dynamo_ext.protocol import (
 )
 from dynamo_ext.sim.model import MockerConfig, MockerCore, SimRequest, StepResult
 from dynamo_ext.sim.peers import dynamo_available, run_dynamo
-from dynamo_ext.sim.report import PolicyRun, Rec, plot, ratios, summarize, table
+from dynamo_ext.sim.report import (
+    SLO_TPOT_MS,
+    SLO_TTFT_MS,
+    PolicyRun,
+    Rec,
+    plot,
+    ratios,
+    summarize,
+    table,
+)
 from dynamo_ext.sim.trace import TracePrompts, load_trace
+from dynamo_ext.sim.workloads import physical_limit_hit_rate
 
 ALL_POLICIES = ("round_robin", "least_loaded", "random", "dynamo", "kv", "kv_offload")
 # Dynamo's own selection core (``peers.DynamoCore``), fed by the same engines' KV streams.
@@ -460,6 +470,7 @@ def run_replay(args: argparse.Namespace) -> dict[str, Any]:
     check = BlockHasher(base.block_size, "engine", base.hash_algo).hash_tokens(prompts.tokens(0))
     if check != prompts.hashes[0].tolist():
         raise RuntimeError("replay prompt hashes differ from the router's BlockHasher")
+    limit = physical_limit_hit_rate(rows, base.block_size)
     prep_s = time.perf_counter() - t0
     results: dict[str, dict[str, Any]] = {}
     ttfts: dict[str, list[float]] = {}
@@ -467,7 +478,7 @@ def run_replay(args: argparse.Namespace) -> dict[str, Any]:
         name = pol.name
         mcfg = mocker_config(args, offload=pol.offload)
         run = simulate(pol, mcfg, prompts, args.workers, args.speedup, args.metrics_period)
-        results[name] = summarize(run)
+        results[name] = summarize(run, args.slo_ttft_ms, args.slo_tpot_ms, limit)
         ttfts[name] = sorted(
             (r.first - r.arrival) * 1e3  # type: ignore[operator]
             for r in run.recs
@@ -497,6 +508,8 @@ def run_replay(args: argparse.Namespace) -> dict[str, Any]:
         "ratios": ratios(results),
         "trace": str(args.trace),
         "speedup": args.speedup,
+        "physical_limit_hit_rate": round(limit, 4),
+        "slo": {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms},
         "block_size": base.block_size,
         "gpu_blocks_per_worker": base.gpu_blocks(),
         "cpu_blocks_per_worker_offload": mocker_config(args, offload=True).cpu_blocks()
@@ -565,6 +578,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run Dynamo's mocker with its default cache and batching, not ours",
     )
+    p.add_argument("--slo-ttft-ms", type=float, default=SLO_TTFT_MS, help="goodput: TTFT SLO")
+    p.add_argument("--slo-tpot-ms", type=float, default=SLO_TPOT_MS, help="goodput: TPOT SLO")
     p.add_argument("--plot", default="", help="PNG path (default out/replay-...; 'none': off)")
     p.add_argument("--live", action="store_true", help="through the router process + sockets")
     p.add_argument("--time-scale", type=float, default=10.0, help="--live: virtual s per wall s")
@@ -609,9 +624,10 @@ async def run_live(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     ttfts: dict[str, list[float]] = {}
     t_all = time.perf_counter()
+    limit = physical_limit_hit_rate(rows, base.block_size)
     for pol in policies:
         run = await _live_policy(pol, args, prompts)
-        results[pol.name] = summarize(run)
+        results[pol.name] = summarize(run, args.slo_ttft_ms, args.slo_tpot_ms, limit)
         ttfts[pol.name] = sorted(
             (r.first - r.arrival) * 1e3  # type: ignore[operator]
             for r in run.recs
@@ -623,6 +639,7 @@ async def run_live(args: argparse.Namespace) -> dict[str, Any]:
         "requests": len(rows),
         "ratios": ratios(results),
         "mode": "live",
+        "physical_limit_hit_rate": round(limit, 4),
         "time_scale": args.time_scale,
         "speedup": args.speedup,
         "dynamo_core_knobs": _dynamo_knobs(args),

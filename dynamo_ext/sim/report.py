@@ -61,7 +61,28 @@ def _imbalance(per_worker: Sequence[float]) -> float:
     return max(per_worker) / mean if mean else 1.0
 
 
-def summarize(run: PolicyRun) -> dict[str, Any]:
+# Goodput SLOs (DistServe's definition: a request counts when its TTFT and its mean time
+# per output token both meet theirs). Defaults for an 8B model on one H100: interactive
+# chat wants the first token within a second and ~20 tokens/s read speed at least.
+SLO_TTFT_MS = 1000.0
+SLO_TPOT_MS = 50.0
+
+
+def tpot_ms(r: Rec) -> float:
+    """Mean time per output token after the first (0 for one-token answers)."""
+    if r.first is None or r.finish is None or r.output_length <= 1:
+        return 0.0
+    return (r.finish - r.first) * 1e3 / (r.output_length - 1)
+
+
+def summarize(
+    run: PolicyRun,
+    slo_ttft_ms: float = SLO_TTFT_MS,
+    slo_tpot_ms: float = SLO_TPOT_MS,
+    physical_limit: float | None = None,
+) -> dict[str, Any]:
+    """The figures of one run (module doc). ``physical_limit``: the workload's infinite-cache
+    hit rate (``workloads.physical_limit_hit_rate``), to set the engines' hit rate beside."""
     done = [r for r in run.recs if r.finish is not None and r.error is None]
     ttft = sorted((r.first - r.arrival) * 1e3 for r in done if r.first is not None)  # type: ignore[operator]
     e2e = sorted((r.finish - r.arrival) * 1e3 for r in done)  # type: ignore[operator]
@@ -76,6 +97,18 @@ def summarize(run: PolicyRun) -> dict[str, Any]:
     cpu_hits = sum(c.cpu_hits for c in run.cores)
     busy = [c.busy_s for c in run.cores]
     predicted = sum(r.predicted_hit_blocks for r in run.recs) * run.block_size
+    good = sum(
+        1
+        for r in done
+        if r.first is not None
+        and (r.first - r.arrival) * 1e3 <= slo_ttft_ms
+        and tpot_ms(r) <= slo_tpot_ms
+    )
+    hit_rate = (gpu_hits + cpu_hits) / queries if queries else 0.0
+    limit: dict[str, Any] = {}
+    if physical_limit is not None:
+        limit["physical_limit_hit_rate"] = round(physical_limit, 4)
+        limit["hit_rate_of_limit"] = round(hit_rate / physical_limit, 3) if physical_limit else None
     return {
         "ttft_p50_ms": round(pct(ttft, 50), 2),
         "ttft_p90_ms": round(pct(ttft, 90), 2),
@@ -87,7 +120,11 @@ def summarize(run: PolicyRun) -> dict[str, Any]:
         "e2e_p99_ms": round(pct(e2e, 99), 2),
         "throughput_tok_s": round((in_tok + out_tok) / span, 1),
         "output_tok_s": round(out_tok / span, 1),
-        "prefix_hit_rate": round((gpu_hits + cpu_hits) / queries, 4) if queries else 0.0,
+        "tpot_p50_ms": round(pct(sorted(tpot_ms(r) for r in done), 50), 3),
+        "goodput_req_s": round(good / span, 3),
+        "slo_attainment": round(good / len(run.recs), 4) if run.recs else 0.0,
+        "prefix_hit_rate": round(hit_rate, 4),
+        **limit,
         "gpu_hit_rate": round(gpu_hits / queries, 4) if queries else 0.0,
         "cpu_hit_rate": round(cpu_hits / queries, 4) if queries else 0.0,
         "router_predicted_hit_rate": round(

@@ -1,0 +1,46 @@
+"""Generated workloads: the reuse each kind promises, and the infinite-cache hit rate."""
+
+from __future__ import annotations
+
+import pytest
+
+from dynamo_ext.errors import ConfigError
+from dynamo_ext.sim import workloads as W
+from dynamo_ext.sim.trace import TraceRow
+
+
+def _row(ts: float, ids: list[int], n: int) -> TraceRow:
+    return TraceRow(ts, n, 1, ids, "")
+
+
+def test_physical_limit_counts_blocks_whose_whole_prefix_was_seen() -> None:
+    rows = [
+        _row(0, [1, 2], 1024),  # nothing seen yet
+        _row(1, [1, 2, 3], 1536),  # 1024 tokens seen: 16 blocks of 64
+        _row(2, [1, 9], 1024),  # only the first 512 (8 blocks)
+        _row(3, [1, 2], 1024),  # all but the last block (last token always computed)
+    ]
+    hit = (16 + 8 + 15) * 64
+    assert W.physical_limit_hit_rate(rows, 64) == pytest.approx(hit / (1024 + 1536 + 1024 + 1024))
+    assert W.physical_limit_hit_rate([_row(0, [5], 500), _row(1, [5], 500)], 64) == pytest.approx(
+        7 * 64 / 1000
+    )
+
+
+def test_each_kind_has_its_reuse_and_arrives_in_order() -> None:
+    limits = {}
+    for kind in W.KINDS:
+        rows = W.generate(kind, 300, 4.0, seed=1)
+        assert len(rows) == 300
+        ts = [r.arrival_ms for r in rows]
+        assert ts == sorted(ts)
+        assert all(0 < r.input_length <= 512 * len(r.hash_ids) for r in rows)
+        limits[kind] = W.physical_limit_hit_rate(rows, 64)
+    assert limits["noreuse"] == 0.0
+    assert limits["agentic"] > limits["tenants"] > 0.5 and limits["chat"] > 0.4
+    # Multi-turn chat: a later turn extends an earlier prompt of its conversation.
+    rows = W.chat(100, 2.0)
+    firsts = {r.hash_ids[0] for r in rows}
+    assert len(firsts) < len(rows)
+    with pytest.raises(ConfigError, match="unknown workload"):
+        W.generate("nope", 10, 1.0)
