@@ -15,6 +15,11 @@ sidecar in this process, on one asyncio loop:
   (``engine="sglang"``, role, HTTP endpoint, PD bootstrap host:port), repeats it as a
   keep-alive that heals router restarts, and deregisters on exit.
 
+With ``DYNAMO_EXT_CURVE_SECRET_KEY`` and ``DYNAMO_EXT_CURVE_SERVER_KEY`` set
+(``dynamo_ext.security``), the republished KV events, their replay and the metrics are CURVE
+servers admitting the router's key only, and registration is a CURVE client of the router
+(SGLang's own PUB, read over local IPC, stays as SGLang makes it).
+
 SIGTERM/SIGINT are forwarded to SGLang; the launcher exits with SGLang's exit code. The
 SGLang command is ``DYNAMO_EXT_SGLANG_CMD`` when set (tests run a stand-in speaking
 SGLang's wire formats; deployments may wrap SGLang in another launcher).
@@ -49,6 +54,7 @@ from dynamo_ext.plugins.sglang.metrics import MetricsParseError, worker_metrics
 from dynamo_ext.protocol import REPLAY_END_SEQ, WorkerRegistration
 from dynamo_ext.publisher import KvEventPublisher, MetricsPublisher
 from dynamo_ext.router.client import RouterClient
+from dynamo_ext.security import CurveConfig, load_curve
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +71,11 @@ class Sidecar:
         self.plan = plan
         self.ctx = zmq.asyncio.Context()
         self.translator = SglangEventTranslator(plan.page_size, cfg.hash_algo, cfg.hash_seed)
-        self.kv_pub = KvEventPublisher(cfg.kv_endpoint, cfg.replay_endpoint, topic="kv")
-        self.metrics_pub = MetricsPublisher(cfg.metrics_endpoint)
+        self.curve = load_curve(CurveConfig.from_env(), "DYNAMO_EXT_CURVE")
+        self.kv_pub = KvEventPublisher(
+            cfg.kv_endpoint, cfg.replay_endpoint, topic="kv", curve=self.curve
+        )
+        self.metrics_pub = MetricsPublisher(cfg.metrics_endpoint, curve=self.curve)
         self.dropped: Counter[str] = Counter()  # frame-level; event-level in the translator
         self.batches = 0
         self.replayed = 0
@@ -106,7 +115,9 @@ class Sidecar:
         await self.ready.wait()
         reg = self.registration()
         failures = 0
-        async with RouterClient(self.cfg.router, timeout_s=2.0, ctx=self.ctx) as client:
+        async with RouterClient(
+            self.cfg.router, timeout_s=2.0, ctx=self.ctx, curve=self.curve
+        ) as client:
             while not self._stop.is_set():
                 try:
                     await client.register(reg)
@@ -142,7 +153,9 @@ class Sidecar:
         if self.cfg.router is None or not self.registered:
             return
         try:
-            async with RouterClient(self.cfg.router, timeout_s=1.0, ctx=self.ctx) as c:
+            async with RouterClient(
+                self.cfg.router, timeout_s=1.0, ctx=self.ctx, curve=self.curve
+            ) as c:
                 await c.deregister(self.plan.worker_id)
             log.info("deregistered %s from router %s", self.plan.worker_id, self.cfg.router)
         except DynamoExtError as exc:

@@ -84,6 +84,7 @@ from vllm.v1.kv_offload.tiering.spec import TieringOffloadingSpec
 
 from dynamo_ext.hashing import to_external
 from dynamo_ext.protocol import PrefetchRequest, decode_prefetch
+from dynamo_ext.security import CurveConfig, load_curve, start_authenticator
 
 logger = logging.getLogger(__name__)
 
@@ -695,7 +696,14 @@ class PoolTier(SecondaryTierManager):
         return data if len(data) == self._chunk else None
 
     def _start_prefetch(self, endpoint: str) -> None:
-        sock: zmq.Socket = zmq.Context.instance().socket(zmq.PULL)
+        # With DYNAMO_EXT_CURVE_* keys the PULL is a CURVE server admitting the router only:
+        # nobody else can make this worker read its disk or the pool.
+        curve = load_curve(CurveConfig.from_env(), "DYNAMO_EXT_CURVE")
+        ctx: zmq.Context = zmq.Context() if curve is not None else zmq.Context.instance()
+        zap = start_authenticator(ctx, curve) if curve is not None else None
+        sock: zmq.Socket = ctx.socket(zmq.PULL)
+        if curve is not None:
+            curve.server(sock)
         sock.setsockopt(zmq.LINGER, 0)
         if endpoint.endswith(":0"):
             port = sock.bind_to_random_port(endpoint.rsplit(":", 1)[0])
@@ -736,6 +744,9 @@ class PoolTier(SecondaryTierManager):
                     (time.perf_counter() - t0) * 1e3,
                 )
             sock.close(0)
+            if zap is not None:
+                zap.stop()
+                ctx.term()
 
         self._prefetch_thread = threading.Thread(
             target=loop, name="dynamo-ext-prefetch", daemon=True
