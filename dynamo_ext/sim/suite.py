@@ -1,0 +1,294 @@
+"""``dynamo-ext bench report``: the routing comparison the README shows, produced by one
+command: a results JSON, the README's tables (between ``<!-- bench-report:begin -->`` and
+``<!-- bench-report:end -->``) and the plots.
+
+Steps, all in the simulator (``sim.replay``, virtual time, the same engines' KV events
+feeding each router; Dynamo's ``SelectionService`` behind its barrier):
+
+1. Tune: ``sim.tune.sweep`` with the same budget for our scorer and for Dynamo's knobs on
+   the head of the sample trace (``--tune-limit``).
+2. The sample trace (the tuning set): round robin, our defaults, ours tuned, Dynamo's core
+   with its defaults and tuned.
+3. Generated workloads it was not tuned on (``sim.workloads``: multi-turn chat, tenants'
+   shared system prompts, agentic loops, no reuse), each at low, medium and saturating
+   load: the arrival rate set so that the prefill work an ideal router would still have
+   to do (the prompt tokens an infinite cache would miss) is 0.25, 0.5 and 0.9 of the
+   fleet's prefill capacity (its engines' step-time model at full chunks).
+
+Every table row is TTFT p50/p90/p99, ITL p50/p99, end-to-end p50, goodput under the TTFT and
+TPOT SLOs, throughput, and the hit rate the engines measured beside the workload's physical
+limit (one infinite cache that sees every prompt). ``--quick`` shrinks every size for a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dynamo_ext.errors import ConfigError
+from dynamo_ext.sim import tune, workloads
+from dynamo_ext.sim.model import MockerConfig
+from dynamo_ext.sim.peers import dynamo_available
+from dynamo_ext.sim.replay import Policy, policy, simulate
+from dynamo_ext.sim.report import SLO_TPOT_MS, SLO_TTFT_MS, plot, summarize
+from dynamo_ext.sim.trace import TracePrompts, TraceRow, load_trace
+
+DEFAULT_TRACE = Path(__file__).resolve().parents[3] / "shared" / "traces" / "synthetic_trace.jsonl"
+LOADS = {"low": 0.25, "medium": 0.5, "saturating": 0.9}
+BEGIN, END = "<!-- bench-report:begin -->", "<!-- bench-report:end -->"
+COLUMNS = (
+    ("TTFT p50", "ttft_p50_ms", "{:.0f}"),
+    ("p90", "ttft_p90_ms", "{:.0f}"),
+    ("p99", "ttft_p99_ms", "{:.0f}"),
+    ("ITL p50", "itl_p50_ms", "{:.1f}"),
+    ("ITL p99", "itl_p99_ms", "{:.1f}"),
+    ("e2e p50", "e2e_p50_ms", "{:.0f}"),
+    ("goodput req/s", "goodput_req_s", "{:.2f}"),
+    ("tok/s", "throughput_tok_s", "{:.0f}"),
+    ("hit", "prefix_hit_rate", "{:.3f}"),
+    ("hit / limit", "hit_rate_of_limit", "{:.2f}"),
+)
+
+
+def prefill_capacity_tok_s(mcfg: MockerConfig) -> float:
+    """One engine's prefill throughput at full chunks of fresh tokens (its timing model)."""
+    n = mcfg.max_num_batched_tokens
+    return n / mcfg.timing.step_seconds(n, n * (n + 1) / 2, 0)
+
+
+def speedup_for(rows: list[TraceRow], limit: float, load: float, workers: int, cap: float) -> float:
+    """The arrival speedup that makes the ideal router's prefill work ``load`` x capacity."""
+    span = max(1e-9, (rows[-1].arrival_ms - rows[0].arrival_ms) / 1e3)
+    ideal_tok_s = sum(r.input_length for r in rows) * (1.0 - limit) / span
+    return load * workers * cap / max(1e-9, ideal_tok_s)
+
+
+def _arms(tuned: dict[str, Any], with_dynamo: bool) -> list[Policy]:
+    arms = [
+        policy("round_robin"),
+        tune.our_policy(tune.our_defaults(), "kv"),
+        tune.our_policy(tuned["ours"]["best"], "kv_tuned"),
+    ]
+    if with_dynamo:
+        arms.append(tune.dynamo_policy({}, "dynamo_core"))
+        arms.append(tune.dynamo_policy(tuned["dynamo_core"]["best"], "dynamo_core_tuned"))
+    return arms
+
+
+def _run_arms(
+    arms: list[Policy],
+    rows: list[TraceRow],
+    mcfg: MockerConfig,
+    workers: int,
+    speedup: float,
+    log: Any,
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[float]]]:
+    prompts = TracePrompts(rows, mcfg.block_size)
+    limit = workloads.physical_limit_hit_rate(rows, mcfg.block_size)
+    figs: dict[str, dict[str, Any]] = {}
+    ttfts: dict[str, list[float]] = {}
+    for arm in arms:
+        run = simulate(arm, mcfg, prompts, workers, speedup, 0.5)
+        figs[arm.name] = summarize(run, SLO_TTFT_MS, SLO_TPOT_MS, limit)
+        ttfts[arm.name] = sorted(
+            (r.first - r.arrival) * 1e3  # type: ignore[operator]
+            for r in run.recs
+            if r.first is not None
+        )
+        print(f"  {arm.name}: {figs[arm.name]['wall_s']} s", file=log, flush=True)
+    return figs, ttfts
+
+
+def run_report(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    log = sys.stderr
+    trace = Path(args.trace)
+    if not trace.exists():
+        raise ConfigError("trace", f"{trace} not found")
+    with_dynamo = dynamo_available() and not args.no_dynamo
+    mcfg = MockerConfig(block_size=args.block_size)
+    quick = args.quick
+    tune_rows = load_trace(trace, 150 if quick else args.tune_limit)
+    sides = ("ours", "dynamo_core") if with_dynamo else ("ours",)
+    print(f"tuning on {len(tune_rows)} requests of {trace.name}", file=log, flush=True)
+    tuned = tune.sweep(
+        TracePrompts(tune_rows, mcfg.block_size),
+        mcfg,
+        args.workers,
+        args.speedup,
+        2 if quick else args.budget,
+        sides=sides,
+        log=log,
+    )
+    if not with_dynamo:
+        tuned["dynamo_core"] = {"best": {}}
+    arms = _arms(tuned, with_dynamo)
+    rows = load_trace(trace, 150 if quick else args.limit)
+    print(f"sample trace: {len(rows)} requests", file=log, flush=True)
+    sample, sample_ttft = _run_arms(arms, rows, mcfg, args.workers, args.speedup, log)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = out_dir / "report-sample-trace.png"
+    plot(png, sample_ttft, sample, f"{trace.name}: {len(rows)} requests, {args.workers} workers")
+    gen: dict[str, Any] = {}
+    cap = prefill_capacity_tok_s(mcfg)
+    n = 60 if quick else args.requests
+    kinds = workloads.KINDS if not args.workloads else args.workloads.split(",")
+    loads = {"medium": LOADS["medium"]} if quick else LOADS
+    for kind in kinds:
+        wrows = workloads.generate(kind, n, 1.0, seed=args.seed)
+        limit = workloads.physical_limit_hit_rate(wrows, mcfg.block_size)
+        gen[kind] = {"requests": n, "physical_limit_hit_rate": round(limit, 4), "loads": {}}
+        for lname, frac in loads.items():
+            sp = speedup_for(wrows, limit, frac, args.gen_workers, cap)
+            print(f"{kind} {lname} (speedup {sp:.3g})", file=log, flush=True)
+            figs, ttft = _run_arms(arms, wrows, mcfg, args.gen_workers, sp, log)
+            gen[kind]["loads"][lname] = {"load": frac, "speedup": round(sp, 4), "policies": figs}
+            if lname == "medium":
+                plot(
+                    out_dir / f"report-{kind}-medium.png",
+                    ttft,
+                    figs,
+                    f"{kind}: {n} requests, {args.gen_workers} workers, medium load",
+                )
+    return {
+        "command": "dynamo-ext bench report" + (" --quick" if quick else ""),
+        "setup": {
+            "simulator": "dynamo_ext.sim (MockerCore engines, virtual time)",
+            "timing_model": mcfg.timing.name,
+            "block_size": mcfg.block_size,
+            "gpu_blocks_per_worker": mcfg.gpu_blocks(),
+            "max_num_batched_tokens": mcfg.max_num_batched_tokens,
+            "sample_trace": str(trace),
+            "sample_workers": args.workers,
+            "sample_speedup": args.speedup,
+            "generated_workers": args.gen_workers,
+            "prefill_capacity_tok_s_per_worker": round(cap),
+            "slo": {"ttft_ms": SLO_TTFT_MS, "tpot_ms": SLO_TPOT_MS},
+            "dynamo_core": "ai-dynamo-runtime SelectionService" if with_dynamo else "absent",
+        },
+        "tuning": {
+            "trace_requests": len(tune_rows),
+            "budget_per_side": 2 if quick else args.budget,
+            "objective": "sqrt(ttft_p50_ms * ttft_p99_ms)",
+            **tuned,
+        },
+        "sample_trace": {"requests": len(rows), "policies": sample},
+        "generated": gen,
+        "plots": sorted(str(p) for p in out_dir.glob("report-*.png")),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _cell(v: Any, fmt: str) -> str:
+    return fmt.format(v) if isinstance(v, int | float) else "-"
+
+
+def _table(rows: list[tuple[str, dict[str, Any]]], first: str = "policy") -> list[str]:
+    head = f"| {first} | " + " | ".join(c[0] for c in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for name, fig in rows:
+        lines.append(
+            f"| {name} | " + " | ".join(_cell(fig.get(k), f) for _, k, f in COLUMNS) + " |"
+        )
+    return lines
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The README's tables, each with its setup."""
+    s = res["setup"]
+    t = res["tuning"]
+    out = [
+        f"Produced by `{res['command']}` ({res['wall_s']} s); results in "
+        "`out/bench-report.json`. Simulator: our mocker engines in virtual time "
+        f"({s['timing_model']}, block {s['block_size']}, {s['gpu_blocks_per_worker']} GPU "
+        f"blocks and {s['max_num_batched_tokens']} batched tokens per engine); every router "
+        "is fed the same engines' KV events, Dynamo's SelectionService "
+        "(`ai-dynamo-runtime` 1.6.1) over real ZMQ behind a barrier. Goodput: requests a "
+        f"second with TTFT <= {s['slo']['ttft_ms']:.0f} ms and TPOT <= "
+        f"{s['slo']['tpot_ms']:.0f} ms. hit: prompt tokens the engines found cached; "
+        "limit: one infinite cache that sees every prompt. Latencies in ms.",
+        "",
+        f"**Tuning** (same budget, {t['budget_per_side']} replays a side, defaults "
+        f"included, on the first {t['trace_requests']} requests of the sample trace, "
+        f"objective {t['objective']}):",
+        "",
+    ]
+    for side in ("ours", "dynamo_core"):
+        if side in t and "trials" in t[side]:
+            out.append(
+                f"- {side}: defaults {t[side]['defaults_objective']}, best "
+                f"{t[side]['best_objective']} with `{json.dumps(t[side]['best'])}`"
+            )
+    st = res["sample_trace"]
+    out += [
+        "",
+        f"**Sample trace** (the tuning set: {st['requests']} requests, "
+        f"{s['sample_workers']} workers, speedup {s['sample_speedup']}; physical limit "
+        f"{_cell(next(iter(st['policies'].values())).get('physical_limit_hit_rate'), '{:.3f}')}):",
+        "",
+        *_table(list(st["policies"].items())),
+    ]
+    for kind, g in res["generated"].items():
+        rows: list[tuple[str, dict[str, Any]]] = []
+        for lname, ld in g["loads"].items():
+            rows += [(f"{lname} / {p}", fig) for p, fig in ld["policies"].items()]
+        out += [
+            "",
+            f"**{kind}** (generated, not tuned on: {g['requests']} requests, "
+            f"{s['generated_workers']} workers, physical limit "
+            f"{g['physical_limit_hit_rate']:.3f}; load = the prefill an ideal router still "
+            "does over the fleet's capacity: "
+            + ", ".join(
+                f"{ln} {ld['load']} (speedup {ld['speedup']:.3g})" for ln, ld in g["loads"].items()
+            )
+            + "):",
+            "",
+            *_table(rows, "load / policy"),
+        ]
+    return "\n".join(out) + "\n"
+
+
+def write_readme(path: Path, md: str) -> bool:
+    """Replace the text between the markers; False when the README has no markers."""
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        return False
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(head + BEGIN + "\n" + md + END + tail)
+    return True
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", default=str(DEFAULT_TRACE), help="sample trace (tuning set)")
+    p.add_argument("--limit", type=int, default=0, help="sample trace requests (0: all)")
+    p.add_argument("--tune-limit", type=int, default=2000, help="requests tuned on")
+    p.add_argument("--budget", type=int, default=6, help="tuning replays per side")
+    p.add_argument("--workers", type=int, default=16, help="fleet for the sample trace")
+    p.add_argument("--speedup", type=float, default=4.0, help="sample trace arrival speedup")
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--gen-workers", type=int, default=8, help="fleet for generated workloads")
+    p.add_argument("--requests", type=int, default=600, help="requests per generated workload")
+    p.add_argument("--workloads", default="", help=f"subset of {','.join(workloads.KINDS)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="out", help="results JSON and plots")
+    p.add_argument("--readme", default="", help="README to rewrite between the markers")
+    p.add_argument("--no-dynamo", action="store_true", help="leave Dynamo's core out")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+
+
+def main(args: argparse.Namespace) -> int:
+    res = run_report(args)
+    out = Path(args.out_dir) / "bench-report.json"
+    out.write_text(json.dumps(res, indent=1))
+    md = markdown(res)
+    (Path(args.out_dir) / "bench-report.md").write_text(md)
+    if args.readme and not write_readme(Path(args.readme), md):
+        raise ConfigError("readme", f"{args.readme} has no {BEGIN} ... {END} markers")
+    print(json.dumps({"results": str(out), "plots": res["plots"], "wall_s": res["wall_s"]}))
+    return 0

@@ -1,0 +1,48 @@
+"""``dynamo-ext bench tune`` and ``bench report``: the same budget for both sides, and the
+report's JSON, tables and README rewrite between the markers (tiny sizes)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dynamo_ext.sim import suite, tune
+from dynamo_ext.sim.model import MockerConfig
+from dynamo_ext.sim.trace import TracePrompts, load_trace
+
+HEAD = Path(__file__).parent / "fixtures" / "mooncake_synthetic_head200.jsonl"
+
+
+def test_sweep_gives_each_side_the_same_budget_defaults_first() -> None:
+    rows = load_trace(HEAD, 60)
+    mcfg = MockerConfig(block_size=64)
+    res = tune.sweep(TracePrompts(rows, 64), mcfg, 4, 4.0, 3, sides=("ours",))
+    trials = res["ours"]["trials"]
+    assert len(trials) == 3 and trials[0]["knobs"] == tune.our_defaults()
+    assert res["ours"]["best_objective"] == min(t["objective"] for t in trials)
+    assert set(trials[1]["knobs"]) == set(tune.OUR_SPACE)
+    assert set(tune.DYNAMO_SPACE) == set(tune.DYNAMO_DEFAULTS)
+    assert len(tune.DYNAMO_SPACE) == len(tune.OUR_SPACE)  # equal terms: four knobs each
+
+
+def test_report_writes_results_tables_and_the_readme(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{suite.BEGIN}\nold\n{suite.END}\n\ntail\n")
+    ap = argparse.ArgumentParser()
+    suite.add_arguments(ap)
+    args = ap.parse_args(
+        ["--trace", str(HEAD), "--quick", "--no-dynamo", "--workloads", "noreuse",
+         "--workers", "4", "--gen-workers", "2", "--out-dir", str(tmp_path / "out"),
+         "--readme", str(readme)]
+    )  # fmt: skip
+    assert suite.main(args) == 0
+    res = json.loads((tmp_path / "out" / "bench-report.json").read_text())
+    assert set(res["sample_trace"]["policies"]) == {"round_robin", "kv", "kv_tuned"}
+    fig = res["generated"]["noreuse"]["loads"]["medium"]["policies"]["kv"]
+    for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p99_ms", "goodput_req_s", "prefix_hit_rate"):
+        assert isinstance(fig[k], int | float)
+    assert res["generated"]["noreuse"]["physical_limit_hit_rate"] == 0.0
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("tail\n") and "| round_robin |" in text
+    assert "**noreuse**" in text
