@@ -15,10 +15,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -245,6 +247,84 @@ def test_load_from_a_second_process(fleet) -> None:
     assert summary["lost"] == 0 and summary["duplicated_ids"] == 0
     assert summary["tokens"] == 24 * 12
     assert out.returncode == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize(
+    "prompt, needle",
+    [
+        # longer than the workers' max_model_len (2048), within the frontend's (the model's
+        # 4096): vLLM refuses it with a 400 before any stream
+        ([(7 * i) % 1900 + 50 for i in range(2100)], "maximum context length"),
+        # vLLM checks token ids once the stream has begun: an error event in a 200 stream
+        ([5000, 6, 7], "out of vocabulary"),
+    ],
+    ids=["too-long-for-the-worker", "token-out-of-vocabulary"],
+)
+def test_a_requests_own_error_is_not_a_worker_failure(
+    fleet, prompt: list[int], needle: str, stream: bool
+) -> None:
+    """The worker answered: the error is the request's. It reaches the client as a 4xx and
+    the worker is neither reported failed to the router nor left (no migration)."""
+    router_log = fleet.router.log  # type: ignore[union-attr]
+    failed_before = router_log().count("reported failed")
+    migrations = metric(fleet.url, "dynamo_ext_frontend_migrations_total")
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 4, "stream": stream}
+    r = httpx.post(fleet.url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] and err["type"] == "upstream_error", err
+    # the router marks a worker reported by a gateway down with this reason
+    assert router_log().count("reported failed") == failed_before, router_log()[-3000:]
+    assert metric(fleet.url, "dynamo_ext_frontend_migrations_total") == migrations
+    ok = client(fleet).completions.create(model=MODEL_NAME, prompt="still serving?", max_tokens=2)
+    assert ok.usage.completion_tokens >= 1
+
+
+def test_router_prediction_matches_the_workers_cache(fleet) -> None:
+    """The frontend checks the router's predicted prefix hit against the cached_tokens the
+    worker reports: a repeated prompt is predicted as the worker reused it."""
+    prompt = [(13 * i + 5) % 1900 + 60 for i in range(200)]  # < min_remote_prefill_tokens
+    names = (
+        "dynamo_ext_frontend_hit_predicted_tokens_total",
+        "dynamo_ext_frontend_hit_actual_tokens_total",
+    )
+    count = "dynamo_ext_frontend_hit_prediction_error_tokens_count"
+
+    def figures() -> tuple[float, float, float]:
+        pred, act = (metric(fleet.url, n) for n in names)
+        return pred, act, metric(fleet.url, count)
+
+    def ask() -> dict:
+        body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 2, "temperature": 0}
+        r = httpx.post(fleet.url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    p0, a0, n0 = figures()
+    first = ask()
+    p1, a1, n1 = figures()
+    assert (p1 - p0, a1 - a0, n1 - n0) == (0, 0, 1)  # cold: nothing predicted, nothing reused
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+    async def indexed() -> bool:
+        async with RouterClient(fleet.router.endpoint) as rc:  # type: ignore[union-attr]
+            r = await rc.route("probe", prompt, role="decode", track=False)
+            return r.chosen.prefix_hit_blocks.get("GPU", 0) >= 1
+
+    deadline = time.monotonic() + 30
+    while not asyncio.run(indexed()):  # the worker's KV event reaches the router
+        assert time.monotonic() < deadline, "the router never indexed the prompt"
+        time.sleep(0.2)
+    second = ask()
+    p2, a2, n2 = figures()
+    predicted, actual = p2 - p1, a2 - a1
+    print(f"repeated prompt: predicted {predicted:.0f} cached tokens, worker reused {actual:.0f}")
+    assert n2 - n1 == 1
+    assert predicted == 128  # one full block of the 200-token prompt (block size 128)
+    assert abs(predicted - actual) <= 128  # within one block
+    assert actual == predicted
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == actual
 
 
 def test_killing_the_decode_worker_mid_stream_migrates(fleet) -> None:
