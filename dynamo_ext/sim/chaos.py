@@ -78,19 +78,6 @@ FAULT_KINDS: tuple[str, ...] = (
     "kv_garbage",
     "kv_nested",
 )
-# Relative draw weights: churn and lossy streams are the ordinary life of a fleet; the
-# lethal malformed kinds are rarer so that one run still exercises everything else.
-_WEIGHTS = {
-    "kill_worker": 3.0,
-    "drop_batches": 3.0,
-    "stall_replay": 2.0,
-    "kill_router": 1.0,
-    "control_garbage": 1.5,
-    "control_nested": 0.5,
-    "control_oversized": 0.5,
-    "kv_garbage": 1.5,
-    "kv_nested": 0.5,
-}
 # Kinds that killed a router task when the harness was written (issue 12, item 1).
 _LETHAL = frozenset({"control_nested", "kv_nested"})
 _NESTING = 5000  # msgpack arrays nested this deep (5 kB): deeper than any real message
@@ -118,6 +105,9 @@ class ChaosConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rss_slack_mb: float = 64.0
     fd_slack: int = 4
     router: dict[str, Any] = {}  # RouterConfig overrides
+    # Run the router from another source tree (a baseline: ``git archive REV | tar -x``);
+    # None: this checkout's.
+    router_src: str | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.faults) - set(FAULT_KINDS))
@@ -347,7 +337,7 @@ class Harness:
         self.hasher = BlockHasher(
             cfg.block_size, "engine", self.mcfg.hash_algo, self.mcfg.hash_seed
         )
-        known = set(RouterConfig.__struct_fields__)  # a router older than a knob lacks it
+        known = _router_fields(cfg.router_src)  # a router older than a knob lacks it
         defaults = {k: v for k, v in ROUTER_DEFAULTS.items() if k in known}
         router_cfg = {**defaults, "block_size": cfg.block_size, **cfg.router}
         self.router_cfg = router_cfg
@@ -415,7 +405,7 @@ class Harness:
             old = self.router.log_path.with_suffix(f".log.{self.router_incarnation}")
             self.router.log_path.rename(old)
             self.router_logs.append(old)
-        await asyncio.to_thread(self.router.start)
+        await asyncio.to_thread(self._popen_router)
         self.router_incarnation += 1
         self.router_down = False
         pid = self.router_pid()
@@ -423,6 +413,23 @@ class Harness:
             await asyncio.sleep(0.2)
             rss, fds = _proc_usage(pid)
             self.fd_base, self.rss_base = fds, rss
+
+    def _popen_router(self) -> None:
+        # RouterProc passes our environment on: PYTHONPATH picks the router's source tree.
+        if self.cfg.router_src is None:
+            self.router.start()
+            return
+        env = {"PYTHONPATH": self.cfg.router_src, "PYTHONSAFEPATH": "1"}  # not the cwd's tree
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            self.router.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
 
     def router_pid(self) -> int | None:
         p = self.router.proc
@@ -575,18 +582,20 @@ class Harness:
         kinds = list(self.cfg.faults)
         if not kinds:
             return
-        weights = [_WEIGHTS[k] for k in kinds]
-        # Every kind once first (the lethal ones last, so a run learns the most before a
-        # router task may die), then seeded draws by weight.
-        first = [k for k in kinds if k not in _LETHAL]
-        self.rng.shuffle(first)
-        first += [k for k in kinds if k in _LETHAL]
+        order: list[str] = []
         while not self.stop.is_set():
             await asyncio.sleep(self.rng.uniform(0.5, 1.5) * self.cfg.fault_every_s)
             await self.resume.wait()
             if self.stop.is_set():
                 return
-            kind = first.pop(0) if first else self.rng.choices(kinds, weights)[0]
+            if not order:
+                # Rounds of every kind in a seeded order, the lethal ones last in a round
+                # (a run learns the most before a router task may die): even coverage, so
+                # a short run sees each kind about duration / (fault_every * kinds) times.
+                order = [k for k in kinds if k not in _LETHAL]
+                self.rng.shuffle(order)
+                order += [k for k in kinds if k in _LETHAL]
+            kind = order.pop(0)
             t = asyncio.get_running_loop().create_task(self.guarded(kind), name=f"fault-{kind}")
             self.fault_tasks.add(t)
             t.add_done_callback(self.fault_tasks.discard)
@@ -851,6 +860,8 @@ class Harness:
                 out.append({"worker": wid, "error": str(exc)})
                 continue
             if isinstance(reply, ErrorReply):
+                if reply.code == "bad_request" and reply.message.startswith("malformed"):
+                    return []  # a router without the audit call (older than 6cea24c)
                 if want:
                     out.append({"worker": wid, "error": reply.message, "true": len(want)})
                 continue
@@ -1002,6 +1013,7 @@ class Harness:
                 "replays_stalled": sum(s.proxy.replays_stalled for s in self.live() if s.proxy),
             },
             "router": {
+                "source": _source_of(self.cfg.router_src),
                 "incarnations": self.router_incarnation,
                 "unexpected_exits": self.unexpected_router_exits,
                 "max_rss_mb": round(self.rss_max, 1),
@@ -1039,21 +1051,62 @@ class Harness:
 # Helpers
 # ======================================================================================
 def _nested_route() -> bytes:
-    """A RouteRequest whose token_ids nest ``_NESTING`` arrays deep (about 5 kB)."""
+    """A RouteRequest with an unknown field nesting ``_NESTING`` arrays deep (5 kB): a
+    decoder that skips unknown fields recursively overflows the stack; a typed field
+    would be refused at its first level."""
     head = msgspec.msgpack.encode({"type": "route", "request_id": "nested"})
-    # fixmap of 3 instead of 2, then the extra key and the nested value
-    return (
-        bytes([0x83])
-        + head[1:]
-        + msgspec.msgpack.encode("token_ids")
-        + b"\x91" * _NESTING
-        + b"\x90"
-    )
+    junk = msgspec.msgpack.encode("junk") + b"\x91" * _NESTING + b"\x90"
+    return bytes([0x83]) + head[1:] + junk  # a fixmap of 3 entries instead of 2
 
 
 def _nested_batch() -> bytes:
-    """A KVEventBatch ``[ts, events]`` whose events nest ``_NESTING`` arrays deep."""
-    return b"\x92" + msgspec.msgpack.encode(time.time()) + b"\x91" * _NESTING + b"\x90"
+    """A KVEventBatch ``[ts, [], None, <nested>]``: a fourth, unknown element nesting
+    ``_NESTING`` arrays deep, skipped recursively by the decoder (5 kB)."""
+    ts = msgspec.msgpack.encode(time.time())
+    return b"\x94" + ts + b"\x90\xc0" + b"\x91" * _NESTING + b"\x90"
+
+
+def _router_fields(src: str | None) -> set[str]:
+    """RouterConfig's fields as the router that will run knows them."""
+    if src is None:
+        return set(RouterConfig.__struct_fields__)
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _FIELDS_SCRIPT],
+        env=dict(os.environ, PYTHONPATH=src, PYTHONSAFEPATH="1"),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return set(out.stdout.split())
+
+
+_FIELDS_SCRIPT = (
+    "from dynamo_ext.config import RouterConfig; print(*RouterConfig.__struct_fields__)"
+)
+
+
+def _source_of(src: str | None) -> dict[str, Any]:
+    """Which router ran: the tree and, for a git checkout, its commit and local changes."""
+    import subprocess
+
+    root = src or str(Path(__file__).resolve().parents[2])
+    info: dict[str, Any] = {"tree": root}
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        git = ["git", "-C", root]
+        info["commit"] = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "router", "dynamo_ext/protocol.py"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split("\n")
+        info["uncommitted"] = sorted(line[3:] for line in dirty if line.strip())
+    return info
 
 
 def _proc_usage(pid: int) -> tuple[float, int]:
@@ -1118,6 +1171,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="RouterConfig override (YAML value), repeatable",
     )
+    p.add_argument(
+        "--router-src",
+        help="source tree of the router to run (e.g. a baseline: git archive REV | tar -x)",
+    )
     p.add_argument("--keep-logs", help="folder for the router logs (default: a temp folder)")
     p.add_argument("--json", action="store_true", help="one JSON object on one line")
 
@@ -1141,6 +1198,7 @@ def main(args: argparse.Namespace) -> int:
         checkpoint_every_s=args.checkpoint_every,
         settle_s=args.settle,
         router=overrides,
+        router_src=args.router_src,
     )
     tmp = Path(args.keep_logs) if args.keep_logs else None
     if tmp is not None:
