@@ -45,7 +45,7 @@ class ScorerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     overlap_weight: float = 1.0
     # A block still to prefill costs the next token ~2 ms of GPU time; a block held by a
     # running request slows each of its decode steps far less. The defaults weigh them
-    # 16:1; the replay sweep (README) found 8-32 best, and 1:1 (Dynamo's) worse.
+    # 16:1; `dynamo-ext bench tune` sweeps these knobs and Dynamo's with the same budget.
     decode_weight: float = 0.0625
     tier_costs: dict[str, float] = msgspec.field(
         default_factory=lambda: {"CPU": 0.1, "DISK": 0.3, "STORAGE": 0.3, "REMOTE": 0.5}

@@ -89,14 +89,11 @@ ALL_POLICIES = ("round_robin", "least_loaded", "random", "dynamo", "kv", "kv_off
 # Dynamo's own selection core (``peers.DynamoCore``), fed by the same engines' KV streams.
 PEER_POLICIES = ("dynamo_core",)
 
-# Our scorer as the `kv` and `kv_offload` policies run it: the router's defaults. Those
+# Our scorer as the `kv` and `kv_offload` policies run it: the router's defaults, which
 # weigh a block still to prefill 16x a block held by a running request (decode_weight
-# 1/16), because for time to first token a prefill block costs ~2 ms of GPU time and a
-# held decode block far less; with 1:1 (Dynamo's weighting) the worker that has a shared
-# prefix cached looks busiest and loses the request. A sweep on the sample trace (16
-# workers, speedup 4) of the prefill:decode ratio gave TTFT p50 / p99 of 136 / 2966 ms at
-# 1, 74 / 2957 at 2, 46 / 2896 at 4, 36 / 2913 at 8, 33 / 2853 at 16, 33 / 2863 at 32 and
-# 36 / 2893 at 64; prefix hit rate 0.26 at 1, 0.40 at 16.
+# 1/16): for time to first token a prefill block costs ~2 ms of GPU time and a held decode
+# block far less. `dynamo-ext bench tune` sweeps these knobs (and Dynamo's, with the same
+# budget); `dynamo-ext bench report` reports both, tuned and not.
 KV_POLICY = ScorerConfig(mode="kv", seed=0)  # the router's defaults
 
 # CPU offload tier of the `kv_offload` engines: 100 GB of pinned host memory per GPU
