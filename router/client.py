@@ -14,7 +14,8 @@ reserve load for. A socket monitor follows the connection: when it drops (the ro
 process died, or stopped answering ZMTP heartbeats) the calls waiting for an answer fail at
 once (a new connection never carries the old answers), and while no connection is up sends
 get only ``_FAST_FAIL_S`` to find one, so a frontend answers 503 at once during an outage
-instead of after a full timeout each.
+instead of after a full timeout each. A new client gives its router one deadline to appear
+(a router and its clients often start together) before a refused connection means down.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class RouterClient:
         self._ids = itertools.count(1)
         self._reader: asyncio.Task[None] | None = None
         self._unreachable = False  # no connection: the last one dropped or a send found none
+        self._grace_until = 0.0  # loop time until which a refused connection is not "down"
         self._monitor: zmq.asyncio.Socket | None = None
         self._watcher: asyncio.Task[None] | None = None
 
@@ -112,6 +114,7 @@ class RouterClient:
         s.connect(self.endpoint)
         self._sock = s
         loop = asyncio.get_running_loop()
+        self._grace_until = loop.time() + self.timeout_s
         self._reader = loop.create_task(self._read())
         self._watcher = loop.create_task(self._watch(self._monitor))
 
@@ -147,6 +150,7 @@ class RouterClient:
                 self._unreachable = False
             elif event == zmq.EVENT_DISCONNECTED:
                 self._unreachable = True
+                self._grace_until = 0.0  # a live connection was lost: no grace
                 # The router that took these calls is gone: their answers never come.
                 self._fail_pending(f"connection to router at {self.endpoint} lost")
             elif event == zmq.EVENT_CONNECT_RETRIED:
@@ -183,14 +187,17 @@ class RouterClient:
         fut = asyncio.ensure_future(self._sock.send_multipart(frames))
         try:
             while not fut.done():
-                budget = min(budget_s, _FAST_FAIL_S) if self._unreachable else budget_s
-                left = budget - (loop.time() - t0)
+                now = loop.time()
+                down = self._unreachable and now >= self._grace_until
+                budget = min(budget_s, _FAST_FAIL_S) if down else budget_s
+                left = budget - (now - t0)
                 if left <= 0:
                     raise TimeoutError
                 await asyncio.wait({fut}, timeout=min(left, _FAST_FAIL_S))
             fut.result()  # zmq.Again once SNDTIMEO passed
         except (TimeoutError, zmq.Again) as exc:
             self._unreachable = True
+            self._grace_until = 0.0
             raise RouterUnavailable(
                 f"router at {self.endpoint} is not reachable "
                 f"(no connection in {loop.time() - t0:.3g}s)"

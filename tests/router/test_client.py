@@ -70,16 +70,35 @@ def endpoint() -> str:
     return f"tcp://127.0.0.1:{free_port()}"
 
 
-def test_call_to_a_router_nobody_runs_fails_fast() -> None:
+def test_call_to_a_router_nobody_runs_fails_at_its_deadline_then_fast() -> None:
     async def main() -> None:
-        async with RouterClient(endpoint(), timeout_s=2.0) as c:
-            for _ in range(5):
-                t0 = time.monotonic()
-                with pytest.raises(RouterUnavailable, match="not reachable"):
-                    await c.route("r1", [1, 2, 3])
-                # a refused connection is known at once: no call waits its deadline
-                assert time.monotonic() - t0 < 0.3
+        async with RouterClient(endpoint(), timeout_s=0.5) as c:
+            t0 = time.monotonic()
+            with pytest.raises(RouterUnavailable, match="not reachable"):
+                await c.route("r1", [1, 2, 3])
+            # a new client gives its router one deadline to appear
+            assert 0.4 < time.monotonic() - t0 < 1.0
             assert not c.reachable
+            for _ in range(5):  # known down: no call waits its deadline any more
+                t0 = time.monotonic()
+                with pytest.raises(RouterUnavailable):
+                    await c.workers()
+                assert time.monotonic() - t0 < 0.3
+
+    run(main())
+
+
+def test_a_router_starting_after_its_client_is_waited_for() -> None:
+    async def main() -> None:
+        ep = endpoint()
+        async with RouterClient(ep, timeout_s=2.0) as c:
+            call = asyncio.ensure_future(c.deregister("w0"))
+            await asyncio.sleep(0.5)  # refused connections meanwhile
+            fake = FakeRouter(ep)
+            try:
+                assert isinstance(await call, Ack)
+            finally:
+                await fake.stop()
 
     run(main())
 
