@@ -13,7 +13,8 @@ measures:
   a worker's chain part way;
 * ``find_matches_p50_us``: the index lookup alone;
 * ``hash_4k_us``: hashing a 4k-token prompt from token ids (engine sha256, and tokens mode);
-* ``bytes_per_block``: traced Python heap of the index over the distinct blocks it holds.
+* ``bytes_per_block``: traced Python heap of the index over the distinct blocks it holds;
+* ``curve``: ingest and route over loopback sockets, plaintext vs CURVE (``curve_bench``).
 """
 
 from __future__ import annotations
@@ -241,12 +242,18 @@ def bench_hashing() -> dict[str, Any]:
 TARGETS = {"ingest_events_per_s": 1_000_000, "route_p99_us_64w_4k": 100, "bytes_per_block": 100}
 
 
-def run(workers: list[int], blocks: int, queries: int = 1000, peer: bool = True) -> dict[str, Any]:
+def run(
+    workers: list[int], blocks: int, queries: int = 1000, peer: bool = True, curve: bool = True
+) -> dict[str, Any]:
     results = [bench_one(n, blocks, queries, peer) for n in workers]
     mem_workers = 64 if 64 in workers else workers[0]
     out: dict[str, Any] = {"bench": "router", "block_size": BLOCK_SIZE, "results": results}
     out.update(bench_memory(mem_workers, blocks))
     out.update(bench_hashing())
+    if curve:  # the cost of CURVE on ingest and route, over real sockets (curve_bench)
+        from dynamo_ext.benchmarks.curve_bench import bench_curve
+
+        out["curve"] = bench_curve(routes=queries)
     for r in results:
         if "dynamo_ingest_events_per_s" in r:
             r["ingest_ratio_vs_dynamo"] = round(

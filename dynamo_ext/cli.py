@@ -121,7 +121,9 @@ def _bench_main(args: argparse.Namespace) -> int:
         from dynamo_ext.benchmarks.router_bench import run
 
         workers = [int(x) for x in args.workers.split(",")]
-        res = run(workers, args.blocks, args.queries, peer=not args.no_peer)
+        res = run(
+            workers, args.blocks, args.queries, peer=not args.no_peer, curve=not args.no_curve
+        )
         if args.json:
             print(json.dumps(res))
         else:
@@ -186,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--blocks", type=int, default=1_000_000, help="blocks indexed per fleet")
     br.add_argument("--queries", type=int, default=2000, help="route calls timed per size")
     br.add_argument("--no-peer", action="store_true", help="skip Dynamo's radix tree baseline")
+    br.add_argument("--no-curve", action="store_true", help="skip the CURVE vs plaintext sockets")
     br.add_argument("--json", action="store_true", help="one JSON object on one line")
     br.set_defaults(func=_bench_main)
     from dynamo_ext.benchmarks import pool_bench, prefetch_bench, prefill_bench, serve_bench
