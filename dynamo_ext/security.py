@@ -44,9 +44,9 @@ PUBLIC_SUFFIX = ".key.pub"
 
 # Environment of a worker process (vLLM plugin, SGLang sidecar, publishers): its key file
 # and the router's public key; the router is then the only subscriber its sockets admit.
-ENV_SECRET = "DYNAMO_EXT_CURVE_SECRET_KEY"
-ENV_SERVER = "DYNAMO_EXT_CURVE_SERVER_KEY"
-ENV_ALLOW_DIR = "DYNAMO_EXT_CURVE_ALLOW_DIR"
+ENV_SECRET = "DYNAMO_EXT_WORKER_CURVE_SECRET_KEY"
+ENV_SERVER = "DYNAMO_EXT_WORKER_CURVE_SERVER_KEY"
+ENV_ALLOW_DIR = "DYNAMO_EXT_WORKER_CURVE_ALLOW_DIR"
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ sidecar in this process, on one asyncio loop:
   (``engine="sglang"``, role, HTTP endpoint, PD bootstrap host:port), repeats it as a
   keep-alive that heals router restarts, and deregisters on exit.
 
-With ``DYNAMO_EXT_CURVE_SECRET_KEY`` and ``DYNAMO_EXT_CURVE_SERVER_KEY`` set
+With ``DYNAMO_EXT_WORKER_CURVE_SECRET_KEY`` and ``DYNAMO_EXT_WORKER_CURVE_SERVER_KEY`` set
 (``dynamo_ext.security``), the republished KV events, their replay and the metrics are CURVE
 servers admitting the router's key only, and registration is a CURVE client of the router
 (SGLang's own PUB, read over local IPC, stays as SGLang makes it).
@@ -71,7 +71,7 @@ class Sidecar:
         self.plan = plan
         self.ctx = zmq.asyncio.Context()
         self.translator = SglangEventTranslator(plan.page_size, cfg.hash_algo, cfg.hash_seed)
-        self.curve = load_curve(CurveConfig.from_env(), "DYNAMO_EXT_CURVE")
+        self.curve = load_curve(CurveConfig.from_env(), "DYNAMO_EXT_WORKER_CURVE")
         self.kv_pub = KvEventPublisher(
             cfg.kv_endpoint, cfg.replay_endpoint, topic="kv", curve=self.curve
         )

@@ -9,8 +9,9 @@ router's key (and any allow-listed one): a subscriber without a key, or with ano
 never completes the handshake and receives nothing.
 
 Keys come from the environment of the vLLM process (vLLM's ``KVEventsConfig`` forbids extra
-fields): ``DYNAMO_EXT_CURVE_SECRET_KEY`` (this worker's key file), ``DYNAMO_EXT_CURVE_SERVER_KEY``
-(the router's public key or .pub file), optionally ``DYNAMO_EXT_CURVE_ALLOW_DIR``.
+fields): ``DYNAMO_EXT_WORKER_CURVE_SECRET_KEY`` (this worker's key file),
+``DYNAMO_EXT_WORKER_CURVE_SERVER_KEY`` (the router's public key or .pub file), optionally
+``DYNAMO_EXT_WORKER_CURVE_ALLOW_DIR``.
 
 vLLM 0.32 types ``KVEventsConfig.publisher`` as ``Literal["null", "zmq"]``, so a registered
 publisher name would fail validation of the flag: :func:`register` widens that Literal by
@@ -39,10 +40,10 @@ class CurveEventPublisher(ZmqEventPublisher):
     def __init__(
         self, data_parallel_rank: int, *args: Any, curve: Curve | None = None, **kwargs: Any
     ) -> None:
-        loaded = curve or load_curve(CurveConfig.from_env(), "DYNAMO_EXT_CURVE")
+        loaded = curve or load_curve(CurveConfig.from_env(), "DYNAMO_EXT_WORKER_CURVE")
         if loaded is None:
             raise ConfigError(
-                "DYNAMO_EXT_CURVE_SECRET_KEY",
+                "DYNAMO_EXT_WORKER_CURVE_SECRET_KEY",
                 f"publisher {PUBLISHER_NAME!r} needs this worker's key file",
             )
         self._curve = loaded

@@ -696,9 +696,9 @@ class PoolTier(SecondaryTierManager):
         return data if len(data) == self._chunk else None
 
     def _start_prefetch(self, endpoint: str) -> None:
-        # With DYNAMO_EXT_CURVE_* keys the PULL is a CURVE server admitting the router only:
+        # With DYNAMO_EXT_WORKER_CURVE_* keys the PULL is a CURVE server admitting the router only:
         # nobody else can make this worker read its disk or the pool.
-        curve = load_curve(CurveConfig.from_env(), "DYNAMO_EXT_CURVE")
+        curve = load_curve(CurveConfig.from_env(), "DYNAMO_EXT_WORKER_CURVE")
         ctx: zmq.Context = zmq.Context() if curve is not None else zmq.Context.instance()
         zap = start_authenticator(ctx, curve) if curve is not None else None
         sock: zmq.Socket = ctx.socket(zmq.PULL)

@@ -9,9 +9,9 @@ the router and repeats the registration as a keep-alive, which heals a router re
 router that is down never blocks or fails the engine: metrics are dropped by the PUB socket
 and registration retries with backoff (both counted, and logged once per outage).
 
-With ``DYNAMO_EXT_CURVE_SECRET_KEY`` (this worker's key file) and
-``DYNAMO_EXT_CURVE_SERVER_KEY`` (the router's public key) set, the metrics PUB is a CURVE server
-that admits the router only, and the registrar is a CURVE client of the router.
+With ``DYNAMO_EXT_WORKER_CURVE_SECRET_KEY`` (this worker's key file) and
+``DYNAMO_EXT_WORKER_CURVE_SERVER_KEY`` (the router's public key) set, the metrics PUB is a
+CURVE server that admits the router only, and the registrar is a CURVE client of the router.
 
 It is inert unless the worker is configured for dynamo-ext: our connector in
 ``--kv-transfer-config`` or ``DYNAMO_EXT_WORKER_ROUTER`` / ``DYNAMO_EXT_WORKER_METRICS`` in the
@@ -177,7 +177,7 @@ class DynamoExtStatLogger(StatLoggerBase):
         self._queries = 0
         self._hits = 0
         ep = self.cfg.metrics_endpoint or f"tcp://{self.cfg.advertise_host}:0"
-        self.curve = load_curve(CurveConfig.from_env(), "DYNAMO_EXT_CURVE")
+        self.curve = load_curve(CurveConfig.from_env(), "DYNAMO_EXT_WORKER_CURVE")
         self.publisher = MetricsPublisher(ep, curve=self.curve)
         self.publisher.start(self.snapshot, self.cfg.metrics_period_s)
         self.registrar: Registrar | None = None

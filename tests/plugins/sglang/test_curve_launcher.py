@@ -1,5 +1,5 @@
-"""The SGLang launcher's sidecar over CURVE (keys from ``DYNAMO_EXT_CURVE_*``), against the
-SGLang stand-in of test_launcher and a router with keys: it registers with its key, its
+"""The SGLang launcher's sidecar over CURVE (keys from ``DYNAMO_EXT_WORKER_CURVE_*``),
+against the SGLang stand-in of test_launcher and a router with keys: it registers with its key, its
 republished KV events and metrics reach the router, and a subscriber with another key gets
 none of them."""
 

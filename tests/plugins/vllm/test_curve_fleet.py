@@ -109,9 +109,9 @@ def fleet(keys: Path, start_vllm, tiny_model: Path, tmp_path_factory):
         "replay_endpoint": f"tcp://*:{replay}",
     }
     env = {
-        "DYNAMO_EXT_ROUTER": router.endpoint,
+        "DYNAMO_EXT_WORKER_ROUTER": router.endpoint,
         "DYNAMO_EXT_WORKER_ID": "w0",
-        "DYNAMO_EXT_METRICS_PERIOD": "0.2",
+        "DYNAMO_EXT_WORKER_METRICS_PERIOD": "0.2",
         S.ENV_SECRET: str(keys / "w0.key"),
         S.ENV_SERVER: str(keys / "router.key.pub"),
     }
