@@ -357,6 +357,8 @@ class Harness:
         self.routed_to_dead = 0
         self.retries = 0
         self.no_worker_while_live = 0
+        self.unanswered_while_up = 0
+        self.router_up_since: float | None = None  # monotonic; None while it is down
         self.control_replies: Counter[str] = Counter()  # "<kind> answered|unanswered"
         self.injected = Counter[str]()
         self.unexpected_router_exits = 0
@@ -408,6 +410,7 @@ class Harness:
         await asyncio.to_thread(self._popen_router)
         self.router_incarnation += 1
         self.router_down = False
+        self.router_up_since = time.monotonic()
         pid = self.router_pid()
         if pid is not None and self.fd_base is None:
             await asyncio.sleep(0.2)
@@ -526,15 +529,23 @@ class Harness:
         import aiohttp
 
         exclude: list[str] = []
+        grace = self.router_cfg.get("worker_timeout_s", 5.0) + 1.0
         for attempt in range(4):
             t = time.monotonic()
+            up_since = self.router_up_since
+            router_settled = up_since is not None and t - up_since > grace
             try:
                 resp = await self.load.route(rid, prompt, exclude_workers=exclude)
             except NoWorkerAvailable:
-                if self.live():
+                # Wrong if a worker has lived (and kept re-registering) for a while with a
+                # router that has run a while: the router lost a worker it could use.
+                if router_settled and any(t - w.started_at > grace for w in self.live()):
                     self.no_worker_while_live += 1
                 return "no_worker"
             except RouterUnavailable:
+                # Wrong unless we killed the router around this request.
+                if router_settled and self.router_up_since == up_since:
+                    self.unanswered_while_up += 1
                 return "router_unavailable"
             except ProtocolError:
                 return "router_error"
@@ -647,6 +658,7 @@ class Harness:
                 self.faults[kind] -= 1
                 return  # one router outage at a time
             self.router_down = True
+            self.router_up_since = None
             self.router.stop(signal.SIGKILL)
             log.info("fault: router killed -9")
             try:
@@ -983,6 +995,8 @@ class Harness:
             "index_equals_truth": bool(self.checkpoints)
             and all(c["converged"] for c in self.checkpoints),
             "no_request_hung": self.outcomes["hang"] == 0,
+            "answered_while_router_up": self.unanswered_while_up == 0,
+            "no_worker_only_when_none_live": self.no_worker_while_live == 0,
             "rss_bounded": not any("RSS" in v for v in self.bound_violations),
             "fds_bounded": not any("fds" in v for v in self.bound_violations),
             "router_never_exited": self.unexpected_router_exits == 0,
@@ -999,6 +1013,7 @@ class Harness:
                 "retries": self.retries,
                 "routed_to_dead": self.routed_to_dead,
                 "no_worker_while_live": self.no_worker_while_live,
+                "unanswered_while_router_up": self.unanswered_while_up,
                 "route_p50_ms": round(_pct(lat, 0.5) * 1e3, 2),
                 "route_p99_ms": round(_pct(lat, 0.99) * 1e3, 2),
                 "route_max_ms": round((lat[-1] if lat else 0.0) * 1e3, 1),

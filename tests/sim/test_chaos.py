@@ -61,6 +61,20 @@ def test_no_request_hung(report: dict) -> None:
     assert report["requests"].get("hang", 0) == 0, _evidence(report, "requests", "faults")
 
 
+def test_requests_answered_while_router_up(report: dict) -> None:
+    """Outside the outages we cause, a route gets a reply: a route or a clear error."""
+    assert report["requests"]["unanswered_while_router_up"] == 0, _evidence(
+        report, "requests", "router"
+    )
+
+
+def test_no_worker_only_when_none_live(report: dict) -> None:
+    """``no_worker`` is an answer only when no live worker has been up for a while."""
+    assert report["requests"]["no_worker_while_live"] == 0, _evidence(
+        report, "requests", "checkpoints"
+    )
+
+
 def test_router_memory_and_sockets_bounded(report: dict) -> None:
     assert not report["router"]["bound_violations"], json.dumps(report["router"], indent=1)
 
