@@ -358,6 +358,7 @@ class Harness:
         self.retries = 0
         self.no_worker_while_live = 0
         self.unanswered_while_up = 0
+        self.malformed_unanswered = 0  # malformed control messages the live router ignored
         self.router_up_since: float | None = None  # monotonic; None while it is down
         self.control_replies: Counter[str] = Counter()  # "<kind> answered|unanswered"
         self.injected = Counter[str]()
@@ -699,15 +700,21 @@ class Harness:
         try:
             for what, frames in msgs:
                 self.injected["control_" + what] += 1
+                up_since = self.router_up_since
                 await sock.send_multipart(frames)
                 if len(frames) != 3:
                     continue  # nothing to correlate an answer with
                 if await sock.poll(3000):
                     await sock.recv_multipart()
                     self.control_replies[what + " answered"] += 1
-                else:
-                    # Expected of an oversized frame only: ZMQ drops the peer that sent it.
+                elif up_since is None or self.router_up_since != up_since:
+                    self.control_replies[what + " router_down"] += 1  # we killed it meanwhile
+                elif what == "oversized":
+                    # Over max_message_bytes ZMQ drops the peer that sent it: no answer.
                     self.control_replies[what + " unanswered"] += 1
+                else:
+                    self.control_replies[what + " unanswered"] += 1
+                    self.malformed_unanswered += 1
         finally:
             sock.close(linger=0)
 
@@ -997,6 +1004,7 @@ class Harness:
             "no_request_hung": self.outcomes["hang"] == 0,
             "answered_while_router_up": self.unanswered_while_up == 0,
             "no_worker_only_when_none_live": self.no_worker_while_live == 0,
+            "malformed_control_answered": self.malformed_unanswered == 0,
             "rss_bounded": not any("RSS" in v for v in self.bound_violations),
             "fds_bounded": not any("fds" in v for v in self.bound_violations),
             "router_never_exited": self.unexpected_router_exits == 0,

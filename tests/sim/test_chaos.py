@@ -75,6 +75,14 @@ def test_no_worker_only_when_none_live(report: dict) -> None:
     )
 
 
+def test_malformed_control_messages_answered(report: dict) -> None:
+    """Each malformed control message with a correlation id gets an error reply (a frame
+    over max_message_bytes excepted: ZMQ drops its sender)."""
+    assert report["invariants"]["malformed_control_answered"], _evidence(
+        report, "control_malformed_replies", "malformed_sent"
+    )
+
+
 def test_router_memory_and_sockets_bounded(report: dict) -> None:
     assert not report["router"]["bound_violations"], json.dumps(report["router"], indent=1)
 
