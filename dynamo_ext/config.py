@@ -55,6 +55,10 @@ class ScorerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kv_high_watermark: float = 0.95
     kv_full_penalty: float = 1.0
     temperature: float = 0.0
+    # ``kv``: credit a prompt's blocks that requests routed to a worker and not finished
+    # hold there (in flight: computed by the time it runs, unknown to the index yet). Needs
+    # the router to reserve requests with their hashes (``ActiveSequences.add(hashes=)``).
+    inflight_credit: bool = True
     seed: int | None = None
 
     def __post_init__(self) -> None:

@@ -83,7 +83,11 @@ class Scorer:
         return sum(k * (1.0 - costs.get(tier, 1.0)) for tier, k in off.items())
 
     def _kv_costs(
-        self, cands: Sequence[Candidate], matches: PrefixMatches, pos: dict[str, int]
+        self,
+        cands: Sequence[Candidate],
+        matches: PrefixMatches,
+        pos: dict[str, int],
+        hashes: Sequence[int] | None = None,
     ) -> list[float]:
         cfg = self.config
         n = matches.num_blocks
@@ -104,6 +108,20 @@ class Scorer:
             i = pos.get(wid)
             if i is not None:
                 costs[i] -= ow * self._saved(o)
+        if hashes is not None and cfg.inflight_credit:
+            # Prompts in flight: blocks that requests routed to a worker and not finished
+            # will have computed by the time this one is scheduled there, although the
+            # index has not heard of them yet. Credit the continuation of the cached prefix
+            # through that worker's active blocks (one probe where there is none).
+            for i, c in enumerate(cands):
+                refs = c.load.block_refs
+                if not refs:
+                    continue
+                k = g = gpu.get(c.worker_id, 0)
+                while k < n and hashes[k] in refs:
+                    k += 1
+                if k > g:
+                    costs[i] -= ow * (k - g)
         return costs
 
     def _dynamo_cost(
@@ -137,7 +155,7 @@ class Scorer:
         if mode == "kv":
             if pos is None:
                 pos = {c.worker_id: i for i, c in enumerate(candidates)}
-            costs = self._kv_costs(candidates, matches, pos)
+            costs = self._kv_costs(candidates, matches, pos, hashes)
             best = self._argmin(costs, candidates)
         elif mode == "dynamo":
             costs = [self._dynamo_cost(c, matches, n, hashes) for c in candidates]

@@ -149,3 +149,27 @@ def test_dynamo_counts_each_active_block_once_per_worker() -> None:
     assert seqs.load("a").unique_blocks == 100
     seqs.finish("r9")
     assert seqs.load("a").unique_blocks == 0 and seqs.load("a").active_blocks == 0
+
+
+def test_kv_credits_a_prefix_still_in_flight_on_a_worker() -> None:
+    """A conversation's previous turn is still prefilling on worker a: the index knows 10
+    of its blocks, the reservation all 40. The next turn (40 + 8 blocks) costs a 8 new
+    blocks there, not 38, so it follows the conversation instead of going to idle b."""
+    from dynamo_ext.router.sequences import ActiveSequences
+
+    prev = list(range(1, 41))
+    seqs = ActiveSequences()
+    seqs.add("t1", "a", 41, 0, hashes=prev)
+    prompt = prev + list(range(500, 508))
+    m = PrefixMatches({"a": 10}, {}, 48)
+    cs = [Candidate("a", None, seqs.load("a")), Candidate("b", None, seqs.load("b"))]
+    s = Scorer(ScorerConfig(seed=0, decode_weight=0.0625), block_size=16)
+    _, scores = s.select(cs, m, True, hashes=prompt)
+    cost = {x.worker_id: x.cost for x in scores}
+    assert cost["a"] == pytest.approx(8 + 41 / 16 + 1 / 16) and cost["b"] == 48
+    off = Scorer(ScorerConfig(seed=0, inflight_credit=False), block_size=16)
+    _, scores = off.select(cs, m, True, hashes=prompt)
+    assert {x.worker_id: x.cost for x in scores}["a"] == pytest.approx(38 + 41 / 16 + 1 / 16)
+    # Without the hashes (a router that reserves without them) nothing changes.
+    _, scores = s.select(cs, m, True)
+    assert {x.worker_id: x.cost for x in scores}["a"] == pytest.approx(38 + 41 / 16 + 1 / 16)
