@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -156,7 +157,7 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
                     f"{kind}: {n} requests, {args.gen_workers} workers, medium load",
                 )
     return {
-        "command": "dynamo-ext bench report" + (" --quick" if quick else ""),
+        "command": " ".join(["dynamo-ext bench report", *_argv_after("report")]),
         "setup": {
             "simulator": "dynamo_ext.sim (MockerCore engines, virtual time)",
             "timing_model": mcfg.timing.name,
@@ -182,6 +183,12 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
         "plots": sorted(str(p) for p in out_dir.glob("report-*.png")),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
+
+
+def _argv_after(word: str) -> list[str]:
+    """This process's own arguments after ``word`` (the command line that made the report)."""
+    argv = sys.argv[1:]
+    return [shlex.quote(a) for a in argv[argv.index(word) + 1 :]] if word in argv else []
 
 
 def _cell(v: Any, fmt: str) -> str:
