@@ -72,6 +72,7 @@ FAULT_KINDS: tuple[str, ...] = (
     "drop_batches",
     "stall_replay",
     "kill_router",
+    "restart_during_stall",
     "control_garbage",
     "control_nested",
     "control_oversized",
@@ -622,7 +623,14 @@ class Harness:
     async def inject(self, kind: str) -> None:
         rng = self.rng
         live = self.live()
-        if kind in ("kill_worker", "drop_batches", "stall_replay", "kv_garbage", "kv_nested"):
+        if kind in (
+            "kill_worker",
+            "drop_batches",
+            "stall_replay",
+            "kv_garbage",
+            "kv_nested",
+            "restart_during_stall",
+        ):
             if not live:
                 return
             sw = rng.choice(live)
@@ -665,6 +673,25 @@ class Harness:
             try:
                 await asyncio.sleep(rng.uniform(0.2, 1.5))
             finally:
+                await self.start_router()
+        elif kind == "restart_during_stall":
+            # The router restarts while one worker's replay socket does not answer: its
+            # history must still be fetched once the socket answers again.
+            if self.router_down:
+                self.faults[kind] -= 1
+                return
+            assert sw.proxy is not None
+            sw.proxy.replay_mode = "stall"
+            self.router_down = True
+            self.router_up_since = None
+            self.router.stop(signal.SIGKILL)
+            log.info("fault: router killed -9 while %s's replay stalls", sw.worker_id)
+            try:
+                await asyncio.sleep(rng.uniform(0.2, 1.0))
+                await self.start_router()
+                await asyncio.sleep(rng.uniform(1.0, 3.0))
+            finally:
+                sw.proxy.heal()
                 await self.start_router()
         elif kind.startswith("control_"):
             await self.control_peer(kind)
