@@ -116,7 +116,7 @@ def _run(
     srv = VllmServer(model_dir, port, extra, dict(CPU_FAST_ENV), work / f"vllm-{port}.log")
     _progress(args, f"latency {latency_ms} ms: starting vLLM on {port} (log {srv.log_path})")
     hasher = BlockHasher(BLOCK)
-    sock = zmq.Context.instance().socket(zmq.PUSH)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(f"tcp://127.0.0.1:{pf_port}")
     model = str(model_dir)

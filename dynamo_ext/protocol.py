@@ -104,6 +104,8 @@ class StoredHashes(msgspec.Struct, tag="BlockStored", gc=False):
     block_hashes: list[ExternalBlockHash]
     parent_block_hash: ExternalBlockHash | None
     block_size: int
+    # Kept undecoded: the router only checks how many there are (msgpack array header).
+    token_ids: msgspec.Raw = msgspec.Raw()
     medium: str | None = None
     locality: str | None = None
 

@@ -356,7 +356,11 @@ class KvIndex:
             for t, d in tiers:
                 m = d.get(h, 0)
                 if m and t in shared:
-                    m |= shared[t]
+                    # A shared-tier block counts for every reader while a live reader
+                    # (one in the mask) vouches for it; a dead announcer credits nobody.
+                    sm = shared[t]
+                    if m & sm:
+                        m |= sm
                 m &= alive & ~cont
                 if m:
                     cont |= m

@@ -28,6 +28,7 @@ from typing import Final
 
 import msgspec
 
+from dynamo_ext.errors import DynamoExtError
 from dynamo_ext.hashing import BlockHasher, to_external, token_block_hashes
 from dynamo_ext.protocol import (
     MEDIUM_CPU,
@@ -56,8 +57,9 @@ log = logging.getLogger(__name__)
 Batch = KVEventBatch | HashesBatch
 # Tiers an event may name; anything else is malformed (it would create an index tier and
 # a metrics label per distinct string).
-KNOWN_TIERS: Final = frozenset((MEDIUM_GPU, MEDIUM_CPU, MEDIUM_DISK, MEDIUM_REMOTE))
-_KNOWN_MEDIA: Final = frozenset((None, MEDIUM_GPU, MEDIUM_CPU, MEDIUM_DISK, MEDIUM_STORAGE))
+_KNOWN_MEDIA: Final = frozenset(
+    (None, MEDIUM_GPU, MEDIUM_CPU, MEDIUM_DISK, MEDIUM_STORAGE, MEDIUM_REMOTE)
+)
 _KNOWN_LOCALITY: Final = frozenset((None, "LOCAL", "REMOTE"))
 MAX_HASH_BYTES: Final = 32  # a sha256 digest; vLLM sends ints by default
 # Errors a payload may raise while decoding: msgspec's own, and RecursionError from a
@@ -67,7 +69,7 @@ DECODE_ERRORS: Final = (msgspec.DecodeError, msgspec.ValidationError, RecursionE
 Malformed = Callable[[str, str, object], None]
 
 
-class InvalidEvent(ValueError):
+class InvalidEvent(DynamoExtError, ValueError):
     """A decoded event that breaks the stream's rules (block size, hashes, tier)."""
 
 
@@ -212,8 +214,8 @@ class KvIngest:
         if last < 0 or seq == last + 1:
             self._apply_logged(st, batch)
         elif seq <= last:
-            if seq >= st.dup_floor:
-                return None  # already applied from a replay
+            if seq >= st.dup_floor or seq == last:
+                return None  # already applied (from a replay, or sent twice)
             # The publisher's counter went back: a new process with an empty cache.
             self.reset(st, f"KV seq went back {last} -> {seq}: restart")
             self._apply_logged(st, batch)
@@ -369,10 +371,12 @@ class KvIngest:
         if ev.block_size != self.block_size:
             raise InvalidEvent(f"block_size {ev.block_size}, router uses {self.block_size}")
         hashes = self._hashes(ev.block_hashes)
-        token_ids = getattr(ev, "token_ids", None)
-        if token_ids is not None and len(token_ids) != len(hashes) * self.block_size:
+        raw = ev.token_ids
+        token_ids: list[int] | None = raw if isinstance(raw, list) else None
+        n_tokens = len(token_ids) if token_ids is not None else _raw_array_len(raw)  # type: ignore[arg-type]
+        if n_tokens is not None and n_tokens != len(hashes) * self.block_size:
             raise InvalidEvent(
-                f"{len(token_ids)} token ids for {len(hashes)} blocks of {self.block_size}"
+                f"{n_tokens} token ids for {len(hashes)} blocks of {self.block_size}"
             )
         if self.tokens_mode:
             local = self._xlat_stored(st, ev, hashes, tier)  # type: ignore[arg-type]
@@ -429,6 +433,23 @@ class KvIngest:
                 st.worker_id,
                 self.hash_algo,
             )
+
+
+def _raw_array_len(raw: msgspec.Raw | None) -> int | None:
+    """Length of an undecoded msgpack array from its header (None: not an array)."""
+    if raw is None:
+        return None
+    b = bytes(memoryview(raw)[:5])
+    if not b:
+        return None
+    t = b[0]
+    if 0x90 <= t <= 0x9F:
+        return t & 0x0F
+    if t == 0xDC and len(b) >= 3:
+        return int.from_bytes(b[1:3], "big")
+    if t == 0xDD and len(b) >= 5:
+        return int.from_bytes(b[1:5], "big")
+    raise InvalidEvent("token_ids is not an array")
 
 
 def _remove_label(metric: object, *labels: str) -> None:

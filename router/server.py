@@ -345,7 +345,9 @@ class RouterServer:
         try:
             async with self._replay_sem:
                 complete = await self._replay_rounds(w, start, kind)
-                if ingest.end_replay(st, start, complete) and kind != "rebuild":
+                # Rebuild only from a publisher that answers: one that does not would
+                # leave an empty index behind.
+                if ingest.end_replay(st, start, complete) and complete and kind != "rebuild":
                     log.warning("worker %s lost KV batches: rebuilding its index", w.worker_id)
                     ingest.rebuild(st)
                     ingest.begin_replay(st)

@@ -553,12 +553,18 @@ class RouterService:
             )
         shared = {MEDIUM_REMOTE: self._pool_mask} if self._pool_mask else None
         matches = self.index.find_matches(hashes, mask, shared)
-        chosen, scores = self.scorer.select(cands, matches, req.explain, pos)  # type: ignore[arg-type]
+        # Dynamo's cost counts each active block once per worker: it needs the hashes.
+        dyn = hashes if self.config.scorer.mode == "dynamo" else None
+        chosen, scores = self.scorer.select(cands, matches, req.explain, pos, hashes=dyn)  # type: ignore[arg-type]
         w = self.workers[chosen.worker_id]
         if req.track:
             cached_tokens = matches.gpu.get(w.worker_id, 0) * bs
             self.sequences.add(
-                req.request_id, w.worker_id, len(hashes) + 1, max(0, num_tokens - cached_tokens)
+                req.request_id,
+                w.worker_id,
+                len(hashes) + 1,
+                max(0, num_tokens - cached_tokens),
+                hashes=dyn,
             )
             w.dirty = True
             predicted = sum(chosen.prefix_hit_blocks.values()) * bs
