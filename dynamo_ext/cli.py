@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--json", action="store_true", help="one JSON object on one line")
     br.set_defaults(func=_bench_main)
     from dynamo_ext.benchmarks import pool_bench, prefetch_bench, prefill_bench, serve_bench
-    from dynamo_ext.sim import chaos, replay, suite, tune
+    from dynamo_ext.sim import chaos, replay, suite, tune, workloads
 
     # benchmarks that declare their own arguments (add_arguments) and run through main(args)
     for name, mod, help_ in (
@@ -200,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", serve_bench, "prefix-sharing load through the frontend, per router mode"),
         ("replay", replay, "replay a Mooncake trace through simulated workers"),
         ("tune", tune, "the same sweep budget over our scorer's knobs and Dynamo's"),
+        ("workload", workloads, "write a generated workload (chat, tenants, ...) as a trace"),
         ("report", suite, "tune, replay the sample trace and generated workloads, write README"),
         ("prefetch", prefetch_bench, "TTFT of disk/pool-only prefixes, with/without prefetch"),
         ("pool", pool_bench, "KV pool write/read MB/s vs plain files on the same disk"),

@@ -16,12 +16,14 @@ as they read the sample trace. Kinds:
   answers briefly and comes back quickly.
 * ``noreuse``: the control, every block unique.
 
-The offered load is set by ``rate`` (new requests a second, or new conversations and loops
+``dynamo-ext bench workload KIND --out FILE`` writes one as a trace file. The offered load
+is set by ``rate`` (new requests a second, or new conversations and loops
 for ``chat`` and ``agentic``, whose later turns follow their own clocks).
 """
 
 from __future__ import annotations
 
+import argparse
 import heapq
 import json
 import random
@@ -179,3 +181,23 @@ def physical_limit_hit_rate(rows: Sequence[TraceRow], block_size: int) -> float:
                 seen.add(name)
         hit += k * block_size
     return hit / total if total else 0.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", choices=KINDS)
+    p.add_argument("--requests", type=int, default=400)
+    p.add_argument("--rate", type=float, default=1.0, help="new requests (sessions) a second")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block-size", type=int, default=64, help="for the physical limit")
+    p.add_argument("--out", required=True, help="Mooncake JSON lines to write")
+
+
+def main(args: argparse.Namespace) -> int:
+    rows = generate(args.kind, args.requests, args.rate, args.seed)
+    with open(args.out, "w") as f:
+        f.writelines(r.raw + "\n" for r in rows)
+    limit = physical_limit_hit_rate(rows, args.block_size)
+    span = (rows[-1].arrival_ms - rows[0].arrival_ms) / 1e3
+    info = {"out": args.out, "requests": len(rows), "span_s": round(span, 1)}
+    print(json.dumps({**info, "physical_limit_hit_rate": round(limit, 4)}))
+    return 0

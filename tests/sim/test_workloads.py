@@ -44,3 +44,19 @@ def test_each_kind_has_its_reuse_and_arrives_in_order() -> None:
     assert len(firsts) < len(rows)
     with pytest.raises(ConfigError, match="unknown workload"):
         W.generate("nope", 10, 1.0)
+
+
+def test_workload_command_writes_a_trace_the_replay_reads(tmp_path, capsys) -> None:
+    import argparse
+    import json
+
+    from dynamo_ext.sim.trace import load_trace
+
+    ap = argparse.ArgumentParser()
+    W.add_arguments(ap)
+    out = tmp_path / "t.jsonl"
+    assert W.main(ap.parse_args(["tenants", "--requests", "50", "--out", str(out)])) == 0
+    info = json.loads(capsys.readouterr().out)
+    rows = load_trace(out)
+    assert len(rows) == info["requests"] == 50
+    assert info["physical_limit_hit_rate"] == round(W.physical_limit_hit_rate(rows, 64), 4)
