@@ -67,6 +67,9 @@ class IdentityGuard:
         for r in REASONS:
             self.rejected.labels(r)
         self._logged: set[tuple[str, str, str]] = set()
+        # Static workers (the router's config) have no key: their metrics come in plaintext
+        # from the endpoint the operator configured.
+        self.static: set[str] = set()
 
     def refuse(self, reason: str, key: str | None, what: str, worker: str = "") -> ErrorReply:
         self.rejected.labels(reason).inc()
@@ -100,7 +103,7 @@ class IdentityGuard:
         if t is WorkerRegistration:
             wid = dp_worker_id(msg.worker_id, msg.data_parallel_rank)  # type: ignore[attr-defined]
             w = workers.get(wid)
-            if w is not None and w.static:
+            if (w is not None and w.static) or wid in self.static:
                 return self.refuse("static", key, "registration", wid)
             owner = self.owners.setdefault(wid, key)
             if owner != key:
@@ -115,7 +118,7 @@ class IdentityGuard:
     def may_publish(self, worker_id: str, key: str | None) -> bool:
         """Metrics naming ``worker_id`` arrived from the publisher holding ``key``."""
         owner = self.owners.get(worker_id)
-        if owner is not None and owner == key:
+        if owner == key and (owner is not None or worker_id in self.static):
             return True
         self.refuse("metrics_not_owner", key, "metrics", worker_id)
         return False

@@ -551,6 +551,7 @@ class RouterServer:
         if curve is None:
             return
         guard = IdentityGuard(curve.allowlist, self.metrics.registry)
+        guard.static.update(w.worker_id for w in self.config.workers)
         self.service.secure(guard)
         self._zap = start_authenticator(self.ctx, curve, guard.handshake_refused)
         curve.server(router)

@@ -246,3 +246,65 @@ def test_non_loopback_bind_needs_keys_or_insecure(tmp_path: Path) -> None:
     S.generate_keys(tmp_path, "r")
     sec = {"secret_key_file": str(tmp_path / "r.key")}
     assert build(RouterConfig, {"bind": "tcp://0.0.0.0:5600", "security": sec}).security.enabled
+
+
+def test_identity_rules_on_the_service(keys: Path) -> None:
+    """The guard's rules through RouterService's public calls (no sockets)."""
+    from prometheus_client import CollectorRegistry
+
+    from dynamo_ext.config import RouterConfig
+    from dynamo_ext.protocol import RequestFinished, RouteRequest
+    from dynamo_ext.router.identity import IdentityGuard
+    from dynamo_ext.router.service import RouterService
+
+    allow = S.Allowlist()
+    k = {n: S.load_public(str(keys / f"{n}.key.pub")).decode() for n in ("w0", "w1", "fe")}
+    allow.add(k["w0"].encode(), "worker")
+    allow.add(k["w1"].encode(), "worker")
+    allow.add(k["fe"].encode(), "frontend")
+    static = WorkerRegistration("s0", block_size=BS)
+    svc = RouterService(RouterConfig(block_size=BS, metrics_port=None, workers=[static]))
+    guard = IdentityGuard(allow, CollectorRegistry())
+    guard.static.add("s0")
+    svc.secure(guard)
+    svc.register(static, static=True)
+
+    def code(msg, who: str | None) -> str | None:
+        r = svc.authorize(msg, k[who] if who in k else who)
+        return None if r is None else r.message.rsplit(": ", 1)[1]
+
+    reg = WorkerRegistration("w0", block_size=BS, instance_id="a")
+    assert code(reg, "w0") is None
+    svc.dispatch(reg)
+    assert code(msgspec_replace(reg, instance_id="b"), "w0") is None  # its restart
+    assert code(reg, "w1") == "not_owner"
+    assert code(reg, "fe") == "role"
+    assert code(reg, "some-unknown-key") == "unknown_key"
+    assert code(WorkerRegistration("s0"), "w0") == "static"
+    assert code(RouteRequest("r", token_ids=[1]), "w0") == "role"
+    assert code(RouteRequest("r", token_ids=[1]), "fe") is None
+    assert code(RequestFinished("r"), "fe") is None
+    assert code(WorkerDeregistration("w0"), "fe") == "role"
+    assert code(WorkerDeregistration("w0"), "w1") == "not_owner"
+    assert code(WorkerDeregistration("w0"), "w0") is None
+    assert code(WorkerFailed("w0"), "w1") == "not_owner"
+    assert code(WorkerFailed("w0"), "fe") is None
+    # data-parallel ranks: the rank's id is what gets bound
+    dp = WorkerRegistration("w2", block_size=BS, data_parallel_rank=1)
+    assert code(dp, "w1") is None
+    assert code(WorkerDeregistration("w2@dp1"), "w0") == "not_owner"
+    # metrics: only through the owner's key (a static worker's through its plaintext one)
+    svc.metrics_from(WorkerMetrics("w0", 1, 0.0, running=99), k["w1"])
+    assert svc.workers["w0"].metrics is None
+    svc.metrics_from(WorkerMetrics("w0", 1, 0.0), k["w0"])
+    svc.metrics_from(WorkerMetrics("s0", 1, 0.0), None)
+    assert svc.workers["w0"].metrics is not None and svc.workers["s0"].metrics is not None
+    counts = {r: guard.rejected.labels(r)._value.get() for r in ("not_owner", "role", "static")}
+    assert counts == {"not_owner": 4, "role": 3, "static": 1}
+    assert guard.rejected.labels("metrics_not_owner")._value.get() == 1
+
+
+def msgspec_replace(reg: WorkerRegistration, **kw) -> WorkerRegistration:
+    import msgspec
+
+    return msgspec.structs.replace(reg, **kw)
