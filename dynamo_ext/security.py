@@ -16,6 +16,7 @@ public key beforehand: that is what stops an impostor from standing in for a pee
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 import os
@@ -142,6 +143,10 @@ class AllowedKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     key: str  # Z85 public key or a path to its key file
     role: KeyRole = "worker"
     name: str = ""
+    # Worker ids this key may register (fnmatch patterns, "prefill-*"); None: any id not yet
+    # bound to another key. Patterns close the window after a router restart, when the first
+    # registrant of an id would otherwise win it.
+    workers: list[str] | None = None
 
 
 class CurveConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -179,10 +184,20 @@ class Allowlist:
 
     roles: dict[bytes, KeyRole] = field(default_factory=dict)
     names: dict[bytes, str] = field(default_factory=dict)
+    workers: dict[bytes, list[str]] = field(default_factory=dict)
 
-    def add(self, public: bytes, role: KeyRole, name: str = "") -> None:
+    def add(
+        self, public: bytes, role: KeyRole, name: str = "", workers: list[str] | None = None
+    ) -> None:
         self.roles[public] = role
         self.names[public] = name or key_id(public)
+        if workers is not None:
+            self.workers[public] = workers
+
+    def may_own(self, public: bytes | str, worker_id: str) -> bool:
+        """Whether the key may register ``worker_id`` (its ``workers`` patterns, if any)."""
+        pats = self.workers.get(public.encode() if isinstance(public, str) else public)
+        return pats is None or any(fnmatch.fnmatchcase(worker_id, p) for p in pats)
 
     def role_of(self, public: bytes | str | None) -> KeyRole | None:
         if public is None:
@@ -235,7 +250,7 @@ def load_curve(cfg: CurveConfig, prefix: str = "security") -> Curve | None:
     )
     allow = Allowlist()
     for i, a in enumerate(cfg.allow):
-        allow.add(load_public(a.key, f"{prefix}.allow[{i}].key"), a.role, a.name)
+        allow.add(load_public(a.key, f"{prefix}.allow[{i}].key"), a.role, a.name, a.workers)
     if cfg.allow_dir is not None:
         root = Path(cfg.allow_dir)
         if not root.is_dir():

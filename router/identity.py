@@ -9,7 +9,9 @@ message with the key of the publisher it came from. ``IdentityGuard`` decides:
   again (a restarted worker with a new instance id) replaces its old self;
 * ``worker`` keys register, deregister and report only their own workers; ``frontend`` keys
   route, report finishes and failures (of any worker), but never register one;
-* a static worker (from the router's config) belongs to no key: nobody re-registers it.
+* a static worker (from the router's config) belongs to no key: nobody re-registers it;
+* an allow-list entry with ``workers`` patterns may register only ids matching them, which
+  holds across router restarts (the first-registrant binding lives in memory).
 
 Each refusal is counted (``dynamo_ext_router_auth_rejected_total{reason}``) and logged with
 the peer's key id, the first time for each (reason, key, worker).
@@ -47,7 +49,15 @@ _MAY_SEND: dict[KeyRole, frozenset[type]] = {
     ),
     "router": frozenset({RouterQuery}),
 }
-REASONS = ("unknown_key", "role", "not_owner", "static", "metrics_not_owner", "handshake")
+REASONS = (
+    "unknown_key",
+    "role",
+    "not_owner",
+    "id_not_allowed",
+    "static",
+    "metrics_not_owner",
+    "handshake",
+)
 
 
 class _Static(Protocol):
@@ -105,6 +115,8 @@ class IdentityGuard:
             w = workers.get(wid)
             if (w is not None and w.static) or wid in self.static:
                 return self.refuse("static", key, "registration", wid)
+            if not self.allowlist.may_own(key, wid):
+                return self.refuse("id_not_allowed", key, "registration", wid)
             owner = self.owners.setdefault(wid, key)
             if owner != key:
                 return self.refuse("not_owner", key, "registration", wid)

@@ -302,6 +302,10 @@ def test_identity_rules_on_the_service(keys: Path) -> None:
     counts = {r: guard.rejected.labels(r)._value.get() for r in ("not_owner", "role", "static")}
     assert counts == {"not_owner": 4, "role": 3, "static": 1}
     assert guard.rejected.labels("metrics_not_owner")._value.get() == 1
+    # an entry with id patterns: other ids are refused even while unbound (router restart)
+    allow.add(k["w1"].encode(), "worker", workers=["pool-b-*"])
+    assert code(WorkerRegistration("pool-a-0", block_size=BS), "w1") == "id_not_allowed"
+    assert code(WorkerRegistration("pool-b-0", block_size=BS), "w1") is None
 
 
 def msgspec_replace(reg: WorkerRegistration, **kw) -> WorkerRegistration:
