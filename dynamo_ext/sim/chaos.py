@@ -63,6 +63,7 @@ from dynamo_ext.protocol import (
 from dynamo_ext.router.client import RouterClient
 from dynamo_ext.sim.fleet import MockerFleet, MockerWorker
 from dynamo_ext.sim.model import MockerConfig, output_token
+from dynamo_ext.stats import percentile
 from dynamo_ext.testing import RouterProc
 
 log = logging.getLogger("dynamo_ext.sim.chaos")
@@ -1049,8 +1050,8 @@ class Harness:
                 "routed_to_dead": self.routed_to_dead,
                 "no_worker_while_live": self.no_worker_while_live,
                 "unanswered_while_router_up": self.unanswered_while_up,
-                "route_p50_ms": round(_pct(lat, 0.5) * 1e3, 2),
-                "route_p99_ms": round(_pct(lat, 0.99) * 1e3, 2),
+                "route_p50_ms": round(percentile(lat, 50) * 1e3, 2) if lat else 0.0,
+                "route_p99_ms": round(percentile(lat, 99) * 1e3, 2) if lat else 0.0,
                 "route_max_ms": round((lat[-1] if lat else 0.0) * 1e3, 1),
             },
             "failures": total - self.outcomes["ok"] - self.outcomes["ok_after_retry"],
@@ -1182,12 +1183,6 @@ def _counter_totals(text: str) -> dict[str, float]:
         with contextlib.suppress(ValueError):
             out[name] = out.get(name, 0.0) + float(value)
     return {k: v for k, v in sorted(out.items()) if v}
-
-
-def _pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return 0.0
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 async def run_chaos(cfg: ChaosConfig, tmp: Path | None = None) -> dict[str, Any]:
