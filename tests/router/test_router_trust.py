@@ -52,6 +52,24 @@ def nested(depth: int) -> bytes:
     return b"\x91" * depth + b"\x00"
 
 
+def lethal(depth: int) -> bytes:
+    """A ~1 kB KV batch whose BlockStored.extra_keys (typed Any) nests ``depth`` deep: msgspec
+    raises RecursionError decoding it, with the full or the lean decoder."""
+    ev = {
+        "type": "BlockStored",
+        "block_hashes": [1],
+        "parent_block_hash": None,
+        "token_ids": list(range(BS)),
+        "block_size": BS,
+        "lora_id": None,
+        "medium": None,
+        "lora_name": None,
+        "extra_keys": ["SENTINEL"],
+    }
+    raw = msgspec.msgpack.encode([0.0, [ev]])
+    return raw.replace(msgspec.msgpack.encode("SENTINEL"), nested(depth))
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 90))
 
@@ -151,7 +169,8 @@ def test_no_frame_kills_the_kv_task_and_valid_blocks_interleaved_are_applied(
             await joined(c, worker)
             want = 1
             for i in range(60):
-                worker.kv.publish_raw(nested(1000 + i))  # lethal before
+                worker.kv.publish_raw(lethal(1000 + i))  # killed the KV task before
+                worker.kv.publish_raw(nested(1000 + i))
                 worker.kv.publish_raw(encode(msgspec.msgpack.decode(nested(5))) + b"junk")
                 toks, _ = blocks(1, seed=i)
                 worker.kv.publish([stored(toks)])
