@@ -166,6 +166,9 @@ class StreamProxy:
         self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self._replay = ctx.socket(zmq.ROUTER)
         self._replay.setsockopt(zmq.LINGER, 0)
+        # No high-water mark of our own: a long replay must lose nothing in the proxy
+        # (the real publisher's ROUTER keeps its own, as in production).
+        self._replay.setsockopt(zmq.SNDHWM, 0)
         self._replay.bind("tcp://127.0.0.1:0")
         self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -211,6 +214,7 @@ class StreamProxy:
             await asyncio.sleep(self.replay_delay_s)
         dealer = self.ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.RCVHWM, 0)
         dealer.connect(self.upstream_replay)
         try:
             await dealer.send_multipart(request)
