@@ -592,16 +592,14 @@ def main(args: argparse.Namespace) -> int:
         print(table(out["policies"]))
         r = out["ratios"]
         print(
-            "\nTTFT round_robin/kv: ours p50 {} p99 {} | Dynamo's mocker p50 {} p99 {}".format(
+            "\nTTFT over kv's, same simulator and run: round_robin p50 {} p99 {} | "
+            "dynamo_core p50 {} p99 {} | dynamo (our formula) p50 {} p99 {}".format(
                 r.get("ours_rr_over_kv_ttft_p50"),
                 r.get("ours_rr_over_kv_ttft_p99"),
-                r.get("dynamo_rr_over_kv_ttft_p50"),
-                r.get("dynamo_rr_over_kv_ttft_p99"),
-            )
-        )
-        print(
-            "TTFT dynamo/kv (our simulator): p50 {} p99 {}".format(
-                r.get("ours_dynamo_over_kv_ttft_p50"), r.get("ours_dynamo_over_kv_ttft_p99")
+                r.get("dynamo_core_over_kv_ttft_p50"),
+                r.get("dynamo_core_over_kv_ttft_p99"),
+                r.get("ours_dynamo_over_kv_ttft_p50"),
+                r.get("ours_dynamo_over_kv_ttft_p99"),
             )
         )
         if out.get("plot"):
