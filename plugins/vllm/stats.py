@@ -49,6 +49,7 @@ from dynamo_ext.protocol import (
     Role,
     WorkerMetrics,
     WorkerRegistration,
+    dp_worker_id,
     encode,
     reply_decoder,
 )
@@ -159,6 +160,13 @@ class Registrar:
         self._stop.set()
 
 
+def _offset_port(endpoint: str | None, rank: int) -> str | None:
+    """vLLM's own port offset of a DP rank's KV event sockets."""
+    from vllm.distributed.kv_events import ZmqEventPublisher
+
+    return ZmqEventPublisher.offset_endpoint_port(endpoint, rank)
+
+
 class DynamoExtStatLogger(StatLoggerBase):
     def __init__(self, vllm_config: VllmConfig, engine_index: int = 0) -> None:
         self.vllm_config = vllm_config
@@ -167,7 +175,11 @@ class DynamoExtStatLogger(StatLoggerBase):
         self.active = self.cfg.enabled
         if not self.active:
             return
-        self.worker_id = default_worker_id(self.cfg)
+        # Data parallel: vLLM gives each DP engine a stat logger, a KV publisher whose
+        # ports are offset by the rank, and a cache of its own; each is its own worker.
+        dp_size = vllm_config.parallel_config.data_parallel_size
+        self.dp_rank: int | None = engine_index if dp_size > 1 else None
+        self.worker_id = dp_worker_id(default_worker_id(self.cfg), self.dp_rank)
         self.role = _role_of(vllm_config, self.cfg)
         self._lock = threading.Lock()
         self._running = 0
@@ -203,12 +215,15 @@ class DynamoExtStatLogger(StatLoggerBase):
             and kve.enable_kv_cache_events
             and kve.publisher in ("zmq", CURVE_PUBLISHER)
         ):
-            kv_ep = advertise(kve.endpoint, host)
-            replay_ep = advertise(kve.replay_endpoint, host)
+            rank = self.dp_rank or 0
+            kv_ep = advertise(_offset_port(kve.endpoint, rank), host)
+            replay_ep = advertise(_offset_port(kve.replay_endpoint, rank), host)
             topic = kve.topic
         nixl_port = os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT")
         return WorkerRegistration(
-            worker_id=self.worker_id,
+            # the router adds "@dp<rank>" itself (dp_worker_id)
+            worker_id=default_worker_id(self.cfg),
+            data_parallel_rank=self.dp_rank,
             role=self.role,
             http_endpoint=default_http_endpoint(self.cfg),
             kv_events_endpoint=kv_ep,
