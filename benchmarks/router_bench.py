@@ -253,7 +253,7 @@ def run(
     if curve:  # the cost of CURVE on ingest and route, over real sockets (curve_bench)
         from dynamo_ext.benchmarks.curve_bench import bench_curve
 
-        out["curve"] = bench_curve(routes=queries)
+        out["curve"] = bench_curve(blocks=min(blocks, 100_000), routes=queries)
     for r in results:
         if "dynamo_ingest_events_per_s" in r:
             r["ingest_ratio_vs_dynamo"] = round(
