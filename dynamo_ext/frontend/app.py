@@ -8,7 +8,8 @@ cache, and it sends token ids, never text, to the workers. Errors are OpenAI-sha
 model, 503 (with ``Retry-After``) when no worker can serve or the router cannot be reached,
 502 when workers failed beyond the migration limit or a prefill worker's handshake was
 unusable. A worker's own error answer for a request (a prompt too long for it, a token id
-outside its vocabulary) is passed through to the client with its 4xx status.
+outside its vocabulary) is passed through to the client with its 4xx status. With API keys
+configured, 401/403/429 come from the door in front (``dynamo_ext.frontend.auth``).
 """
 
 from __future__ import annotations
