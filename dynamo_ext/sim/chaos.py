@@ -361,6 +361,8 @@ class Harness:
         self.outcomes: Counter[str] = Counter()
         self.route_latency: list[float] = []
         self.routed_to_dead = 0
+        self.routed_to_long_dead = 0  # dead for longer than worker_timeout_s + 1 s
+        self.died_at: dict[str, float] = {}
         self.retries = 0
         self.no_worker_while_live = 0
         self.unanswered_while_up = 0
@@ -464,6 +466,7 @@ class Harness:
         self.slots[slot] = None
         if self.by_id.get(sw.worker_id) is sw:
             del self.by_id[sw.worker_id]
+        self.died_at[sw.worker_id] = time.monotonic()
         self.teardowns.append(sw.kill())
         return sw
 
@@ -560,6 +563,10 @@ class Harness:
             sw = self.by_id.get(resp.worker_id)
             if sw is None or sw.dead is None:
                 self.routed_to_dead += 1
+                died = self.died_at.get(resp.worker_id)
+                if died is not None and time.monotonic() - died > grace:
+                    self.routed_to_long_dead += 1  # its lease should have run out
+                    log.warning("routed to %s, dead for %.1fs", resp.worker_id, t - died)
                 exclude.append(resp.worker_id)
                 self.retries += 1
                 with contextlib.suppress(DynamoExtError, OSError):
@@ -1036,6 +1043,7 @@ class Harness:
             "no_request_hung": self.outcomes["hang"] == 0,
             "answered_while_router_up": self.unanswered_while_up == 0,
             "no_worker_only_when_none_live": self.no_worker_while_live == 0,
+            "no_route_to_long_dead_worker": self.routed_to_long_dead == 0,
             "malformed_control_answered": self.malformed_unanswered == 0,
             "rss_bounded": not any("RSS" in v for v in self.bound_violations),
             "fds_bounded": not any("fds" in v for v in self.bound_violations),
@@ -1052,6 +1060,7 @@ class Harness:
                 **dict(sorted(self.outcomes.items())),
                 "retries": self.retries,
                 "routed_to_dead": self.routed_to_dead,
+                "routed_to_long_dead": self.routed_to_long_dead,
                 "no_worker_while_live": self.no_worker_while_live,
                 "unanswered_while_router_up": self.unanswered_while_up,
                 "route_p50_ms": round(percentile(lat, 50) * 1e3, 2) if lat else 0.0,

@@ -86,6 +86,11 @@ def test_no_worker_only_when_none_live(report: dict) -> None:
     )
 
 
+def test_no_route_to_long_dead_worker(report: dict) -> None:
+    """A worker dead for longer than worker_timeout_s (+1 s) is never chosen."""
+    assert report["requests"]["routed_to_long_dead"] == 0, _evidence(report, "requests")
+
+
 def test_malformed_control_messages_answered(report: dict) -> None:
     """Each malformed control message with a correlation id gets an error reply (a frame
     over max_message_bytes excepted: ZMQ drops its sender)."""
