@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from dynamo_ext.errors import DynamoExtError
 from dynamo_ext.protocol import MEDIUM_GPU, BlockRemoved, BlockStored
 from dynamo_ext.sim.model import MockerConfig
-from dynamo_ext.sim.report import DYNAMO_ROWS, _imbalance
+from dynamo_ext.sim.report import DYNAMO_ROWS, imbalance
 from dynamo_ext.sim.trace import TraceRow
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ def run_dynamo(
                 "throughput_tok_s": round(s["total_throughput_tok_s"], 1),
                 "output_tok_s": round(s["output_throughput_tok_s"], 1),
                 "prefix_hit_rate": round(s["prefix_cache_reused_ratio"], 4),
-                "load_imbalance": round(_imbalance(load), 3) if per else None,
+                "load_imbalance": round(imbalance(load), 3) if per else None,
                 "completed": s.get("completed_requests"),
                 "sim_span_s": round(s["duration_ms"] / 1e3, 2),
                 "wall_s": round(wall, 2),

@@ -407,13 +407,10 @@ def mocker_config(args: argparse.Namespace, offload: bool = False) -> MockerConf
         cfg["gpu_kv_gb"] = args.gpu_kv_gb
     if offload:
         cfg["cpu_kv_gb"] = args.cpu_kv_gb
-    if args.mocker_config:
-        from dynamo_ext.config import _merge, read_config_file
+    from dynamo_ext.config import load_config
 
-        cfg = _merge(read_config_file(args.mocker_config), cfg)
-    from dynamo_ext.config import build
-
-    return build(MockerConfig, cfg)
+    # The file, then DYNAMO_EXT_MOCKER__* (as `dynamo-ext mocker` reads them), then flags.
+    return load_config(MockerConfig, args.mocker_config, cfg, env_prefix="DYNAMO_EXT_MOCKER__")
 
 
 def scorer_for(name: str) -> ScorerConfig:

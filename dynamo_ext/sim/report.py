@@ -56,7 +56,7 @@ class PolicyRun:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _imbalance(per_worker: Sequence[float]) -> float:
+def imbalance(per_worker: Sequence[float]) -> float:
     mean = sum(per_worker) / len(per_worker) if per_worker else 0.0
     return max(per_worker) / mean if mean else 1.0
 
@@ -130,8 +130,8 @@ def summarize(
         "router_predicted_hit_rate": round(
             predicted / max(1, sum(r.input_length for r in run.recs)), 4
         ),
-        "load_imbalance": round(_imbalance(run.routed_tokens), 3),
-        "busy_imbalance": round(_imbalance(busy), 3),
+        "load_imbalance": round(imbalance(run.routed_tokens), 3),
+        "busy_imbalance": round(imbalance(busy), 3),
         "utilization": round(sum(busy) / len(busy) / span, 3),
         "preemptions": sum(c.preemptions for c in run.cores),
         "completed": len(done),
