@@ -50,20 +50,24 @@ KEYS = [
     {"key": "sk-other-model", "name": "narrow", "models": ["some-other-model"]},
     {"key": "sk-slow", "name": "slow", "requests_per_minute": 2},
     {"key": "sk-few-tokens", "name": "few", "tokens_per_minute": 100},
+    {"key": "sk-plain", "name": "no tenant"},
 ]
 
 
 @pytest.fixture(scope="module")
 def door(tiny_model: Path, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("door")
-    for name in ("router", "fe"):
+    for name in ("router", "fe", "w0"):
         S.generate_keys(tmp, name)
     router = RouterProc(
         tmp,
         {
             "security": {
                 "secret_key_file": str(tmp / "router.key"),
-                "allow": [{"key": str(tmp / "fe.key.pub"), "role": "frontend"}],
+                "allow": [
+                    {"key": str(tmp / "fe.key.pub"), "role": "frontend"},
+                    {"key": str(tmp / "w0.key.pub"), "role": "worker"},
+                ],
             }
         },
     ).start()
@@ -113,7 +117,7 @@ def door(tiny_model: Path, tmp_path_factory):
                     break
             except httpx.TransportError:
                 time.sleep(0.3)
-        yield client, keys_file, router
+        yield client, keys_file, router, tmp
     finally:
         client.close()
         proc.terminate()
@@ -128,7 +132,7 @@ def ask(client: httpx.Client, key: str | None, model: str = MODEL, **body) -> ht
 
 
 def test_no_key_or_wrong_key_is_401(door) -> None:
-    client, _, _ = door
+    client, _, _, _ = door
     for key in (None, "sk-nope", "sk-all-but-longer"):
         r = ask(client, key)
         assert r.status_code == 401, r.text
@@ -140,7 +144,7 @@ def test_no_key_or_wrong_key_is_401(door) -> None:
 
 
 def test_valid_key_reaches_the_router_over_curve(door) -> None:
-    client, _, router = door
+    client, _, router, _ = door
     r = ask(client, "sk-all")
     assert r.status_code == 503, r.text  # through the door, to the router: no worker
     assert r.json()["error"]["code"] == "no_worker"
@@ -150,14 +154,14 @@ def test_valid_key_reaches_the_router_over_curve(door) -> None:
 
 
 def test_model_not_allowed_is_403(door) -> None:
-    client, _, _ = door
+    client, _, _, _ = door
     r = ask(client, "sk-other-model")
     assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
     assert ask(client, "sk-other-model", model="some-other-model").status_code == 404
 
 
 def test_request_rate_limit_is_429_with_retry_after(door) -> None:
-    client, _, _ = door
+    client, _, _, _ = door
     codes = [ask(client, "sk-slow").status_code for _ in range(3)]
     assert codes[:2] == [503, 503]
     r = ask(client, "sk-slow")
@@ -167,7 +171,7 @@ def test_request_rate_limit_is_429_with_retry_after(door) -> None:
 
 
 def test_token_limit_is_429_and_counts_prompt_and_max_tokens(door) -> None:
-    client, _, _ = door
+    client, _, _, _ = door
     assert ask(client, "sk-few-tokens", max_tokens=40).status_code == 503  # ~43 of 100
     assert ask(client, "sk-few-tokens", max_tokens=40).status_code == 503  # ~86
     r = ask(client, "sk-few-tokens", max_tokens=40)
@@ -176,7 +180,7 @@ def test_token_limit_is_429_and_counts_prompt_and_max_tokens(door) -> None:
 
 
 def test_keys_file_is_reloaded_when_it_changes(door) -> None:
-    client, keys_file, _ = door
+    client, keys_file, _, _ = door
     assert ask(client, "sk-new").status_code == 401
     _write_keys(keys_file, [*KEYS, {"key_sha256": _sha("sk-new"), "name": "new"}])
     deadline = time.monotonic() + 10
@@ -189,6 +193,85 @@ def test_keys_file_is_reloaded_when_it_changes(door) -> None:
     while ask(client, "sk-new").status_code != 401:
         assert time.monotonic() < deadline, "revoked key still accepted"
         time.sleep(0.3)
+
+
+class _FakeWorker:
+    """An HTTP server answering /v1/completions as vLLM streams it; keeps every body."""
+
+    def __init__(self) -> None:
+        import http.server
+        import json as _json
+        import threading
+
+        bodies: list[dict] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                n = int(self.headers["Content-Length"])
+                bodies.append(_json.loads(self.rfile.read(n)))
+                chunk = {"choices": [{"text": "ok", "token_ids": [7], "finish_reason": "length"}]}
+                out = f"data: {_json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.bodies = bodies
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_served_requests_carry_the_tenants_cache_salt(door) -> None:
+    """With a worker registered: 200, streaming and not; the worker's request carries the
+    key's tenant as cache_salt, a key without a tenant sends none, a client's own is dropped."""
+    import asyncio
+
+    from dynamo_ext.protocol import WorkerRegistration
+    from dynamo_ext.router.client import RouterClient
+
+    client, _, router, tmp = door
+    worker = _FakeWorker()
+    w0 = S.load_curve(
+        S.CurveConfig(
+            secret_key_file=str(tmp / "w0.key"), server_public_key=str(tmp / "router.key.pub")
+        )
+    )
+
+    async def registry(reg: bool) -> None:
+        async with RouterClient(router.endpoint, curve=w0) as c:
+            if reg:
+                await c.register(WorkerRegistration("fake", http_endpoint=worker.url))
+            else:
+                await c.deregister("fake")
+
+    asyncio.run(registry(True))
+    try:
+        r = ask(client, "sk-all")
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == "ok"
+        with client.stream(
+            "POST",
+            "/v1/completions",
+            json={"model": MODEL, "prompt": "hello", "max_tokens": 4, "stream": True},
+            headers={"Authorization": "Bearer sk-all"},
+        ) as s:
+            assert s.status_code == 200
+            assert "[DONE]" in "".join(s.iter_text())
+        assert ask(client, "sk-plain", cache_salt="tenant:acme").status_code == 200
+        salts = [b.get("cache_salt") for b in worker.bodies]
+        assert salts == ["tenant:acme", "tenant:acme", None]
+    finally:
+        asyncio.run(registry(False))
+        worker.close()
 
 
 def _sha(key: str) -> str:
