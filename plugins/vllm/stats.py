@@ -219,6 +219,12 @@ class DynamoExtStatLogger(StatLoggerBase):
             kv_ep = advertise(_offset_port(kve.endpoint, rank), host)
             replay_ep = advertise(_offset_port(kve.replay_endpoint, rank), host)
             topic = kve.topic
+            if self.curve is not None and kve.publisher == "zmq":
+                log.warning(
+                    "CURVE keys are set but --kv-events-config uses the plaintext 'zmq' "
+                    "publisher: a router with keys cannot read it; use %r",
+                    CURVE_PUBLISHER,
+                )
         nixl_port = os.environ.get("VLLM_NIXL_SIDE_CHANNEL_PORT")
         return WorkerRegistration(
             # the router adds "@dp<rank>" itself (dp_worker_id)
