@@ -11,6 +11,9 @@ instead of being misread. Nothing here imports an engine.
 
 from __future__ import annotations
 
+import sys
+from array import array
+from collections.abc import Sequence
 from typing import Any, Final, Literal
 
 import msgspec
@@ -199,6 +202,17 @@ class RouteRequest(msgspec.Struct, tag="route", omit_defaults=True):
     # The tenant's vLLM ``cache_salt``: the engine hashes it into the prompt's first block,
     # so the router does too (a salted prompt never matches another tenant's blocks).
     cache_salt: str | None = None
+    # The prompt as uint32 little-endian bytes instead of ``token_ids``: decoding a bin is a
+    # copy, decoding a list of ints runs per int, on the router's event loop.
+    token_bytes: bytes | None = None
+
+
+def pack_tokens(token_ids: Sequence[int]) -> bytes:
+    """``RouteRequest.token_bytes`` of a prompt."""
+    a = array("I", token_ids)
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a.tobytes()
 
 
 class PrefillFinished(msgspec.Struct, tag="prefill_done"):

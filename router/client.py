@@ -48,6 +48,7 @@ from dynamo_ext.protocol import (
     WorkerFailed,
     WorkerRegistration,
     encode,
+    pack_tokens,
     reply_decoder,
 )
 from dynamo_ext.security import Curve
@@ -55,6 +56,8 @@ from dynamo_ext.security import Curve
 log = logging.getLogger(__name__)
 
 _NO_REPLY = b"\x00" * 8
+# Prompts at least this long are sent as RouteRequest.token_bytes (packed uint32s).
+PACK_TOKENS_FROM = 1024
 # Send budget while the last send found no connection: long enough for a reconnect that is
 # already under way (ZMQ retries every 100 ms), short enough that an outage costs nothing.
 _FAST_FAIL_S = 0.05
@@ -261,11 +264,14 @@ class RouterClient:
         explain: bool = False,
         cache_salt: str | None = None,
     ) -> RouteResponse:
+        packed = token_ids is not None and len(token_ids) >= PACK_TOKENS_FROM
         reply = await self.call(
             RouteRequest(
                 request_id=request_id,
                 role=role,
-                token_ids=list(token_ids) if token_ids is not None else None,
+                # Long prompts go as packed uint32s: cheap for the router to decode.
+                token_ids=list(token_ids) if token_ids is not None and not packed else None,
+                token_bytes=pack_tokens(token_ids) if packed and token_ids is not None else None,
                 block_hashes=list(block_hashes) if block_hashes is not None else None,
                 num_tokens=num_tokens,
                 exclude_workers=list(exclude_workers),

@@ -50,7 +50,12 @@ from dynamo_ext.protocol import (
 )
 from dynamo_ext.router.identity import IdentityGuard
 from dynamo_ext.router.ingest import DECODE_ERRORS
-from dynamo_ext.router.service import HASH_CHUNK_BLOCKS, RouterService, WorkerEntry
+from dynamo_ext.router.service import (
+    HASH_CHUNK_BLOCKS,
+    RouterService,
+    WorkerEntry,
+    prompt_tokens,
+)
 from dynamo_ext.security import load_curve, peer_key, start_authenticator
 
 log = logging.getLogger(__name__)
@@ -498,8 +503,7 @@ class RouterServer:
                         reply = refused
                     elif (
                         type(msg) is RouteRequest
-                        and msg.token_ids is not None
-                        and len(msg.token_ids) > _INLINE_BLOCKS * self.config.block_size
+                        and len(prompt_tokens(msg) or ()) > _INLINE_BLOCKS * self.config.block_size
                     ):
                         reply = self._route_big(sock, ident_frames, corr, msg)  # type: ignore[assignment]
                         if reply is None:
@@ -524,7 +528,7 @@ class RouterServer:
         async def run() -> None:
             try:
                 hashes: list[int] = []
-                for chunk in self.service.hash_chunks(req.token_ids or [], req.cache_salt):
+                for chunk in self.service.hash_chunks(prompt_tokens(req) or (), req.cache_salt):
                     hashes += chunk
                     await asyncio.sleep(0)
                 reply = self.service.dispatch_hashed(req, hashes)

@@ -13,7 +13,9 @@ fleet whose pods restart under new names stays bounded. A registration with a ne
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
@@ -63,6 +65,18 @@ _ROLES_FOR = {
 }
 # Blocks hashed per step when a route's hashing is spread over event-loop turns.
 HASH_CHUNK_BLOCKS = 64
+
+
+def prompt_tokens(req: RouteRequest) -> Sequence[int] | None:
+    """The request's token ids, from ``token_ids`` or (zero-copy) ``token_bytes``."""
+    if req.token_bytes is not None:
+        mv = memoryview(req.token_bytes)
+        if sys.byteorder == "little":
+            return mv.cast("I")
+        a = array("I", req.token_bytes)
+        a.byteswap()
+        return a
+    return req.token_ids
 
 
 class Transport(Protocol):
@@ -468,11 +482,14 @@ class RouterService:
         return c
 
     def check_request(self, req: RouteRequest) -> ErrorReply | None:
-        n = len(req.token_ids) if req.token_ids is not None else len(req.block_hashes or ())
-        if req.token_ids is None and req.block_hashes is None:
+        if req.token_bytes is not None and len(req.token_bytes) % 4:
+            return ErrorReply("bad_request", "token_bytes: not uint32s", req.request_id)
+        toks = prompt_tokens(req)
+        n = len(toks) if toks is not None else len(req.block_hashes or ())
+        if toks is None and req.block_hashes is None:
             return ErrorReply("bad_request", "give token_ids or block_hashes", req.request_id)
         cap = self.config.max_route_tokens
-        if req.token_ids is not None and n > cap:
+        if toks is not None and n > cap:
             self.metrics.rejected.labels("too_many_tokens").inc()
             return ErrorReply(
                 "bad_request", f"{n} token ids, the router takes at most {cap}", req.request_id
@@ -517,15 +534,16 @@ class RouterService:
             return bad
         if req.block_hashes is not None:
             return self.route_hashed(req, req.block_hashes, req.num_tokens)
+        toks = prompt_tokens(req) or ()
         hashes: list[int] = []
-        for chunk in self.hash_chunks(req.token_ids or [], req.cache_salt):
+        for chunk in self.hash_chunks(toks, req.cache_salt):
             hashes += chunk
-        return self.route_hashed(req, hashes, len(req.token_ids or []))
+        return self.route_hashed(req, hashes, len(toks))
 
     def dispatch_hashed(self, req: RouteRequest, hashes: list[int]) -> msgspec.Struct:
         """``route_hashed`` for a prompt hashed by the caller, errors as replies."""
         try:
-            return self.route_hashed(req, hashes, len(req.token_ids or ()) or None)
+            return self.route_hashed(req, hashes, len(prompt_tokens(req) or ()) or None)
         except Exception as exc:
             log.exception("error routing %s", req.request_id[:64])
             return ErrorReply("internal", f"{type(exc).__name__}: {exc}", req.request_id)
