@@ -180,6 +180,7 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
         },
         "sample_trace": {"requests": len(rows), "policies": sample},
         "generated": gen,
+        "results": str(out_dir / "bench-report.json"),
         "plots": sorted(str(p) for p in out_dir.glob("report-*.png")),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
@@ -211,7 +212,7 @@ def markdown(res: dict[str, Any]) -> str:
     t = res["tuning"]
     out = [
         f"Produced by `{res['command']}` ({res['wall_s']} s); results in "
-        "`out/bench-report.json`. Simulator: our mocker engines in virtual time "
+        f"`{res['results']}`. Simulator: our mocker engines in virtual time "
         f"({s['timing_model']}, block {s['block_size']}, {s['gpu_blocks_per_worker']} GPU "
         f"blocks and {s['max_num_batched_tokens']} batched tokens per engine); every router "
         "is fed the same engines' KV events, Dynamo's SelectionService "
@@ -291,7 +292,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     res = run_report(args)
-    out = Path(args.out_dir) / "bench-report.json"
+    out = Path(res["results"])
     out.write_text(json.dumps(res, indent=1))
     md = markdown(res)
     (Path(args.out_dir) / "bench-report.md").write_text(md)
