@@ -191,7 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--no-curve", action="store_true", help="skip the CURVE vs plaintext sockets")
     br.add_argument("--json", action="store_true", help="one JSON object on one line")
     br.set_defaults(func=_bench_main)
-    from dynamo_ext.benchmarks import pool_bench, prefetch_bench, prefill_bench, serve_bench
+    from dynamo_ext.benchmarks import (
+        pool_bench,
+        prefetch_bench,
+        prefill_bench,
+        serve_bench,
+        stall_bench,
+    )
     from dynamo_ext.sim import chaos, replay, suite, tune, workloads
 
     # benchmarks that declare their own arguments (add_arguments) and run through main(args)
@@ -204,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("report", suite, "tune, replay the sample trace and generated workloads, write README"),
         ("prefetch", prefetch_bench, "TTFT of disk/pool-only prefixes, with/without prefetch"),
         ("pool", pool_bench, "KV pool write/read MB/s vs plain files on the same disk"),
+        ("stall", stall_bench, "short-route latency while the router hashes a huge prompt"),
         ("chaos", chaos, "real router + mocker fleet under seeded faults, invariants checked"),
     ):
         bm = bsub.add_parser(name, help=help_)
