@@ -6,6 +6,8 @@ dynamo-ext bench router [--workers 8,64,256] [--blocks N] [--json]   router hot-
 dynamo-ext bench pool [--root DIR] [--chunk-mb N] [--total-mb N] [--json]   KV pool vs plain I/O
 dynamo-ext keys gen DIR --name NAME                                  CURVE key pair files
 dynamo-ext keys show FILE                                            public key and key id
+dynamo-ext worker vllm|sglang MODEL --role R --router EP [--print]   run a worker (or print it)
+dynamo-ext serve [--workers N | --prefill N --decode M]              a whole local fleet
 """
 
 from __future__ import annotations
@@ -145,6 +147,14 @@ def _keys_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_main(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        from dynamo_ext.plugins.vllm import worker_cmd
+    else:
+        from dynamo_ext.plugins.sglang import worker_cmd  # type: ignore[no-redef]
+    return worker_cmd.main(args.argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dynamo-ext", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -241,6 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
     ks = ksub.add_parser("show", help="print a key file's public key and key id")
     ks.add_argument("file")
     k.set_defaults(func=_keys_main)
+
+    # dynamo-ext worker vllm|sglang MODEL ... [-- engine args]: the engine's module parses
+    # everything after the engine name itself ("+" prefix: argparse leaves "--x" alone)
+    wk = sub.add_parser("worker", help="run (or --print) a vLLM/SGLang worker of the fleet")
+    wsub = wk.add_subparsers(dest="engine", required=True)
+    for engine in ("vllm", "sglang"):
+        we = wsub.add_parser(engine, add_help=False, prefix_chars="+", help=f"{engine} worker")
+        we.add_argument("argv", nargs=argparse.REMAINDER)
+        we.set_defaults(func=_worker_main)
+
+    from dynamo_ext.plugins.vllm import serve as serve_cmd
+
+    sv = sub.add_parser("serve", help="router + frontend + supervised vLLM workers, locally")
+    serve_cmd.add_arguments(sv)
+    sv.set_defaults(func=serve_cmd.main)
 
     from dynamo_ext.sim import cli as mocker_cli
 

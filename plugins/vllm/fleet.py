@@ -9,7 +9,6 @@ stat-logger plugin (metrics + registration). Everything is stopped on ``stop()``
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,9 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from dynamo_ext.plugins.vllm.launcher import CPU_FAST_ARGS, CPU_FAST_ENV, VllmServer
+from dynamo_ext.plugins.vllm.worker_cmd import (
+    CONNECTOR,
+    ROLE_TO_KV,
+    Role,
+    VllmWorkerSpec,
+    engine_args,
+    vllm_worker_command,
+)
 from dynamo_ext.testing import RouterProc, free_port
-
-ROLE_TO_KV = {"prefill": "kv_producer", "decode": "kv_consumer"}
 
 
 @dataclass
@@ -32,30 +37,29 @@ class Worker:
     role: str
     server: VllmServer
     nixl_port: int | None = None
+    spec: VllmWorkerSpec | None = None
+    restarts: int = 0
 
 
-def worker_args(role: str, worker_id: str, router: str, nixl_port: int | None) -> list[str]:
-    kv_events = {
-        "enable_kv_cache_events": True,
-        "publisher": "zmq",
-        "topic": "kv",
-        "endpoint": f"tcp://*:{free_port()}",
-        "replay_endpoint": f"tcp://*:{free_port()}",
-    }
-    args = ["--kv-events-config", json.dumps(kv_events), "--enable-prompt-tokens-details"]
-    if role in ROLE_TO_KV:
-        kvt = {
-            "kv_connector": os.environ.get("DYNAMO_EXT_LAUNCH_CONNECTOR", "DynamoExtConnector"),
-            "kv_role": ROLE_TO_KV[role],
-            "kv_buffer_device": "cpu",
-            "kv_connector_extra_config": {
-                "router": router,
-                "worker_id": worker_id,
-                "metrics_period_s": 0.2,
-            },
-        }
-        args += ["--kv-transfer-config", json.dumps(kvt)]
-    return args
+def worker_spec(
+    model: Path, role: Role, worker_id: str, router: str, nixl_port: int | None
+) -> VllmWorkerSpec:
+    """A local worker of the tiny-model fleet: fresh ports, fast metrics, CPU fast-start."""
+    return VllmWorkerSpec(
+        model=str(model),
+        role=role,
+        router=router,
+        worker_id=worker_id,
+        host="127.0.0.1",
+        port=free_port(),
+        kv_port=free_port(),
+        replay_port=free_port(),
+        metrics_period_s=0.2,
+        nixl_port=nixl_port,
+        kv_buffer_device="cpu",
+        connector=os.environ.get("DYNAMO_EXT_LAUNCH_CONNECTOR", CONNECTOR),
+        extra_args=list(CPU_FAST_ARGS),
+    )
 
 
 @dataclass
@@ -86,7 +90,7 @@ class LocalFleet:
             **self.router_config,
         }
         self.router = RouterProc(self.workdir, cfg).start()
-        plan = (
+        plan: list[tuple[Role, str]] = (
             [("prefill", f"prefill-{i}") for i in range(self.prefill)]
             + [("decode", f"decode-{i}") for i in range(self.decode)]
             + [("both", f"worker-{i}") for i in range(self.aggregated)]
@@ -100,31 +104,37 @@ class LocalFleet:
         self.wait_registered()
         return self
 
-    def add_worker(self, role: str, worker_id: str, wait: bool = True) -> Worker:
+    def add_worker(self, role: Role, worker_id: str, wait: bool = True) -> Worker:
         assert self.router is not None
         nixl = free_port() if role in ROLE_TO_KV else None
-        env = {
-            **os.environ,
-            **CPU_FAST_ENV,
-            "DYNAMO_EXT_WORKER_ROUTER": self.router.endpoint,
-            "DYNAMO_EXT_WORKER_ID": worker_id,
-            "DYNAMO_EXT_WORKER_METRICS_PERIOD": "0.2",
-        }
-        if nixl is not None:
-            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(nixl)
-        port = free_port()
-        s = VllmServer(
-            self.model,
-            port,
-            [*CPU_FAST_ARGS, *worker_args(role, worker_id, self.router.endpoint, nixl)],
-            env,
-            self.workdir / f"{worker_id}.log",
-        )
-        s.start()
-        w = Worker(worker_id, role, s, nixl)
+        spec = worker_spec(self.model, role, worker_id, self.router.endpoint, nixl)
+        w = Worker(worker_id, role, self._server(spec), nixl, spec)
         self.workers.append(w)
+        w.server.start()
         if wait:
-            s.wait_ready()
+            w.server.wait_ready()
+        return w
+
+    def _server(self, spec: VllmWorkerSpec) -> VllmServer:
+        cmd = vllm_worker_command(spec, environ={})
+        return VllmServer(
+            self.model,
+            spec.port,
+            engine_args(spec, curve=False),
+            {**os.environ, **CPU_FAST_ENV, **cmd.env},
+            self.workdir / f"{spec.worker_id}.log",
+        )
+
+    def restart_worker(self, w: Worker, wait: bool = False) -> Worker:
+        """Stop what is left of ``w``'s process group and start it again with the same worker
+        id and ports; it registers anew (a new instance id), replacing its old self."""
+        assert w.spec is not None
+        w.server.stop()
+        w.server = self._server(w.spec)
+        w.restarts += 1
+        w.server.start()
+        if wait:
+            w.server.wait_ready()
         return w
 
     def _spawn_frontend(self) -> None:
@@ -151,6 +161,12 @@ class LocalFleet:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+    def restart_frontend(self) -> None:
+        """Start the frontend again on its port (it exited); does not wait."""
+        if self.frontend is not None and self.frontend.poll() is None:
+            return
+        self._spawn_frontend()
 
     def _wait_frontend(self) -> None:
         assert self.frontend is not None

