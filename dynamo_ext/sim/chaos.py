@@ -8,21 +8,31 @@ which can drop batches or slip malformed frames in, and its replay ROUTER throug
 that can delay or never answer. The router is ``dynamo-ext router`` as a child process
 (``RouterProc``). Clients route prompts with shared prefixes through ``RouterClient`` and
 send them to the chosen worker's OpenAI endpoint, so the caches the router indexes are the
-ones the routed load builds. Faults, one every ``fault_every_s`` by a seeded draw: a worker
-killed (its sockets gone at once, no deregistration, as with SIGKILL) and restarted with a
-new instance id, under its old id or a new one (a pod rescheduled); KV batches dropped for a
-while; replay stalled or slow; the router killed with -9 and restarted; malformed peers on
-the control socket (garbage, bad headers, deeply nested msgpack, oversized frames, a huge
-prompt) and on a KV stream (garbage, nested msgpack, oversized).
+ones the routed load builds. Faults, one every ``fault_every_s`` or so, in seeded rounds
+of every kind: a worker killed (its sockets gone at once, no deregistration) and restarted
+with a new instance id, under its old id or a new one (a pod rescheduled); KV batches
+dropped for a while; replay stalled or slow while batches drop; the router killed with -9
+and restarted, also while a worker's replay does not answer; malformed peers on the
+control socket (garbage, bad headers, deeply nested msgpack, an oversized frame, a prompt
+over the token cap) and on a KV stream (garbage, nested msgpack, oversized).
 
 At checkpoints (every ``checkpoint_every_s`` and at the end) the load pauses, faults heal,
 and the harness waits up to ``settle_s`` for the router's index to equal the union of the
-live workers' true caches: per worker and tier block counts (``FleetState``), and the exact
-prefix each worker holds of sampled served prompts (``explain`` routes, ``track=False``).
-Throughout: every request ends within ``request_deadline_s`` with a completion or a clear
-error; the router's RSS and open fds (``/proc``) stay within bounds calibrated at the first
-checkpoint. The report is one JSON object of counts and the invariants' verdicts, with the
-evidence for each one that fails.
+live workers' true caches: per worker and tier block counts (``FleetState``), the exact
+hash sets (the router's audit, ``RouterQuery(what="index")``, against the hashes each
+mocker holds; dead workers must hold none) and the prefix each worker holds of sampled
+served prompts (``explain`` routes, ``track=False``). Throughout: every request ends within
+``request_deadline_s``; a route is answered (a route or a clear error) unless we took the
+router down around it; ``no_worker`` only when no live worker has been up a while; no route
+to a worker dead past its lease; every malformed control message with a correlation id is
+answered; the router never exits on its own; its RSS and open fds (``/proc``) stay within
+a budget calibrated with the whole fleet up before any fault. The report is one JSON object
+of counts and the invariants' verdicts, with the evidence for each one that fails; a
+baseline router from another source tree runs with ``--router-src``.
+
+Not a process kill for the workers: a killed worker's sockets close at once and it never
+deregisters, which is what the router sees of a SIGKILL, but its HTTP handlers in flight
+are abandoned by the client side (the harness cancels them) rather than reset by a kernel.
 """
 
 from __future__ import annotations
@@ -888,7 +898,13 @@ class Harness:
                     )
         ghosts = sorted(w.worker_id for w in fleet.workers if w.worker_id not in live)
         audit_mm = await self.audit(live, ghosts)
+        # Workers whose index is wrong while the router says nothing (no stale reason).
+        flagged = {w.worker_id for w in fleet.workers if getattr(w, "stale", "")}
+        wrong = {d["worker"] for d in count_mm + audit_mm if "worker" in d}
+        wrong |= {d["worker"] for d in probe_mm if "worker" in d}
         out.update(
+            wrong_workers=sorted(wrong),
+            silently_wrong=sorted(wrong - flagged),
             mismatches=len(count_mm) + len(probe_mm) + len(audit_mm),
             audit_mismatches=len(audit_mm),
             count_mismatches=len(count_mm),
@@ -1071,6 +1087,17 @@ class Harness:
             "harness_errors": self.harness_errors,
             "control_malformed_replies": dict(sorted(self.control_replies.items())),
             "index_mismatches": final.get("mismatches", -1),
+            # Per checkpoint that did not converge: workers wrong, and wrong unflagged.
+            "unconverged_checkpoints": [
+                {
+                    "t": c["t"],
+                    "wrong": c.get("wrong_workers"),
+                    "silently_wrong": c.get("silently_wrong"),
+                    "error": c.get("error"),
+                }
+                for c in self.checkpoints
+                if not c["converged"]
+            ],
             "checkpoints": self.checkpoints,
             "proxies": {
                 "batches_dropped": sum(s.proxy.dropped for s in self.live() if s.proxy),
