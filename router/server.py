@@ -430,26 +430,8 @@ class RouterServer:
 
     # ------------------------------------------------------------------ metrics events
     async def _serve_metrics(self) -> None:
-        sub = self._metrics_sub
-        assert sub is not None
-        service = self.service
-        while True:
-            frames = await sub.recv_multipart()
-            if len(frames) != 3:
-                service.malformed("metrics", "?", f"{len(frames)} frames")
-                continue
-            try:
-                m = metrics_decoder.decode(frames[2])
-            except DECODE_ERRORS as exc:
-                service.malformed("metrics", "?", exc)
-                continue
-            except Exception as exc:  # noqa: BLE001
-                service.malformed("metrics", "?", f"{type(exc).__name__}: {exc}")
-                continue
-            try:
-                service.on_metrics(m)
-            except Exception:
-                log.exception("metrics from %s", m.worker_id[:64])
+        assert self._metrics_sub is not None
+        await self._serve_metrics_from(self._metrics_sub, None)
 
     # ------------------------------------------------------------------ housekeeping
     async def _housekeeping(self) -> None:
@@ -623,7 +605,8 @@ class RouterServer:
         sub.close(linger=0)
 
     async def _serve_metrics_from(self, sub: zmq.asyncio.Socket, key: str | None) -> None:
-        """Metrics from one publisher, whose key ``key`` the CURVE handshake proved."""
+        """Metrics from a SUB; ``key``: the one publisher's key the CURVE handshake proved
+        (None: the shared plaintext SUB)."""
         service = self.service
         while True:
             frames = await sub.recv_multipart()
@@ -632,10 +615,16 @@ class RouterServer:
                 continue
             try:
                 m = metrics_decoder.decode(frames[2])
+            except DECODE_ERRORS as exc:
+                service.malformed("metrics", "?", exc)
+                continue
             except Exception as exc:  # noqa: BLE001 - any bad payload is counted, dropped
                 service.malformed("metrics", "?", f"{type(exc).__name__}: {exc}")
                 continue
-            service.metrics_from(m, key)
+            try:
+                service.metrics_from(m, key)
+            except Exception:
+                log.exception("metrics from %s", m.worker_id[:64])
 
 
 def _with_peer(raw: list[zmq.Frame]) -> tuple[list[bytes], str | None]:
