@@ -373,6 +373,8 @@ class Harness:
         self.routed_to_dead = 0
         self.routed_to_long_dead = 0  # dead for longer than worker_timeout_s + 1 s
         self.died_at: dict[str, float] = {}
+        self.phantom_checks = 0
+        self.phantoms: list[dict[str, Any]] = []  # blocks indexed that a worker never had
         self.retries = 0
         self.no_worker_while_live = 0
         self.unanswered_while_up = 0
@@ -492,6 +494,34 @@ class Harness:
                 with contextlib.suppress(DynamoExtError, OSError, TimeoutError):
                     await asyncio.wait_for(self.ctl.register(sw.registration()), 1.0)
             await asyncio.sleep(1.0)
+
+    async def watcher(self) -> None:
+        """Under load and faults, not only at checkpoints: the router never indexes for a
+        worker a block that worker could not have held (one outside the chains of every
+        prompt sent to it). Unlike equality this holds at any instant: in-flight events
+        only make the index lag, never invent."""
+        rng = random.Random(self.cfg.seed + 3)
+        while not self.stop.is_set():
+            await asyncio.sleep(2.0)
+            await self.resume.wait()
+            now = time.monotonic()
+            ready = [w for w in self.live() if now - w.started_at > 2.0]
+            if not ready or self.router_pid() is None:
+                continue
+            sw = rng.choice(ready)
+            try:
+                reply = await self.ctl.call(RouterQuery(what="index", worker_id=sw.worker_id))
+            except DynamoExtError:
+                continue
+            if not isinstance(reply, WorkerIndex) or not sw.alive:
+                continue
+            self.phantom_checks += 1
+            got = {h for hs in reply.blocks.values() for h in hs}
+            phantom = got - sw.universe
+            if phantom:
+                self.phantoms.append(
+                    {"t": round(self.now(), 1), "worker": sw.worker_id, "phantom": len(phantom)}
+                )
 
     async def sampler(self) -> None:
         while not self.stop.is_set():
@@ -738,7 +768,7 @@ class Harness:
                     bad = msgspec.msgpack.encode({"type": "route", "request_id": 7})
                     msgs.append(("bad_fields", [PROTOCOL_HEADER, corr, bad]))
         elif kind == "control_nested":
-            msgs.append(("nested", [PROTOCOL_HEADER, corr, _nested_route()]))
+            msgs.append(("nested", [PROTOCOL_HEADER, corr, nested_route_request()]))
         else:  # control_oversized
             msgs.append(("oversized", [PROTOCOL_HEADER, corr, rng.randbytes(17 << 20)]))
             huge = RouteRequest(request_id="huge", token_ids=[7] * 1_500_000, track=False)
@@ -777,7 +807,7 @@ class Harness:
             return
         topic = b"kv"
         if kind == "kv_nested":
-            frames = [[topic, seq, _nested_batch()]]
+            frames = [[topic, seq, nested_kv_batch()]]
         else:
             frames = [
                 [topic, b"short"],
@@ -1004,6 +1034,7 @@ class Harness:
         bg = [
             asyncio.create_task(self.keepalive(), name="chaos-keepalive"),
             asyncio.create_task(self.sampler(), name="chaos-sampler"),
+            asyncio.create_task(self.watcher(), name="chaos-watcher"),
         ]
         timeout = aiohttp.ClientTimeout(total=5.0)
         async with aiohttp.ClientSession(timeout=timeout) as http:
@@ -1064,6 +1095,7 @@ class Harness:
             "rss_bounded": not any("RSS" in v for v in self.bound_violations),
             "fds_bounded": not any("fds" in v for v in self.bound_violations),
             "router_never_exited": self.unexpected_router_exits == 0,
+            "no_phantom_blocks": not self.phantoms,
         }
         return {
             "seed": self.cfg.seed,
@@ -1087,6 +1119,8 @@ class Harness:
             "harness_errors": self.harness_errors,
             "control_malformed_replies": dict(sorted(self.control_replies.items())),
             "index_mismatches": final.get("mismatches", -1),
+            "phantom_checks": self.phantom_checks,
+            "phantom_blocks": self.phantoms[:12],
             # Per checkpoint that did not converge: workers wrong, and wrong unflagged.
             "unconverged_checkpoints": [
                 {
@@ -1141,7 +1175,7 @@ class Harness:
 # ======================================================================================
 # Helpers
 # ======================================================================================
-def _nested_route() -> bytes:
+def nested_route_request() -> bytes:
     """A RouteRequest with an unknown field nesting ``_NESTING`` arrays deep (5 kB): a
     decoder that skips unknown fields recursively overflows the stack; a typed field
     would be refused at its first level."""
@@ -1150,7 +1184,7 @@ def _nested_route() -> bytes:
     return bytes([0x83]) + head[1:] + junk  # a fixmap of 3 entries instead of 2
 
 
-def _nested_batch() -> bytes:
+def nested_kv_batch() -> bytes:
     """A KVEventBatch ``[ts, [], None, <nested>]``: a fourth, unknown element nesting
     ``_NESTING`` arrays deep, skipped recursively by the decoder (5 kB)."""
     ts = msgspec.msgpack.encode(time.time())

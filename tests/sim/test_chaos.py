@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_ext.sim.chaos import FAULT_KINDS, ChaosConfig, run_chaos
+from dynamo_ext.protocol import control_decoder, kv_batch_decoder
+from dynamo_ext.sim.chaos import (
+    FAULT_KINDS,
+    ChaosConfig,
+    nested_kv_batch,
+    nested_route_request,
+    run_chaos,
+)
 
 CI = ChaosConfig(
     duration_s=26.0,
@@ -36,6 +43,14 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     (tmp / "report.json").write_text(json.dumps(res, indent=1))
     res["report_path"] = str(tmp / "report.json")
     return res
+
+
+def test_nested_frames_overflow_a_decoder_without_depth_bound() -> None:
+    """The nested faults stay lethal to a bare decoder (else they would test nothing)."""
+    with pytest.raises(RecursionError):
+        control_decoder.decode(nested_route_request())
+    with pytest.raises(RecursionError):
+        kv_batch_decoder.decode(nested_kv_batch())
 
 
 def _evidence(report: dict, *keys: str) -> str:
@@ -66,6 +81,13 @@ def test_index_equals_union_of_true_caches(report: dict) -> None:
         )
         + f"\nfull report and router logs: {report['report_path']}"
     )
+
+
+def test_no_phantom_blocks_under_load(report: dict) -> None:
+    """At any instant, not only after quiescence: no block indexed for a worker that the
+    worker could never have held."""
+    assert report["phantom_checks"] > 0
+    assert not report["phantom_blocks"], _evidence(report, "phantom_blocks", "faults")
 
 
 def test_no_request_hung(report: dict) -> None:
