@@ -50,7 +50,7 @@ from dynamo_ext.protocol import (
     seq_from_bytes,
 )
 from dynamo_ext.router.indexer import KvIndex
-from dynamo_ext.router.metrics import RouterMetrics
+from dynamo_ext.router.metrics import RouterMetrics, remove_label
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class KvIngest:
 
     def remove_stream(self, worker_id: str) -> None:
         if self.streams.pop(worker_id, None) is not None:
-            _remove_label(self.metrics.index_stale, worker_id)
+            remove_label(self.metrics.index_stale, worker_id)
 
     def reset(self, st: StreamState, why: str) -> None:
         """The worker's cache is empty again (a restart): forget its index and stream."""
@@ -450,10 +450,3 @@ def _raw_array_len(raw: msgspec.Raw | None) -> int | None:
     if t == 0xDD and len(b) >= 5:
         return int.from_bytes(b[1:5], "big")
     raise InvalidEvent("token_ids is not an array")
-
-
-def _remove_label(metric: object, *labels: str) -> None:
-    try:
-        metric.remove(*labels)  # type: ignore[attr-defined]
-    except KeyError:
-        pass

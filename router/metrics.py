@@ -167,3 +167,11 @@ class RouterMetrics:
         self.active_requests = Gauge(
             p + "active_requests", "Routed requests not yet reported finished", registry=r
         )
+
+
+def remove_label(metric: object, *labels: str) -> None:
+    """Drop one labelled child of a metric (a removed worker's), if it exists."""
+    try:
+        metric.remove(*labels)  # type: ignore[attr-defined]
+    except KeyError:
+        pass

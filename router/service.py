@@ -49,8 +49,8 @@ from dynamo_ext.protocol import (
 )
 from dynamo_ext.router.identity import IdentityGuard
 from dynamo_ext.router.indexer import IndexFullError, KvIndex
-from dynamo_ext.router.ingest import DECODE_ERRORS, KvIngest, StreamState, _remove_label
-from dynamo_ext.router.metrics import RouterMetrics
+from dynamo_ext.router.ingest import DECODE_ERRORS, KvIngest, StreamState
+from dynamo_ext.router.metrics import RouterMetrics, remove_label
 from dynamo_ext.router.scorer import Candidate, Scorer
 from dynamo_ext.router.sequences import ActiveSequences
 
@@ -257,11 +257,11 @@ class RouterService:
         self.ingest.remove_stream(w.worker_id)
         m = self.metrics
         for metric in (m.worker_up, m.seq_gaps, m.restarts, m.hash_mismatch, m.worker_staleness):
-            _remove_label(metric, w.worker_id)
+            remove_label(metric, w.worker_id)
         for metric in (m.decisions, m.hit_blocks, m.replays, m.prefetch_blocks):
             for key in list(metric._metrics):  # type: ignore[attr-defined]
                 if key and key[0] == w.worker_id:
-                    _remove_label(metric, *key)
+                    remove_label(metric, *key)
         self._changed()
 
     def _changed(self) -> None:
