@@ -24,7 +24,9 @@ class FrontendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Deadline of every router call, send included: a router that is down or hung costs a
     # request at most this before its 503 (the client then fails fast while it stays down).
     router_timeout_s: float = 1.0
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    # default: what the workers' /v1/models report (their --max-model-len), else the
+    # model's max_position_embeddings
+    max_model_len: int | None = None
     # conditional disaggregation
     disaggregation: bool = True
     min_remote_prefill_tokens: int = 256
@@ -32,7 +34,16 @@ class FrontendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # fault tolerance
     migration_limit: int = 3
     upstream_connect_timeout_s: float = 2.0
-    request_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0  # upstream read timeout, and the default deadline
+    # Whole-request deadline (queue, routing, generation); a client may ask for less with
+    # the X-Request-Timeout header (seconds). Past it: 504, or an error event mid-stream.
+    request_deadline_s: float = 600.0
+    # Admission: requests served at once; beyond it they wait in a queue of at most
+    # max_queued_requests (then 429) for at most queue_timeout_s (then 503), Retry-After set.
+    max_concurrent_requests: int = 256
+    max_queued_requests: int = 1024
+    queue_timeout_s: float = 30.0
+    tokenizer_threads: int = 2  # tokenization runs in this pool, off the event loop
     # API keys, TLS, CURVE keys for the router (dynamo_ext.frontend.auth)
     security: FrontendSecurity = msgspec.field(default_factory=FrontendSecurity)
 
@@ -43,6 +54,14 @@ class FrontendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ConfigError("router_timeout_s", f"must be > 0, got {self.router_timeout_s}")
         if self.migration_limit < 0:
             raise ConfigError("migration_limit", "must be >= 0")
+        for name in ("max_concurrent_requests", "tokenizer_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.max_queued_requests < 0:
+            raise ConfigError("max_queued_requests", "must be >= 0")
+        for name in ("request_deadline_s", "queue_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
         if self.min_remote_prefill_tokens < 0:
             raise ConfigError("min_remote_prefill_tokens", "must be >= 0")
         if not self.router.startswith(("tcp://", "ipc://", "inproc://")):

@@ -28,6 +28,18 @@ Every locally prefilled attempt checks the router's index against the engine: th
 predicted prefix hit (``chosen.prefix_hit_blocks`` times the block size) against the
 ``usage.prompt_tokens_details.cached_tokens`` the worker reports at the end of its stream. The
 difference goes to the metrics and, in ``RequestFinished``, to the router.
+
+The request body is the client's own, passed to the worker's OpenAI endpoint of the same
+name (``/v1/completions`` or ``/v1/chat/completions``) with only the fields the dispatcher
+must set (token-id prompt, remaining ``max_tokens``, streaming with usage and token ids,
+``kv_transfer_params``): vLLM applies the chat template, tools, structured outputs, logprobs
+and tool-call parsing itself. A stream that breaks after tokens reached the client continues
+on the next worker as a completion of the prompt's token ids plus the tokens generated
+(chat chunks rebuilt from it); requests whose continuation would not be the same (``n`` > 1,
+structured outputs) move only before their first token. A non-streamed request is retried
+whole. When no decode worker is left, requests fall back to any live worker, prefill
+workers included (each is a full vLLM server serving aggregated); each request asks for a
+decode worker first, so P/D resumes as soon as one is back.
 """
 
 from __future__ import annotations
@@ -36,7 +48,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,12 +90,44 @@ class _PrefillFailed(DynamoExtError):
 # endpoint) the router may offer before we give up: one router can serve mixed fleets.
 _ENGINE_PICKS = 4
 
+# Fields that constrain decoding with a grammar from the first generated token.
+_GRAMMAR_FIELDS = ("response_format", "structured_outputs", "guided_json", "guided_regex")
+# Sampling fields a chat request shares with a completion: what a chat request's prefill
+# (a completion of its token ids) and its migrated continuation keep.
+_SHARED_SAMPLING = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "ignore_eos",
+    "min_tokens",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "include_stop_str_in_output",
+    "bad_words",
+    "allowed_token_ids",
+    "priority",
+    "cache_salt",
+    "n",
+    "user",
+)
+
 
 @dataclass(slots=True)
 class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    # the worker's chunk as it came (the API layer rewrites id and model), or one rebuilt
+    # here for a continuation
+    chunk: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -92,6 +136,27 @@ class GenRequest:
     prompt_ids: list[int]
     max_tokens: int
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, stop, ...
+    # The client's fields for the worker's ``endpoint`` (passed through; the engine validates
+    # them). None: a completion of ``prompt_ids`` with ``sampling``.
+    body: dict[str, Any] | None = None
+    endpoint: str = "/v1/completions"
+
+    @property
+    def chat(self) -> bool:
+        return self.endpoint.endswith("/chat/completions")
+
+    def continuable(self) -> str | None:
+        """Why a stream that already sent tokens cannot continue on another worker as a
+        completion of prompt + generated tokens (``None``: it can)."""
+        b = self.body or {}
+        if int(b.get("n") or 1) != 1:
+            return "n > 1"
+        for k in _GRAMMAR_FIELDS:
+            if b.get(k) not in (None, {}, ""):
+                if k == "response_format" and b[k].get("type") in ("text", None):
+                    continue
+                return f"{k} (a grammar would restart)"
+        return None
 
 
 @dataclass(slots=True)
@@ -104,6 +169,7 @@ class GenState:
     prompt_blocks: int = 0
     hit_blocks: int = 0
     generated: list[int] = field(default_factory=list)
+    sent: bool = False  # tokens reached the client: a retry must continue, not restart
     # What the worker reported it reused of the prompt (first attempt only: a migrated
     # request's prompt is another one).
     cached_tokens: int | None = None
@@ -132,42 +198,134 @@ class Dispatcher:
     async def close(self) -> None:
         await self.http.aclose()
 
-    async def generate(self, req: GenRequest, state: GenState) -> AsyncIterator[Delta]:
+    async def _route(self, rid: str, prompt: list[int], exclude: list[str]) -> RouteResponse:
+        """A worker for the whole request: a decode-capable one, or (none left) any live
+        worker, prefill workers included, which then serve the request aggregated."""
+        if not self.cfg.disaggregation:
+            return await self.router.route(rid, prompt, role="aggregated", exclude_workers=exclude)
+        try:
+            return await self.router.route(rid, prompt, role="decode", exclude_workers=exclude)
+        except NoWorkerAvailable as exc:
+            try:
+                d = await self.router.route(rid, prompt, role="prefill", exclude_workers=exclude)
+            except NoWorkerAvailable:
+                raise exc from None
+            if handshake_for(d.engine).decode_needs_prefill:
+                await self.router.finished(rid)  # its prefill workers never serve alone
+                raise exc from None
+            self.metrics.fallbacks.labels(self.cfg.model_name, d.worker_role).inc()
+            log.info("request %s: no decode worker, served by %s", rid, d.worker_id)
+            return d
+
+    def _attempt_body(
+        self, req: GenRequest, state: GenState, stream: bool
+    ) -> tuple[str, dict[str, Any], dict[str, Any], bool]:
+        """``(endpoint, body, prefill-shaped body, rebuilt)`` of the next attempt. The
+        first attempt (and any before a token reached the client) sends the client's own
+        request; a continuation is a completion of prompt + generated tokens (``rebuilt``:
+        chat chunks are made from its completion chunks)."""
+        prompt = req.prompt_ids + state.generated
+        remaining = req.max_tokens - len(state.generated)
+        if req.body is None:
+            body = self._body(prompt, remaining, req.sampling)
+            if not stream:
+                body = {k: v for k, v in body.items() if k != "stream_options"}
+                body["stream"] = False
+            return "/v1/completions", body, body, False
+        src = req.body
+        shared = {k: src[k] for k in _SHARED_SAMPLING if k in src}
+        if state.generated and state.sent:
+            # continue where the client's stream stopped
+            body = self._body(prompt, remaining, shared)
+            if src.get("logprobs") not in (None, False):
+                lp = src.get("top_logprobs") if req.chat else src.get("logprobs")
+                body["logprobs"] = int(lp or 0) if not isinstance(lp, bool) else 0
+            return "/v1/completions", body, body, req.chat
+        body = {**src, "max_tokens": remaining, "stream": stream, "return_token_ids": True}
+        body.pop("max_completion_tokens", None)
+        if stream:
+            opts = dict(src.get("stream_options") or {})
+            opts["include_usage"] = True  # cached_tokens come with the usage
+            body["stream_options"] = opts
+        if not req.chat:
+            body["prompt"] = prompt  # the token ids the router hashed
+            return req.endpoint, body, body, False
+        # A chat request's prefill is a completion of its templated token ids.
+        pd = {**shared, "prompt": prompt, "max_tokens": remaining, "stream": stream}
+        for k in ("echo", "prompt_logprobs"):
+            if src.get(k):
+                pd[k] = src[k]
+        return req.endpoint, body, pd, False
+
+    async def generate(self, req: GenRequest, state: GenState) -> AsyncGenerator[Delta, None]:
+        """The request streamed, moving to another worker when one fails."""
+        async for delta in self._run(req, state, stream=True):
+            yield delta
+
+    async def complete(self, req: GenRequest, state: GenState) -> dict[str, Any]:
+        """The request not streamed: the worker's JSON answer (retried whole on another
+        worker when one fails)."""
+        async for delta in self._run(req, state, stream=False):
+            assert delta.chunk is not None
+            return delta.chunk
+        raise _Broken("no answer")  # pragma: no cover - _run yields once or raises
+
+    async def _run(self, req: GenRequest, state: GenState, stream: bool) -> AsyncIterator[Delta]:
         model = self.cfg.model_name
         exclude: list[str] = []
         prefill_exclude: list[str] = []
         attempt = 0
         while True:
+            if state.sent and state.generated and req.body is not None:
+                why = req.continuable()
+                if why is not None:
+                    raise NoWorkerAvailable(
+                        f"request {req.request_id}: its worker failed mid-stream and a "
+                        f"request with {why} cannot continue on another one"
+                    )
             prompt = req.prompt_ids + state.generated
-            remaining = req.max_tokens - len(state.generated)
             rid = f"{req.request_id}#{attempt}"
-            role = "decode" if self.cfg.disaggregation else "aggregated"
-            d = await self.router.route(rid, prompt, role=role, exclude_workers=exclude)  # type: ignore[arg-type]
+            d = await self._route(rid, prompt, exclude)
             worker = d.worker_id
             state.worker_id = worker
             if attempt == 0:
                 state.prompt_blocks = d.num_blocks
                 state.hit_blocks = d.chosen.prefix_hit_blocks.get(MEDIUM_GPU, 0)
-            body = self._body(prompt, remaining, req.sampling)
+            endpoint, body, pd_body, rebuilt = self._attempt_body(req, state, stream)
             att = _Attempt(d, len(prompt))
             reason = ""
             prefill_task: asyncio.Task[None] | None = None
             try:
-                paired = await self._disaggregate(rid, prompt, d, body, attempt, prefill_exclude)
+                paired = await self._disaggregate(
+                    rid, prompt, d, body, attempt, prefill_exclude, pd_body
+                )
                 if paired is not None:
                     body, prefill_task = paired
                     att.prefill = state.prefill = "remote"
                 self.metrics.prefill.labels(model, att.prefill).inc()
+                if not stream:
+                    answer = await self._post(d, endpoint, body, att, prefill_task)
+                    await self.router.prefill_done(rid)
+                    if attempt == 0:
+                        state.cached_tokens = att.cached_tokens
+                    for ch in answer.get("choices") or ():
+                        if isinstance(ch, dict):
+                            state.generated.extend(ch.get("token_ids") or ())
+                    yield Delta("", [], None, answer)
+                    return
                 first = True
                 done = False
-                stream = self._stream(d, body, att)
+                upstream = self._stream(d, body, att, endpoint)
                 if prefill_task is not None:
-                    stream = self._watch_prefill(stream, prefill_task)
-                async for delta in stream:
+                    upstream = self._watch_prefill(upstream, prefill_task)
+                async for delta in upstream:
                     if first:
                         first = False
                         await self.router.prefill_done(rid)
+                    if rebuilt and delta.chunk is not None:
+                        delta.chunk = _as_chat_chunk(delta.chunk)
                     state.generated.extend(delta.token_ids)
+                    state.sent = state.sent or bool(delta.token_ids)
                     yield delta
                     # Read on to the end of the stream: its usage comes after the finish.
                     done = done or delta.finish_reason is not None
@@ -196,9 +354,10 @@ class Dispatcher:
                     ):
                         await prefill_task
                 predicted, actual = self._check_hit(att)
-                await self.router.finished(
-                    rid, predicted_cached_tokens=predicted, actual_cached_tokens=actual
-                )
+                with contextlib.suppress(RouterUnavailable):
+                    await self.router.finished(
+                        rid, predicted_cached_tokens=predicted, actual_cached_tokens=actual
+                    )
             attempt += 1
             if attempt > self.cfg.migration_limit:
                 raise NoWorkerAvailable(
@@ -215,6 +374,49 @@ class Dispatcher:
                 reason,
                 len(state.generated),
             )
+
+    async def _post(
+        self,
+        d: RouteResponse,
+        endpoint: str,
+        body: dict[str, Any],
+        att: _Attempt,
+        prefill: asyncio.Task[None] | None,
+    ) -> dict[str, Any]:
+        """A non-streamed request to worker ``d``: its JSON answer."""
+        if d.http_endpoint is None:
+            raise _Broken(f"worker {d.worker_id} has no HTTP endpoint")
+        post = asyncio.ensure_future(self.http.post(d.http_endpoint + endpoint, json=body))
+        try:
+            if prefill is not None:
+                await asyncio.wait({post, prefill}, return_when=asyncio.FIRST_COMPLETED)
+                if not post.done() and prefill.exception() is not None:
+                    exc = prefill.exception()
+                    raise (
+                        exc
+                        if isinstance(exc, _PrefillFailed | UpstreamError)
+                        else (_PrefillFailed("?", str(exc)))
+                    )
+            r = await post
+        finally:
+            if not post.done():
+                post.cancel()
+                with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                    await post
+        if r.status_code != 200:
+            raise UpstreamError(r.status_code, r.text)
+        try:
+            answer = r.json()
+        except ValueError as exc:
+            raise _Broken(f"answer from {d.worker_id} is not JSON: {r.text[:200]!r}") from exc
+        if not isinstance(answer, dict):
+            raise _Broken(f"answer from {d.worker_id} is not a JSON object")
+        if "error" in answer and "choices" not in answer:
+            raise UpstreamError(*_error_event(answer["error"]))
+        usage = answer.get("usage")
+        if isinstance(usage, dict):
+            att.cached_tokens = _cached_tokens(usage)
+        return answer
 
     def _body(self, prompt: list[int], max_tokens: int, sampling: dict[str, Any]) -> dict:
         return {
@@ -263,10 +465,14 @@ class Dispatcher:
         body: dict[str, Any],
         attempt: int,
         prefill_exclude: list[str],
+        pd_body: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], asyncio.Task[None] | None] | None:
         """Pair decode worker ``d`` with a prefill worker when its engine requires it or a
         remote prefill pays: the decode worker's body and, for a concurrent handshake, the
-        prefill request under way. ``None``: ``d`` prefills the prompt itself."""
+        prefill request under way. ``None``: ``d`` prefills the prompt itself. ``pd_body``
+        is the request as a completion of its token ids (what a prefill worker gets; a chat
+        request's decode worker gets the chat body, ``body``)."""
+        pd = body if pd_body is None else pd_body
         if d.worker_role != "decode":
             return None  # only a decode worker can take a prompt prefilled elsewhere
         hs = handshake_for(d.engine)
@@ -274,7 +480,7 @@ class Dispatcher:
         if not required:
             if not (attempt == 0 and self.cfg.disaggregation and self._pays(prompt, d)):
                 return None
-            if hs.why_not(body) is not None:
+            if hs.why_not(pd) is not None:
                 return None
         prid = rid + ":prefill"
         p = await self._pick_prefill(prid, prompt, d, hs, prefill_exclude, required)
@@ -282,7 +488,7 @@ class Dispatcher:
             return None
         if hs.concurrent:
             try:
-                pbody = hs.prefill_request(body, p)
+                pbody = hs.prefill_request(pd, p)
                 dbody = hs.decode_request(body, pbody, None)
             except BaseException:
                 await self.router.finished(prid)
@@ -295,7 +501,7 @@ class Dispatcher:
                 and p.chosen.predicted_prefill_tokens > self.cfg.max_prefill_queue_tokens
             ):
                 return None  # the prefill pool is backed up: computing locally is faster
-            pbody = hs.prefill_request(body, p)
+            pbody = hs.prefill_request(pd, p)
             answer = await self._prefill_first(p, pbody)
             if answer is None:
                 if required:
@@ -420,11 +626,17 @@ class Dispatcher:
                 await it.aclose()  # type: ignore[attr-defined]
 
     async def _stream(
-        self, d: RouteResponse, body: dict[str, Any], att: _Attempt
+        self,
+        d: RouteResponse,
+        body: dict[str, Any],
+        att: _Attempt,
+        endpoint: str = "/v1/completions",
     ) -> AsyncIterator[Delta]:
+        """The worker's stream, a :class:`Delta` per choice of each chunk (the chunk itself
+        on the first; a usage chunk without choices as a Delta of its own)."""
         if d.http_endpoint is None:
             raise _Broken(f"worker {d.worker_id} has no HTTP endpoint")
-        url = d.http_endpoint + "/v1/completions"
+        url = d.http_endpoint + endpoint
         async with self.http.stream("POST", url, json=body) as r:
             if r.status_code != 200:
                 text = (await r.aread()).decode(errors="replace")
@@ -450,9 +662,18 @@ class Dispatcher:
                     usage = chunk.get("usage")
                     if isinstance(usage, dict):
                         att.cached_tokens = _cached_tokens(usage)
-                    for ch in chunk.get("choices") or ():
+                    choices = chunk.get("choices") or ()
+                    if not choices:
+                        yield Delta("", [], None, chunk)
+                    for i, ch in enumerate(choices):
+                        piece: Any = ch.get("text")
+                        if piece is None:  # a chat chunk
+                            piece = (ch.get("delta") or {}).get("content")
                         delta = Delta(
-                            ch.get("text") or "", ch.get("token_ids") or [], ch.get("finish_reason")
+                            piece if isinstance(piece, str) else "",
+                            ch.get("token_ids") or [],
+                            ch.get("finish_reason"),
+                            chunk if i == 0 else None,
                         )
                         finished = finished or delta.finish_reason is not None
                         yield delta
@@ -460,6 +681,41 @@ class Dispatcher:
                 if finished:
                     return  # the answer was complete; only its usage was lost
                 raise
+
+
+def _as_chat_chunk(chunk: dict[str, Any]) -> dict[str, Any]:
+    """A completion chunk of a migrated chat request as the chat chunk the client expects
+    (content and finish reason; logprobs in the chat shape)."""
+    if not chunk.get("choices"):
+        return {**chunk, "object": "chat.completion.chunk"}
+    choices = []
+    for ch in chunk["choices"]:
+        out: dict[str, Any] = {
+            "index": ch.get("index", 0),
+            "delta": {"content": ch.get("text") or ""},
+            "finish_reason": ch.get("finish_reason"),
+            "token_ids": ch.get("token_ids"),
+        }
+        lp = ch.get("logprobs")
+        if isinstance(lp, dict) and lp.get("tokens"):
+            content = []
+            tops = lp.get("top_logprobs") or [None] * len(lp["tokens"])
+            vals = lp.get("token_logprobs") or ()
+            for tok, val, top in zip(lp["tokens"], vals, tops, strict=False):
+                content.append(
+                    {
+                        "token": tok,
+                        "logprob": val,
+                        "bytes": list(tok.encode()),
+                        "top_logprobs": [
+                            {"token": t, "logprob": v, "bytes": list(t.encode())}
+                            for t, v in (top or {}).items()
+                        ],
+                    }
+                )
+            out["logprobs"] = {"content": content}
+        choices.append(out)
+    return {**chunk, "object": "chat.completion.chunk", "choices": choices}
 
 
 def _error_event(err: object) -> tuple[int, str]:

@@ -87,6 +87,22 @@ class FrontendMetrics:
             ["model", "reason"],
             registry=r,
         )
+        self.fallbacks = Counter(
+            q + "decode_fallbacks",
+            "Requests served by a non-decode worker (role) because no decode worker was left",
+            ["model", "role"],
+            registry=r,
+        )
+        self.queued = Gauge(
+            q + "queued_requests", "Requests waiting for a concurrency slot", ["model"], registry=r
+        )
+        self.rejected = Counter(
+            q + "rejected_requests",
+            "Requests refused before reaching a worker: queue_full (429), queue_timeout (503), "
+            "deadline (504), client_disconnect",
+            ["model", "reason"],
+            registry=r,
+        )
         self.disagg_errors = Counter(
             q + "disagg_errors",
             "Remote prefills that failed: prefill worker unreachable or refusing (the decode "

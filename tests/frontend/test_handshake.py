@@ -261,7 +261,8 @@ def serve(d: Dispatcher, prompt_len: int, max_tokens: int = 3) -> tuple[GenState
     async def main() -> list[str]:
         try:
             req = GenRequest("req", list(range(10, 10 + prompt_len)), max_tokens)
-            return [x.text async for x in d.generate(req, state)]
+            # (a usage chunk is a delta without tokens)
+            return [x.text async for x in d.generate(req, state) if x.token_ids]
         finally:
             await d.close()
 
