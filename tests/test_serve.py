@@ -1,0 +1,154 @@
+"""``dynamo-ext serve``: one command serves the openai client; a worker whose vLLM process is
+SIGKILLed comes back under the same worker id as a new instance and serves again; SIGTERM
+stops every process it started. The status line's figures come from Prometheus texts."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dynamo_ext.plugins.vllm.serve import histogram_quantile, read_status
+from dynamo_ext.testing import free_port
+
+API = "vllm.entrypoints.openai.api_server"
+
+
+def test_histogram_quantile_as_prometheus() -> None:
+    assert histogram_quantile(0.5, []) is None
+    assert histogram_quantile(0.5, [(0.1, 0), (float("inf"), 0)]) is None
+    # 10 observations: 4 under 0.1, 10 under 0.5 -> rank 5 is 1/6 into (0.1, 0.5]
+    b = [(0.1, 4.0), (0.5, 10.0), (float("inf"), 10.0)]
+    assert histogram_quantile(0.5, b) == pytest.approx(0.1 + 0.4 / 6)
+    assert histogram_quantile(0.99, [(0.1, 1.0), (float("inf"), 2.0)]) == 0.1
+
+
+def test_status_from_metrics_texts() -> None:
+    router = "# TYPE dynamo_ext_router_workers_up gauge\ndynamo_ext_router_workers_up 2.0\n"
+    frontend = "\n".join(
+        [
+            "# TYPE dynamo_frontend_inflight_requests gauge",
+            'dynamo_frontend_inflight_requests{model="m"} 3.0',
+            "# TYPE dynamo_ext_frontend_prefix_hit_rate gauge",
+            'dynamo_ext_frontend_prefix_hit_rate{model="m"} 0.25',
+            "# TYPE dynamo_frontend_time_to_first_token_seconds histogram",
+            'dynamo_frontend_time_to_first_token_seconds_bucket{le="0.05",model="m"} 0.0',
+            'dynamo_frontend_time_to_first_token_seconds_bucket{le="0.1",model="m"} 2.0',
+            'dynamo_frontend_time_to_first_token_seconds_bucket{le="+Inf",model="m"} 2.0',
+            'dynamo_frontend_time_to_first_token_seconds_count{model="m"} 2.0',
+            'dynamo_frontend_time_to_first_token_seconds_sum{model="m"} 0.15',
+            "",
+        ]
+    )
+    st = read_status(router, frontend, workers=3)
+    assert (st.workers_up, st.inflight, st.hit_rate) == (2, 3.0, 0.25)
+    assert st.ttft_p50_s == pytest.approx(0.075)
+    assert st.line() == "workers up 2/3 | in flight 3 | hit rate 0.25 | TTFT p50 75 ms"
+    assert read_status(None, None, 1).line().startswith("workers up ?/1")
+
+
+class Lines:
+    """The serve process's stdout, read on a thread; ``wait(text)`` until a line has it."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._cv = threading.Condition()
+        self._t = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._t.start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            with self._cv:
+                self.lines.append(line)
+                self._cv.notify_all()
+
+    def wait(self, text: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                for ln in self.lines:
+                    if text in ln:
+                        return ln
+                left = deadline - time.monotonic()
+                assert left > 0, f"no line with {text!r} in:\n{''.join(self.lines)}"
+                self._cv.wait(min(left, 1.0))
+
+
+def _api_servers(root: psutil.Process) -> list[psutil.Process]:
+    """vLLM API servers serve started itself (its engine core may share the command line)."""
+    return [p for p in root.children() if API in " ".join(p.cmdline())]
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    """Every process serve started (its children are session leaders: follow the tree)."""
+    return psutil.Process(pid).children(recursive=True)
+
+
+@pytest.mark.engine
+def test_serve_restarts_a_killed_worker_and_stops_on_sigterm(tiny_model: Path, tmp_path) -> None:
+    import openai
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "dynamo_ext.cli", "serve", "--workers", "1",
+            "--model", str(tiny_model), "--port", str(port), "--workdir", str(tmp_path),
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    out = Lines(proc)
+    started: list[psutil.Process] = []
+    try:
+        out.wait("Ctrl-C stops everything", 400)
+        text = "".join(out.lines)
+        assert f"OpenAI endpoint: http://127.0.0.1:{port}/v1" in text, text
+        assert f"curl http://127.0.0.1:{port}/v1/completions" in text
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=120
+        )
+        r = client.completions.create(model="tiny-llama", prompt="Hello, my name is", max_tokens=4)
+        assert r.usage is not None and r.usage.completion_tokens == 4
+        started = _tree(proc.pid)
+        (victim,) = _api_servers(psutil.Process(proc.pid))
+        t_kill = time.monotonic()
+        victim.send_signal(signal.SIGKILL)
+        out.wait("worker worker-0 exited", 30)
+        out.wait("worker worker-0 is back (restart 1", 300)
+        # the router dropped the old instance and took the new one under the same id
+        router_log = next(tmp_path.glob("router-*.log"))
+        deadline = time.monotonic() + 60
+        while "worker worker-0 re-registered (new instance)" not in router_log.read_text():
+            assert time.monotonic() < deadline, router_log.read_text()[-3000:]
+            time.sleep(0.5)
+        while True:  # until the frontend's next route lands on the registered newcomer
+            try:
+                r = client.completions.create(model="tiny-llama", prompt="Hi again", max_tokens=3)
+                break
+            except openai.APIStatusError as exc:
+                assert time.monotonic() < deadline, exc
+                time.sleep(0.5)
+        assert r.usage is not None and r.usage.completion_tokens == 3
+        print(f"killed worker serving again after {time.monotonic() - t_kill:.1f} s")
+        (new,) = _api_servers(psutil.Process(proc.pid))
+        assert new.pid != victim.pid
+        started += _tree(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+        time.sleep(1)
+        alive = [p.pid for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert alive == [], [(p.pid, p.cmdline()) for p in started if p.pid in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in started:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
