@@ -20,6 +20,17 @@ python -m pip install --quiet --no-deps 'lmcache==0.5.6' aiofile caio blake3 nvt
 python -m pip install --quiet --no-deps 'sglang==0.5.23'
 # what those SGLang modules import beyond vLLM's dependencies
 python -m pip install --quiet orjson IPython
+# --- prometheus (frontend owner): Debian's server for the Grafana dashboard test
+# (tests/frontend/test_openai_surface.py runs the binary itself on a free port). Only as root
+# with apt; policy-rc.d keeps the package's service from starting as a daemon. Else skipped.
+if ! command -v prometheus >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    _rc=/usr/sbin/policy-rc.d; _had_rc=0; [ -e "$_rc" ] && _had_rc=1
+    if [ "$_had_rc" = 0 ]; then printf '#!/bin/sh\nexit 101\n' > "$_rc"; chmod +x "$_rc"; fi
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends prometheus >/dev/null) || echo "prometheus not installed: apt failed"
+    [ "$_had_rc" = 1 ] || rm -f "$_rc"
+fi
+# --- end prometheus
 python -c "import dynamo_ext, msgspec, zmq, vllm, transformers; print('dynamo-ext installed; vllm', vllm.__version__)"
 # fail here, not in the tests, if an import-time dependency of LMCache or SGLang is missing
 python -c "import lmcache.v1.cache_engine, sglang.srt.server_args, sglang.srt.disaggregation.kv_events, sglang.srt.mem_cache.storage.backend_factory; print('lmcache and sglang modules import')"
