@@ -110,7 +110,7 @@ class ChaosConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     faults: list[str] = msgspec.field(default_factory=lambda: list(FAULT_KINDS))
     fault_every_s: float = 1.5
     drop_rate: float = 0.3  # fraction of batches a lossy proxy drops
-    checkpoint_every_s: float = 15.0
+    checkpoint_every_s: float = 8.0
     settle_s: float = 8.0  # how long the index may take to converge once faults heal
     request_deadline_s: float = 10.0
     probes: int = 24  # served prompts whose per-worker prefix is compared exactly
@@ -1281,7 +1281,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"comma-separated fault kinds ('' for none): {','.join(FAULT_KINDS)}",
     )
     p.add_argument("--fault-every", type=float, default=1.5, help="mean seconds between faults")
-    p.add_argument("--checkpoint-every", type=float, default=15.0)
+    p.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=8.0,
+        help="seconds of load between checkpoints; each heals the faults, and frequent ones "
+        "see a fault's aftermath before another fault (a router restart) masks it",
+    )
     p.add_argument("--settle", type=float, default=8.0, help="convergence budget per checkpoint")
     p.add_argument(
         "--router-set",

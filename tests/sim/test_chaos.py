@@ -29,7 +29,7 @@ CI = ChaosConfig(
     seed=12,
     workers=4,
     clients=3,
-    checkpoint_every_s=12.0,
+    checkpoint_every_s=6.0,
     settle_s=7.0,
     fault_every_s=1.0,
 )
