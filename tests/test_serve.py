@@ -18,6 +18,22 @@ from dynamo_ext.plugins.vllm.serve import histogram_quantile, read_status
 from dynamo_ext.testing import free_port
 
 API = "vllm.entrypoints.openai.api_server"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_first_section() -> tuple[str, str]:
+    """The README's first command and the Python snippet after it."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    bash = section.split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    return bash, snippet
+
+
+def test_readme_first_command_is_serve() -> None:
+    bash, snippet = readme_first_section()
+    assert bash == "scripts/install.sh && dynamo-ext serve"
+    assert "http://127.0.0.1:8080/v1" in snippet and "tiny-llama" in snippet
 
 
 def test_histogram_quantile_as_prometheus() -> None:
@@ -115,6 +131,10 @@ def test_serve_restarts_a_killed_worker_and_stops_on_sigterm(tiny_model: Path, t
         )
         r = client.completions.create(model="tiny-llama", prompt="Hello, my name is", max_tokens=4)
         assert r.usage is not None and r.usage.completion_tokens == 4
+        # the README's snippet, as written but for the port
+        snippet = readme_first_section()[1].replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+        ran = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True)
+        assert ran.returncode == 0 and "completion_tokens=" in ran.stdout, ran.stderr
         started = _tree(proc.pid)
         (victim,) = _api_servers(psutil.Process(proc.pid))
         t_kill = time.monotonic()
