@@ -14,7 +14,8 @@ with a new instance id, under its old id or a new one (a pod rescheduled); KV ba
 dropped for a while; replay stalled or slow while batches drop; the router killed with -9
 and restarted, also while a worker's replay does not answer; malformed peers on the
 control socket (garbage, bad headers, deeply nested msgpack, an oversized frame, a prompt
-over the token cap) and on a KV stream (garbage, nested msgpack, oversized).
+over the token cap), on a KV stream (garbage, nested msgpack, oversized) and on a metrics
+stream (garbage, nested msgpack; each worker's metrics pass a forwarder of ours too).
 
 At checkpoints (every ``checkpoint_every_s`` and at the end) the load pauses, faults heal,
 and the harness waits up to ``settle_s`` for the router's index to equal the union of the
@@ -89,9 +90,11 @@ FAULT_KINDS: tuple[str, ...] = (
     "control_oversized",
     "kv_garbage",
     "kv_nested",
+    "metrics_garbage",
+    "metrics_nested",
 )
 # Kinds that killed a router task when the harness was written (issue 12, item 1).
-_LETHAL = frozenset({"control_nested", "kv_nested"})
+_LETHAL = frozenset({"control_nested", "kv_nested", "metrics_nested"})
 _NESTING = 5000  # msgpack arrays nested this deep (5 kB): deeper than any real message
 
 
@@ -246,6 +249,40 @@ class StreamProxy:
             s.close(linger=0)
 
 
+class MetricsProxy:
+    """SUB->PUB forwarder of a worker's ``WorkerMetrics`` stream, into which a malformed
+    peer can slip frames."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str) -> None:
+        self._sub = ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.connect(endpoint)
+        self._pub = ctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        self._pub.bind("tcp://127.0.0.1:0")
+        self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._forward())
+
+    async def _forward(self) -> None:
+        while True:
+            await self._pub.send_multipart(await self._sub.recv_multipart())
+
+    async def inject(self, frames: list[bytes]) -> None:
+        await self._pub.send_multipart(frames)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, zmq.ZMQError):
+                await self._task
+        self._sub.close(linger=0)
+        self._pub.close(linger=0)
+
+
 # ======================================================================================
 # One simulated worker process
 # ======================================================================================
@@ -257,6 +294,7 @@ class SimWorker:
         self.cfg = cfg
         self.fleet = MockerFleet(1, cfg, router=None, prefix=worker_prefix)
         self.proxy: StreamProxy | None = None
+        self.metrics_proxy: MetricsProxy | None = None
         self.alive = False
         self.dead: asyncio.Future[None] | None = None
         self.started_at = 0.0
@@ -279,16 +317,19 @@ class SimWorker:
         assert kv.replay_endpoint is not None
         self.proxy = StreamProxy(ctx, kv.endpoint, kv.replay_endpoint, rng)
         self.proxy.start()
+        self.metrics_proxy = MetricsProxy(ctx, self.fleet.metrics_endpoint)
+        self.metrics_proxy.start()
         self.alive = True
         self.dead = asyncio.get_running_loop().create_future()
         self.started_at = time.monotonic()
 
     def registration(self) -> WorkerRegistration:
-        assert self.proxy is not None
+        assert self.proxy is not None and self.metrics_proxy is not None
         return msgspec.structs.replace(
             self.fleet.registration(self.mocker),
             kv_events_endpoint=self.proxy.endpoint,
             replay_endpoint=self.proxy.replay_endpoint,
+            metrics_endpoint=self.metrics_proxy.endpoint,
         )
 
     def kill(self) -> asyncio.Task[None]:
@@ -301,6 +342,8 @@ class SimWorker:
         async def teardown() -> None:
             if self.proxy is not None:
                 await self.proxy.close()
+            if self.metrics_proxy is not None:
+                await self.metrics_proxy.close()
             await self.fleet.stop()
 
         return asyncio.get_running_loop().create_task(teardown())
@@ -682,6 +725,8 @@ class Harness:
             "kv_garbage",
             "kv_nested",
             "restart_during_stall",
+            "metrics_garbage",
+            "metrics_nested",
         ):
             if not live:
                 return
@@ -749,6 +794,8 @@ class Harness:
             await self.control_peer(kind)
         elif kind in ("kv_garbage", "kv_nested"):
             await self.kv_peer(sw, kind)
+        elif kind in ("metrics_garbage", "metrics_nested"):
+            await self.metrics_peer(sw, kind)
 
     async def control_peer(self, kind: str) -> None:
         """A hostile or broken client on the router's control socket."""
@@ -818,6 +865,26 @@ class Harness:
         for f in frames:
             self.injected[kind] += 1
             await proxy.inject(f)
+
+    async def metrics_peer(self, sw: SimWorker, kind: str) -> None:
+        """Malformed frames on a worker's proxied metrics stream: if they kill the router's
+        metrics task, every worker goes down for want of metrics (``no_worker`` replies
+        while workers live)."""
+        mp = sw.metrics_proxy
+        assert mp is not None
+        seq = (0).to_bytes(8, "big")
+        if kind == "metrics_nested":
+            frames = [[b"metrics", seq, nested_worker_metrics(sw.worker_id)]]
+        else:
+            bad = msgspec.msgpack.encode({"type": "metrics", "worker_id": sw.worker_id})
+            frames = [
+                [b"metrics", seq, self.rng.randbytes(100)],
+                [b"metrics"],
+                [b"metrics", seq, bad],  # heartbeat and ts missing
+            ]
+        for f in frames:
+            self.injected[kind] += 1
+            await mp.inject(f)
 
     async def heal(self) -> None:
         for t in list(self.fault_tasks):
@@ -1182,6 +1249,15 @@ def nested_route_request() -> bytes:
     head = msgspec.msgpack.encode({"type": "route", "request_id": "nested"})
     junk = msgspec.msgpack.encode("junk") + b"\x91" * _NESTING + b"\x90"
     return bytes([0x83]) + head[1:] + junk  # a fixmap of 3 entries instead of 2
+
+
+def nested_worker_metrics(worker_id: str) -> bytes:
+    """A WorkerMetrics of ``worker_id`` with an unknown field nesting ``_NESTING`` deep."""
+    head = msgspec.msgpack.encode(
+        {"type": "metrics", "worker_id": worker_id, "heartbeat": 1, "ts": 0.0}
+    )
+    junk = msgspec.msgpack.encode("junk") + b"\x91" * _NESTING + b"\x90"
+    return bytes([0x85]) + head[1:] + junk  # a fixmap of 5 entries instead of 4
 
 
 def nested_kv_batch() -> bytes:

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_ext.protocol import control_decoder, kv_batch_decoder
+from dynamo_ext.protocol import control_decoder, kv_batch_decoder, metrics_decoder
 from dynamo_ext.sim.chaos import (
     FAULT_KINDS,
     ChaosConfig,
     nested_kv_batch,
     nested_route_request,
+    nested_worker_metrics,
     run_chaos,
 )
 
@@ -51,6 +52,8 @@ def test_nested_frames_overflow_a_decoder_without_depth_bound() -> None:
         control_decoder.decode(nested_route_request())
     with pytest.raises(RecursionError):
         kv_batch_decoder.decode(nested_kv_batch())
+    with pytest.raises(RecursionError):
+        metrics_decoder.decode(nested_worker_metrics("w0"))
 
 
 def _evidence(report: dict, *keys: str) -> str:
