@@ -294,10 +294,10 @@ class Frontend:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, fn, *args)
 
-    def _text_ids(self, text: str) -> list[int]:
+    def text_prompt_ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text).input_ids)
 
-    def _chat_ids(self, body: dict[str, Any]) -> list[int]:
+    def chat_prompt_ids(self, body: dict[str, Any]) -> list[int]:
         """The prompt's token ids as vLLM makes them: the chat template (with the
         request's tools, documents and template arguments) rendered, then tokenized
         without special tokens."""
@@ -422,7 +422,7 @@ class Frontend:
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
                 prompt = prompt[0]  # one prompt in a batch of one
             if isinstance(prompt, str):
-                ids = await self._tokenize(self._text_ids, prompt) if prompt else []
+                ids = await self._tokenize(self.text_prompt_ids, prompt) if prompt else []
             elif isinstance(prompt, list) and all(
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt
             ):
@@ -451,7 +451,7 @@ class Frontend:
             msgs = body.get("messages")
             if not isinstance(msgs, list) or not msgs:
                 raise ApiError(400, "messages: at least one message", param="messages")
-            ids = await self._tokenize(self._chat_ids, body)
+            ids = await self._tokenize(self.chat_prompt_ids, body)
             mt = _int_field(body, "max_completion_tokens", 1)
             if mt is None:
                 mt = _int_field(body, "max_tokens", 1)
@@ -567,8 +567,7 @@ class Frontend:
             except BaseException as exc:
                 done("error")
                 raise self._map(exc, model) from exc
-            done("success")
-            m.ttft.labels(model).observe(time.perf_counter() - t0)
+            done("success")  # (no first-token time without a stream: TTFT is streams only)
             return JSONResponse(rewrite(answer))
 
         gen = self.dispatcher.generate(req, state)

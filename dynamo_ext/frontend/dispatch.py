@@ -151,6 +151,8 @@ class GenRequest:
         b = self.body or {}
         if int(b.get("n") or 1) != 1:
             return "n > 1"
+        if _echo_as_text(b):
+            return "echo (its stream carries no token ids)"
         for k in _GRAMMAR_FIELDS:
             if b.get(k) not in (None, {}, ""):
                 if k == "response_format" and b[k].get("type") in ("text", None):
@@ -242,6 +244,8 @@ class Dispatcher:
                 body["logprobs"] = int(lp or 0) if not isinstance(lp, bool) else 0
             return "/v1/completions", body, body, req.chat
         body = {**src, "max_tokens": remaining, "stream": stream, "return_token_ids": True}
+        if _echo_as_text(src):
+            body.pop("return_token_ids")  # vLLM echoes token ids instead of text with it
         body.pop("max_completion_tokens", None)
         if stream:
             opts = dict(src.get("stream_options") or {})
@@ -265,18 +269,24 @@ class Dispatcher:
     async def complete(self, req: GenRequest, state: GenState) -> dict[str, Any]:
         """The request not streamed: the worker's JSON answer (retried whole on another
         worker when one fails)."""
-        async for delta in self._run(req, state, stream=False):
-            assert delta.chunk is not None
-            return delta.chunk
+        gen = self._run(req, state, stream=False)
+        try:
+            async for delta in gen:
+                assert delta.chunk is not None
+                return delta.chunk
+        finally:
+            await gen.aclose()  # its bookkeeping (router.finished) runs now, not at GC
         raise _Broken("no answer")  # pragma: no cover - _run yields once or raises
 
-    async def _run(self, req: GenRequest, state: GenState, stream: bool) -> AsyncIterator[Delta]:
+    async def _run(
+        self, req: GenRequest, state: GenState, stream: bool
+    ) -> AsyncGenerator[Delta, None]:
         model = self.cfg.model_name
         exclude: list[str] = []
         prefill_exclude: list[str] = []
         attempt = 0
         while True:
-            if state.sent and state.generated and req.body is not None:
+            if state.sent and req.body is not None:
                 why = req.continuable()
                 if why is not None:
                     raise NoWorkerAvailable(
@@ -325,7 +335,7 @@ class Dispatcher:
                     if rebuilt and delta.chunk is not None:
                         delta.chunk = _as_chat_chunk(delta.chunk)
                     state.generated.extend(delta.token_ids)
-                    state.sent = state.sent or bool(delta.token_ids)
+                    state.sent = state.sent or bool(delta.token_ids or delta.text)
                     yield delta
                     # Read on to the end of the stream: its usage comes after the finish.
                     done = done or delta.finish_reason is not None
@@ -681,6 +691,10 @@ class Dispatcher:
                 if finished:
                     return  # the answer was complete; only its usage was lost
                 raise
+
+
+def _echo_as_text(body: Mapping[str, Any]) -> bool:
+    return bool(body.get("echo")) and not body.get("return_token_ids")
 
 
 def _as_chat_chunk(chunk: dict[str, Any]) -> dict[str, Any]:
