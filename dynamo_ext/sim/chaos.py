@@ -417,6 +417,7 @@ class Harness:
         self.routed_to_long_dead = 0  # dead for longer than worker_timeout_s + 1 s
         self.died_at: dict[str, float] = {}
         self.phantom_checks = 0
+        self.timeline: list[dict[str, Any]] = []  # faults as injected, for the evidence
         self.phantoms: list[dict[str, Any]] = []  # blocks indexed that a worker never had
         self.retries = 0
         self.no_worker_while_live = 0
@@ -445,6 +446,7 @@ class Harness:
         self.ctl = RouterClient(self.router.endpoint, timeout_s=2.0, ctx=self.ctx)
         self.load = RouterClient(self.router.endpoint, timeout_s=2.0, ctx=self.ctx)
         self.t0 = time.monotonic()
+        self.t0_wall = time.strftime("%Y-%m-%d %H:%M:%S")  # t=0 of the report, as logs write it
         groups = []
         for _ in range(cfg.prefix_groups):
             n = cfg.prefix_blocks * cfg.block_size
@@ -731,7 +733,11 @@ class Harness:
             if not live:
                 return
             sw = rng.choice(live)
+            target: str | None = sw.worker_id
+        else:
+            target = None
         self.faults[kind] += 1
+        self.timeline.append({"t": round(self.now(), 1), "fault": kind, "worker": target})
         if kind == "kill_worker":
             slot = self.slots.index(sw)
             new_id = rng.random() < 0.5
@@ -1166,6 +1172,7 @@ class Harness:
         }
         return {
             "seed": self.cfg.seed,
+            "t0": self.t0_wall,
             "duration_s": self.cfg.duration_s,
             "workers": self.cfg.workers,
             "faults": dict(sorted(self.faults.items())),
@@ -1200,6 +1207,7 @@ class Harness:
                 if not c["converged"]
             ],
             "checkpoints": self.checkpoints,
+            "fault_timeline": self.timeline[:400],
             "proxies": {
                 "batches_dropped": sum(s.proxy.dropped for s in self.live() if s.proxy),
                 "replays_stalled": sum(s.proxy.replays_stalled for s in self.live() if s.proxy),
