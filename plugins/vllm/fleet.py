@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -211,8 +212,12 @@ class LocalFleet:
                 self.frontend.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(self.frontend.pid, signal.SIGKILL)
-        for w in self.workers:
-            w.server.stop()
+        # in parallel: each engine may take its full grace period to shut down
+        threads = [threading.Thread(target=w.server.stop) for w in self.workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         if self.router is not None:
             self.router.stop()
 

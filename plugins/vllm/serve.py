@@ -252,6 +252,7 @@ def main(args: argparse.Namespace) -> int:
         print("stopping ...", flush=True)
         if fleet is not None:
             fleet.stop()
+        print("stopped.", flush=True)
     return 0
 
 
