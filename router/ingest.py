@@ -80,7 +80,7 @@ class StreamState:
         "worker_id",
         "slot",
         "last_seq",
-        "dup_floor",
+        "live_last",
         "xlat",
         "hash_checked",
         "events_applied",
@@ -92,6 +92,7 @@ class StreamState:
         "lost_batches",
         "can_replay",
         "replay_first",
+        "needs_rebuild",
     )
 
     def __init__(self, worker_id: str, slot: int, can_replay: bool) -> None:
@@ -99,7 +100,9 @@ class StreamState:
         self.slot = slot
         self.can_replay = can_replay
         self.last_seq = -1  # last applied batch; -1: nothing yet
-        self.dup_floor = 0  # live seqs in [dup_floor, last_seq] are replay duplicates
+        # Last seq seen on the live stream: a live seq below it is a restarted publisher;
+        # one above it but already applied (<= last_seq) came through a replay first.
+        self.live_last = -1
         # tokens mode only: engine hash -> router hash, per tier.
         self.xlat: dict[str, dict[int, int]] = {}
         self.hash_checked = False
@@ -111,6 +114,7 @@ class StreamState:
         self.stale = ""  # why the index may differ from the worker's cache; "" if exact
         self.lost_batches = 0
         self.replay_first: int | None = None  # first seq a replay applied
+        self.needs_rebuild = False  # lost batches a replay of the whole history may restore
 
 
 class KvIngest:
@@ -155,6 +159,7 @@ class KvIngest:
         self.metrics.restarts.labels(st.worker_id).inc()
         self.index.clear_worker(st.worker_id)
         st.xlat.clear()
+        st.needs_rebuild = False
         self._set_stale(st, "")
 
     def _set_stale(self, st: StreamState, why: str) -> None:
@@ -197,7 +202,15 @@ class KvIngest:
             self.malformed("kv", st.worker_id, f"negative seq {seq}")
             return None
         batch = self._decode(st, frames[2], "kv")
+        went_back = seq < st.live_last
+        st.live_last = seq
         if st.replaying:
+            if went_back:
+                # Restarted while a replay of its old history ran: start over from this.
+                self.reset(st, f"KV seq went back to {seq} during a replay: restart")
+                st.last_seq = -1
+                st.pending.clear()
+                self._set_stale(st, "restarted during a replay")
             if batch is None:
                 return None
             if len(st.pending) >= self.buffer_batches:
@@ -207,15 +220,17 @@ class KvIngest:
                 self.metrics.kv_dropped.labels("buffer").inc()
             st.pending.append((seq, batch))
             return None
-        return self._sequence(st, seq, batch)
+        return self._sequence(st, seq, batch, went_back)
 
-    def _sequence(self, st: StreamState, seq: int, batch: Batch | None) -> int | None:
+    def _sequence(
+        self, st: StreamState, seq: int, batch: Batch | None, went_back: bool = False
+    ) -> int | None:
         last = st.last_seq
         if last < 0 or seq == last + 1:
             self._apply_logged(st, batch)
         elif seq <= last:
-            if seq >= st.dup_floor or seq == last:
-                return None  # already applied (from a replay, or sent twice)
+            if not went_back:
+                return None  # already applied (through a replay, or sent twice)
             # The publisher's counter went back: a new process with an empty cache.
             self.reset(st, f"KV seq went back {last} -> {seq}: restart")
             self._apply_logged(st, batch)
@@ -228,11 +243,11 @@ class KvIngest:
             self._lost(st, seq - last - 1, f"batches {last + 1}..{seq - 1} lost, no replay")
             self._apply_logged(st, batch)
         st.last_seq = seq
-        st.dup_floor = seq + 1
         return None
 
     def _lost(self, st: StreamState, n: int, why: str) -> None:
         st.lost_batches += n
+        st.needs_rebuild = st.can_replay
         self.metrics.kv_dropped.labels("lost").inc(n)
         self._set_stale(st, why)
 
@@ -275,7 +290,6 @@ class KvIngest:
         stream lost batches that a full rebuild from the publisher's history could restore
         (the caller may then ``rebuild``)."""
         st.replaying = False
-        st.dup_floor = min(st.dup_floor, start)
         lost = False
         if st.overflowed:
             st.overflowed = False
@@ -291,7 +305,6 @@ class KvIngest:
                 lost = True
             self._apply_logged(st, batch)
             st.last_seq = seq
-            st.dup_floor = seq + 1
         return lost and st.can_replay
 
     def rebuild(self, st: StreamState) -> None:
@@ -299,10 +312,11 @@ class KvIngest:
         self.index.clear_worker(st.worker_id)
         st.xlat.clear()
         st.last_seq = -1
-        st.dup_floor = 0
 
     def rebuilt(self, st: StreamState) -> None:
-        """A rebuild's replay ended; exact again only if the history started at seq 0."""
+        """A rebuild's replay ended; exact again only if the history started at seq 0 (else
+        the index holds a subset of the cache: no false hit, some missed)."""
+        st.needs_rebuild = False
         if st.replay_first == 0:
             self._set_stale(st, "")
         else:

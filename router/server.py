@@ -301,7 +301,15 @@ class RouterServer:
                 monitor.close(linger=0)
                 monitor = None
                 self._start_replay(w, 0, "initial")
+            next_heal = 0.0
             while True:
+                if resync_ms and st.needs_rebuild and not st.replaying:
+                    # A stream that lost batches is rebuilt from replay, at most once per
+                    # resync interval, until the publisher answers.
+                    now = time.monotonic()
+                    if now >= next_heal:
+                        next_heal = now + resync_ms / 1000
+                        self._start_replay(w, 0, "rebuild")
                 if resync_ms and reg.replay_endpoint and not await sub.poll(resync_ms):
                     if not st.replaying:
                         self._start_replay(w, st.last_seq + 1, "resync")
@@ -346,19 +354,14 @@ class RouterServer:
         batches are lost for good, rebuild the worker's index from the whole history."""
         ingest = self.service.ingest
         st = w.stream
-        complete = False
         try:
             async with self._replay_sem:
-                complete = await self._replay_rounds(w, start, kind)
-                # Rebuild only from a publisher that answers: one that does not would
-                # leave an empty index behind.
-                if ingest.end_replay(st, start, complete) and complete and kind != "rebuild":
-                    log.warning("worker %s lost KV batches: rebuilding its index", w.worker_id)
-                    ingest.rebuild(st)
-                    ingest.begin_replay(st)
-                    complete = await self._replay_rounds(w, 0, "rebuild")
-                    ingest.end_replay(st, 0, complete)
-                    ingest.rebuilt(st)
+                if kind == "rebuild":
+                    await self._rebuild(w)
+                else:
+                    complete = await self._replay_rounds(w, start, kind)
+                    if ingest.end_replay(st, start, complete):
+                        await self._rebuild(w)
         except asyncio.CancelledError:
             st.replaying = False
             raise
@@ -369,7 +372,23 @@ class RouterServer:
             if self._replay_tasks.get(w.worker_id) is asyncio.current_task():
                 del self._replay_tasks[w.worker_id]
 
-    async def _replay_rounds(self, w: WorkerEntry, start: int, kind: str) -> bool:
+    async def _rebuild(self, w: WorkerEntry) -> None:
+        """The stream lost batches: rebuild the worker's index from the publisher's whole
+        history. The index is cleared only once the publisher answers (one that does not
+        leaves the index as it was, marked stale, and is tried again later)."""
+        ingest = self.service.ingest
+        st = w.stream
+        log.warning("worker %s lost KV batches: rebuilding its index from replay", w.worker_id)
+        ingest.begin_replay(st)
+        complete = await self._replay_rounds(w, 0, "rebuild", fresh=True)
+        ingest.end_replay(st, 0, complete)
+        if st.replay_first is not None and complete:
+            ingest.rebuilt(st)
+
+    async def _replay_rounds(
+        self, w: WorkerEntry, start: int, kind: str, fresh: bool = False
+    ) -> bool:
+        """Replay from ``start``; ``fresh``: start the index over at the first batch."""
         ingest = self.service.ingest
         st = w.stream
         wid = w.worker_id
@@ -402,6 +421,9 @@ class RouterServer:
                         continue
                     if frames[2] == REPLAY_END_SEQ:
                         break
+                    if fresh:
+                        ingest.rebuild(st)
+                        fresh = False
                     ingest.on_replayed(st, frames[2], frames[3])
                     n += 1
                     if n % 512 == 0:
