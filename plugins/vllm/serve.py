@@ -222,6 +222,7 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     fleet: LocalFleet | None = None
+    rc = 0
     try:
         model = args.model or build_tiny_model(default_model_dir())
         fleet = LocalFleet(
@@ -245,6 +246,9 @@ def main(args: argparse.Namespace) -> int:
         sup.run()
     except Stopped:
         pass
+    except RuntimeError as exc:  # EngineStartError included: a process did not come up
+        print(f"dynamo-ext serve: {exc}", file=sys.stderr, flush=True)
+        rc = 1
     finally:
         starting = False  # a second signal must not interrupt the stop
         if sup is not None and sup.status:
@@ -253,7 +257,7 @@ def main(args: argparse.Namespace) -> int:
         if fleet is not None:
             fleet.stop()
         print("stopped.", flush=True)
-    return 0
+    return rc
 
 
 __all__ = ["Status", "Supervisor", "add_arguments", "histogram_quantile", "main", "read_status"]
