@@ -571,8 +571,10 @@ class RouterService:
             )
         shared = {MEDIUM_REMOTE: self._pool_mask} if self._pool_mask else None
         matches = self.index.find_matches(hashes, mask, shared)
-        # Dynamo's cost counts each active block once per worker: it needs the hashes.
-        dyn = hashes if self.config.scorer.mode == "dynamo" else None
+        # Dynamo's cost counts each active block once per worker, and ours credits prompts
+        # in flight (inflight_credit): both need the prompt's hashes.
+        sc = self.config.scorer
+        dyn = hashes if sc.mode == "dynamo" or (sc.mode == "kv" and sc.inflight_credit) else None
         chosen, scores = self.scorer.select(cands, matches, req.explain, pos, hashes=dyn)  # type: ignore[arg-type]
         w = self.workers[chosen.worker_id]
         if req.track:
