@@ -61,6 +61,7 @@ from dynamo_ext.config import RouterConfig
 from dynamo_ext.errors import DynamoExtError, NoWorkerAvailable, ProtocolError, RouterUnavailable
 from dynamo_ext.hashing import BlockHasher
 from dynamo_ext.protocol import (
+    MEDIUM_CPU,
     MEDIUM_GPU,
     PROTOCOL_HEADER,
     REPLAY_END_SEQ,
@@ -106,6 +107,7 @@ class ChaosConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     think_s: float = 0.02  # pause of a client between two requests
     block_size: int = 16
     gpu_blocks: int = 256  # per worker: small, so the load evicts and BlockRemoved flows
+    cpu_blocks: int = 512  # CPU offload tier per worker (its own KV events, medium "CPU")
     speedup: float = 2.0
     prefix_groups: int = 8  # distinct shared system prompts
     prefix_blocks: int = 8  # blocks in each shared prefix
@@ -357,14 +359,12 @@ class SimWorker:
 
     def true_counts(self) -> dict[str, int]:
         core = self.mocker.core
-        out = {MEDIUM_GPU: core.cached_blocks()}
-        if core.cpu_cached_blocks():
-            out["CPU"] = core.cpu_cached_blocks()
+        out = {MEDIUM_GPU: core.cached_blocks(), MEDIUM_CPU: core.cpu_cached_blocks()}
         return {k: v for k, v in out.items() if v}
 
-    def true_hashes(self) -> set[int]:
+    def true_hashes(self, medium: str = MEDIUM_GPU) -> set[int]:
         core = self.mocker.core
-        return {h for h in self.universe if core.is_cached(h)}
+        return {h for h in self.universe if core.is_cached(h, medium)}
 
     def true_prefix(self, hashes: list[int]) -> int:
         core = self.mocker.core
@@ -390,6 +390,7 @@ class Harness:
         self.mcfg = MockerConfig(
             block_size=cfg.block_size,
             num_gpu_blocks=cfg.gpu_blocks,
+            num_cpu_blocks=cfg.cpu_blocks,
             speedup=cfg.speedup,
             metrics_period_s=0.25,
         )
@@ -1044,20 +1045,24 @@ class Harness:
                 continue
             if not isinstance(reply, WorkerIndex):
                 return []  # a router without the audit call
-            got = set(reply.blocks.get(MEDIUM_GPU, []))
-            extra_tiers = {t: len(b) for t, b in reply.blocks.items() if b and t != MEDIUM_GPU}
-            if got != want or extra_tiers:
-                out.append(
-                    {
-                        "worker": wid,
-                        "live": sw is not None,
-                        "missing": len(want - got),
-                        "extra": len(got - want),
-                        "other_tiers": extra_tiers,
-                        "stale": reply.stale,
-                        "last_seq": reply.last_seq,
-                    }
-                )
+            tiers = {MEDIUM_GPU, MEDIUM_CPU} | {t for t, b in reply.blocks.items() if b}
+            for tier in sorted(tiers):
+                want_t = want if tier == MEDIUM_GPU else set()
+                if sw is not None and tier != MEDIUM_GPU:
+                    want_t = sw.true_hashes(tier)
+                got = set(reply.blocks.get(tier, []))
+                if got != want_t:
+                    out.append(
+                        {
+                            "worker": wid,
+                            "tier": tier,
+                            "live": sw is not None,
+                            "missing": len(want_t - got),
+                            "extra": len(got - want_t),
+                            "stale": reply.stale,
+                            "last_seq": reply.last_seq,
+                        }
+                    )
         return out
 
     def calibrate(self) -> None:
@@ -1360,6 +1365,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=6)
     p.add_argument("--clients", type=int, default=4, help="concurrent request loops")
     p.add_argument(
+        "--cpu-blocks", type=int, default=512, help="CPU offload tier per worker (0: none)"
+    )
+    p.add_argument(
         "--faults",
         default=",".join(FAULT_KINDS),
         help=f"comma-separated fault kinds ('' for none): {','.join(FAULT_KINDS)}",
@@ -1402,6 +1410,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         workers=args.workers,
         clients=args.clients,
+        cpu_blocks=args.cpu_blocks,
         faults=[f for f in args.faults.split(",") if f],
         fault_every_s=args.fault_every,
         checkpoint_every_s=args.checkpoint_every,
