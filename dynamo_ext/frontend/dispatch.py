@@ -252,7 +252,10 @@ class Dispatcher:
             opts["include_usage"] = True  # cached_tokens come with the usage
             body["stream_options"] = opts
         if not req.chat:
-            body["prompt"] = prompt  # the token ids the router hashed
+            # The token ids the router hashed; an echo of a text prompt keeps the client's
+            # text (vLLM echoes a prompt of ids as their detokenization, BOS included).
+            if not (_echo_as_text(src) and isinstance(src.get("prompt"), str)):
+                body["prompt"] = prompt
             return req.endpoint, body, body, False
         # A chat request's prefill is a completion of its templated token ids.
         pd = {**shared, "prompt": prompt, "max_tokens": remaining, "stream": stream}

