@@ -15,7 +15,10 @@ dropped for a while; replay stalled or slow while batches drop; the router kille
 and restarted, also while a worker's replay does not answer; malformed peers on the
 control socket (garbage, bad headers, deeply nested msgpack, an oversized frame, a prompt
 over the token cap), on a KV stream (garbage, nested msgpack, oversized) and on a metrics
-stream (garbage, nested msgpack; each worker's metrics pass a forwarder of ours too).
+stream (garbage, nested msgpack; each worker's metrics pass a forwarder of ours too). With
+``curve`` every router-facing socket speaks CURVE (a key per worker slot, one for the
+clients) and impostors join the mix: another worker's key, an unlisted key or none at all
+registers a worker's id with endpoints of its own and reports it failed.
 
 At checkpoints (every ``checkpoint_every_s`` and at the end) the load pauses, faults heal,
 and the harness waits up to ``settle_s`` for the router's index to equal the union of the
@@ -73,6 +76,7 @@ from dynamo_ext.protocol import (
     encode,
 )
 from dynamo_ext.router.client import RouterClient
+from dynamo_ext.security import Curve, CurveConfig, generate_keys, load_curve, start_authenticator
 from dynamo_ext.sim.fleet import MockerFleet, MockerWorker
 from dynamo_ext.sim.model import MockerConfig, output_token
 from dynamo_ext.stats import percentile
@@ -93,6 +97,7 @@ FAULT_KINDS: tuple[str, ...] = (
     "kv_nested",
     "metrics_garbage",
     "metrics_nested",
+    "impostor",
 )
 # Kinds that killed a router task when the harness was written (issue 12, item 1).
 _LETHAL = frozenset({"control_nested", "kv_nested", "metrics_nested"})
@@ -122,6 +127,9 @@ class ChaosConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rss_slack_mb: float = 64.0
     fd_slack: int = 4
     router: dict[str, Any] = {}  # RouterConfig overrides
+    # CURVE on every router-facing socket (keys per worker slot, one for the clients), and
+    # impostor faults: another worker's key, an unlisted key, no key at all.
+    curve: bool = False
     # Run the router from another source tree (a baseline: ``git archive REV | tar -x``);
     # None: this checkout's.
     router_src: str | None = None
@@ -159,7 +167,12 @@ class StreamProxy:
     """
 
     def __init__(
-        self, ctx: zmq.asyncio.Context, kv_endpoint: str, replay_endpoint: str, rng: random.Random
+        self,
+        ctx: zmq.asyncio.Context,
+        kv_endpoint: str,
+        replay_endpoint: str,
+        rng: random.Random,
+        curve: Curve | None = None,
     ) -> None:
         self.ctx = ctx
         self.upstream_replay = replay_endpoint
@@ -177,9 +190,13 @@ class StreamProxy:
         self._pub = ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.SNDHWM, 0)
+        if curve is not None:  # the router-facing sockets speak as the worker's key
+            curve.server(self._pub)
         self._pub.bind("tcp://127.0.0.1:0")
         self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self._replay = ctx.socket(zmq.ROUTER)
+        if curve is not None:
+            curve.server(self._replay)
         self._replay.setsockopt(zmq.LINGER, 0)
         # No high-water mark of our own: a long replay must lose nothing in the proxy
         # (the real publisher's ROUTER keeps its own, as in production).
@@ -255,13 +272,15 @@ class MetricsProxy:
     """SUB->PUB forwarder of a worker's ``WorkerMetrics`` stream, into which a malformed
     peer can slip frames."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, curve: Curve | None = None) -> None:
         self._sub = ctx.socket(zmq.SUB)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._sub.connect(endpoint)
         self._pub = ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.server(self._pub)
         self._pub.bind("tcp://127.0.0.1:0")
         self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self._task: asyncio.Task[None] | None = None
@@ -297,6 +316,7 @@ class SimWorker:
         self.fleet = MockerFleet(1, cfg, router=None, prefix=worker_prefix)
         self.proxy: StreamProxy | None = None
         self.metrics_proxy: MetricsProxy | None = None
+        self.slot = 0
         self.alive = False
         self.dead: asyncio.Future[None] | None = None
         self.started_at = 0.0
@@ -313,13 +333,15 @@ class SimWorker:
     def worker_id(self) -> str:
         return self.mocker.worker_id
 
-    async def start(self, ctx: zmq.asyncio.Context, rng: random.Random) -> None:
+    async def start(
+        self, ctx: zmq.asyncio.Context, rng: random.Random, curve: Curve | None = None
+    ) -> None:
         await self.fleet.start()
         kv = self.mocker.kv
         assert kv.replay_endpoint is not None
-        self.proxy = StreamProxy(ctx, kv.endpoint, kv.replay_endpoint, rng)
+        self.proxy = StreamProxy(ctx, kv.endpoint, kv.replay_endpoint, rng, curve)
         self.proxy.start()
-        self.metrics_proxy = MetricsProxy(ctx, self.fleet.metrics_endpoint)
+        self.metrics_proxy = MetricsProxy(ctx, self.fleet.metrics_endpoint, curve)
         self.metrics_proxy.start()
         self.alive = True
         self.dead = asyncio.get_running_loop().create_future()
@@ -376,6 +398,46 @@ class SimWorker:
         return k
 
 
+class _Keys:
+    """CURVE keys of a secured run: the router's, the clients' (frontend role), one per
+    worker slot (worker role, allowed the ids ``w<slot>-*`` and ``w<slot>g*`` of its
+    restarts) and a rogue key nobody lists."""
+
+    def __init__(self, folder: Path, slots: int) -> None:
+        self.folder = folder
+        names = ["router", "frontend", "rogue", *(f"slot{i}" for i in range(slots))]
+        for n in names:
+            generate_keys(folder, n, force=True)
+        self.slots = [self._curve(f"slot{i}") for i in range(slots)]
+        self.frontend = self._curve("frontend")
+        self.rogue = self._curve("rogue")
+        self.n = slots
+
+    def _curve(self, name: str) -> Curve:
+        cfg = CurveConfig(
+            secret_key_file=str(self.folder / f"{name}.key"),
+            server_public_key=str(self.folder / "router.key.pub"),
+        )
+        c = load_curve(cfg)
+        assert c is not None
+        return c
+
+    def router_security(self) -> dict[str, Any]:
+        allow: list[dict[str, Any]] = [
+            {"key": str(self.folder / "frontend.key.pub"), "role": "frontend", "name": "fe"}
+        ]
+        for i in range(self.n):
+            allow.append(
+                {
+                    "key": str(self.folder / f"slot{i}.key.pub"),
+                    "role": "worker",
+                    "name": f"slot{i}",
+                    "workers": [f"w{i}-*", f"w{i}g*"],
+                }
+            )
+        return {"secret_key_file": str(self.folder / "router.key"), "allow": allow}
+
+
 # ======================================================================================
 # The harness
 # ======================================================================================
@@ -397,9 +459,13 @@ class Harness:
         self.hasher = BlockHasher(
             cfg.block_size, "engine", self.mcfg.hash_algo, self.mcfg.hash_seed
         )
+        tmp = tmp.resolve()
+        self.keys = _Keys(tmp / "keys", cfg.workers) if cfg.curve else None
         known = _router_fields(cfg.router_src)  # a router older than a knob lacks it
         defaults = {k: v for k, v in ROUTER_DEFAULTS.items() if k in known}
         router_cfg = {**defaults, "block_size": cfg.block_size, **cfg.router}
+        if self.keys is not None:
+            router_cfg["security"] = self.keys.router_security()
         self.router_cfg = router_cfg
         self.router = RouterProc(tmp, router_cfg)
         self.router_logs: list[Path] = []
@@ -444,8 +510,21 @@ class Harness:
         self.fd_per_worker: float | None = None
         self.rss_limit: float | None = None
         self.bound_violations: list[str] = []
-        self.ctl = RouterClient(self.router.endpoint, timeout_s=2.0, ctx=self.ctx)
-        self.load = RouterClient(self.router.endpoint, timeout_s=2.0, ctx=self.ctx)
+        front = self.keys.frontend if self.keys is not None else None
+        self.ctl = RouterClient(self.router.endpoint, timeout_s=2.0, ctx=self.ctx, curve=front)
+        self.load = RouterClient(self.router.endpoint, timeout_s=2.0, ctx=self.ctx, curve=front)
+        # Registrations speak as each worker's own key (the router binds an id to its key).
+        self.registrars = [
+            RouterClient(
+                self.router.endpoint,
+                timeout_s=2.0,
+                ctx=self.ctx,
+                curve=self.keys.slots[i] if self.keys is not None else None,
+            )
+            for i in range(cfg.workers)
+        ]
+        self.impostors_accepted: list[str] = []
+        self._auth: Any = None
         self.t0 = time.monotonic()
         self.t0_wall = time.strftime("%Y-%m-%d %H:%M:%S")  # t=0 of the report, as logs write it
         groups = []
@@ -510,12 +589,17 @@ class Harness:
             self.generation[slot] += 1
         g = self.generation[slot]
         sw = SimWorker(f"w{slot}" + (f"g{g}" if g else ""), self.mcfg)
-        await sw.start(self.ctx, random.Random(self.proxy_rng.random()))
+        curve = self.keys.slots[slot] if self.keys is not None else None
+        await sw.start(self.ctx, random.Random(self.proxy_rng.random()), curve)
+        sw.slot = slot
         self.slots[slot] = sw
         self.by_id[sw.worker_id] = sw
-        with contextlib.suppress(DynamoExtError, OSError, TimeoutError):
-            await asyncio.wait_for(self.ctl.register(sw.registration()), 2.0)
+        await self.register(sw, 2.0)
         return sw
+
+    async def register(self, sw: SimWorker, timeout: float) -> None:
+        with contextlib.suppress(DynamoExtError, OSError, TimeoutError):
+            await asyncio.wait_for(self.registrars[sw.slot].register(sw.registration()), timeout)
 
     def kill_slot(self, slot: int) -> SimWorker | None:
         sw = self.slots[slot]
@@ -537,8 +621,7 @@ class Harness:
         learns the fleet again."""
         while not self.stop.is_set():
             for sw in self.live():
-                with contextlib.suppress(DynamoExtError, OSError, TimeoutError):
-                    await asyncio.wait_for(self.ctl.register(sw.registration()), 1.0)
+                await self.register(sw, 1.0)
             await asyncio.sleep(1.0)
 
     async def watcher(self) -> None:
@@ -730,6 +813,7 @@ class Harness:
             "restart_during_stall",
             "metrics_garbage",
             "metrics_nested",
+            "impostor",
         ):
             if not live:
                 return
@@ -803,6 +887,8 @@ class Harness:
             await self.kv_peer(sw, kind)
         elif kind in ("metrics_garbage", "metrics_nested"):
             await self.metrics_peer(sw, kind)
+        elif kind == "impostor":
+            await self.impostor(sw)
 
     async def control_peer(self, kind: str) -> None:
         """A hostile or broken client on the router's control socket."""
@@ -829,6 +915,8 @@ class Harness:
             msgs.append(("huge_prompt", [PROTOCOL_HEADER, corr, encode(huge)]))
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            self.keys.frontend.client(sock)  # a buggy peer with a valid key
         sock.connect(self.router.endpoint)
         try:
             for what, frames in msgs:
@@ -893,6 +981,55 @@ class Harness:
             self.injected[kind] += 1
             await mp.inject(f)
 
+    async def impostor(self, victim: SimWorker) -> None:
+        """Someone else speaks for ``victim``: another worker's valid key, a key nobody
+        lists, or no key at all, registers its id with endpoints of its own and reports it
+        failed. A CURVE router refuses all of it; the victim keeps its endpoints and stays up."""
+        keys = self.keys
+        if keys is None:
+            return  # without CURVE any peer may speak for any worker: nothing to test
+        pick = self.rng.randrange(3)
+        if pick == 0 and keys.n > 1:
+            what, curve = "other_worker_key", keys.slots[(victim.slot + 1) % keys.n]
+        elif pick == 1:
+            what, curve = "unlisted_key", keys.rogue
+        else:
+            what, curve = "no_key", None
+        self.injected["impostor_" + what] += 1
+        bogus = msgspec.structs.replace(
+            victim.registration(),
+            http_endpoint="http://127.0.0.1:9/impostor",
+            kv_events_endpoint="tcp://127.0.0.1:9",
+            replay_endpoint=None,
+            instance_id="impostor",
+        )
+        up_since = self.router_up_since
+        before = await self._state_of(victim.worker_id)
+        client = RouterClient(self.router.endpoint, timeout_s=1.0, ctx=self.ctx, curve=curve)
+        try:
+            with contextlib.suppress(DynamoExtError, OSError):
+                await client.register(bogus)
+                self.impostors_accepted.append(f"{what}: registration of {victim.worker_id}")
+            with contextlib.suppress(DynamoExtError, OSError):
+                await client.worker_failed(victim.worker_id, "impostor")
+        finally:
+            await client.close()
+        await asyncio.sleep(0.3)
+        after = await self._state_of(victim.worker_id)
+        if after is None or self.router_up_since != up_since or not victim.alive:
+            return  # the router restarted meanwhile, or the victim died: nothing to compare
+        if after.http_endpoint == bogus.http_endpoint:
+            self.impostors_accepted.append(f"{what}: {victim.worker_id} now has its endpoints")
+        elif before is not None and before.up and not after.up:
+            self.impostors_accepted.append(f"{what}: {victim.worker_id} marked down")
+
+    async def _state_of(self, worker_id: str) -> Any:
+        try:
+            fleet = await self.ctl.workers()
+        except DynamoExtError:
+            return None
+        return next((w for w in fleet.workers if w.worker_id == worker_id), None)
+
     async def heal(self) -> None:
         for t in list(self.fault_tasks):
             t.cancel()
@@ -915,8 +1052,7 @@ class Harness:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.idle.wait(), self.cfg.request_deadline_s)
         for sw in self.live():  # the router may have restarted since the last keep-alive
-            with contextlib.suppress(DynamoExtError, OSError, TimeoutError):
-                await asyncio.wait_for(self.ctl.register(sw.registration()), 2.0)
+            await self.register(sw, 2.0)
         t_heal = self.now()
         deadline = time.monotonic() + self.cfg.settle_s
         result: dict[str, Any] = {}
@@ -1105,8 +1241,12 @@ class Harness:
 
         cfg = self.cfg
         await self.start_router()
+        if self.keys is not None:  # our proxies are CURVE servers: they admit the router's key
+            self._auth = start_authenticator(self.ctx, self.keys.slots[0])
         self.ctl.connect()
         self.load.connect()
+        for r in self.registrars:
+            r.connect()
         for slot in range(cfg.workers):
             await self.start_worker(slot, False)
         bg = [
@@ -1174,6 +1314,7 @@ class Harness:
             "fds_bounded": not any("fds" in v for v in self.bound_violations),
             "router_never_exited": self.unexpected_router_exits == 0,
             "no_phantom_blocks": not self.phantoms,
+            "impostors_refused": not self.impostors_accepted,
         }
         return {
             "seed": self.cfg.seed,
@@ -1200,6 +1341,7 @@ class Harness:
             "index_mismatches": final.get("mismatches", -1),
             "phantom_checks": self.phantom_checks,
             "phantom_blocks": self.phantoms[:12],
+            "impostors_accepted": self.impostors_accepted[:12],
             # Per checkpoint that did not converge: workers wrong, and wrong unflagged.
             "unconverged_checkpoints": [
                 {
@@ -1241,6 +1383,10 @@ class Harness:
         with contextlib.suppress(Exception):
             await self.ctl.close()
             await self.load.close()
+            for r in self.registrars:
+                await r.close()
+        if self._auth is not None:
+            self._auth.stop()
         self.router.stop()
         # A killed worker's HTTP server waits for handlers that will never finish.
         done, pending = (
@@ -1392,6 +1538,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--router-src",
         help="source tree of the router to run (e.g. a baseline: git archive REV | tar -x)",
     )
+    p.add_argument(
+        "--curve",
+        action="store_true",
+        help="CURVE keys on every router-facing socket, and impostor faults",
+    )
     p.add_argument("--keep-logs", help="folder for the router logs (default: a temp folder)")
     p.add_argument("--json", action="store_true", help="one JSON object on one line")
 
@@ -1417,6 +1568,7 @@ def main(args: argparse.Namespace) -> int:
         settle_s=args.settle,
         router=overrides,
         router_src=args.router_src,
+        curve=args.curve,
     )
     tmp = Path(args.keep_logs) if args.keep_logs else None
     if tmp is not None:

@@ -35,7 +35,8 @@ CI = ChaosConfig(
     clients=3,
     checkpoint_every_s=6.0,
     settle_s=7.0,
-    fault_every_s=1.0,
+    fault_every_s=0.8,
+    curve=True,  # CURVE on every router socket, so impostors are part of the mix
 )
 
 
@@ -117,6 +118,12 @@ def test_no_worker_only_when_none_live(report: dict) -> None:
 def test_no_route_to_long_dead_worker(report: dict) -> None:
     """A worker dead for longer than worker_timeout_s (+1 s) is never chosen."""
     assert report["requests"]["routed_to_long_dead"] == 0, _evidence(report, "requests")
+
+
+def test_impostors_refused(report: dict) -> None:
+    """Another worker's key, an unlisted key or none cannot register a worker's id with
+    endpoints of its own nor report it failed."""
+    assert not report["impostors_accepted"], _evidence(report, "impostors_accepted")
 
 
 def test_malformed_control_messages_answered(report: dict) -> None:
