@@ -141,6 +141,7 @@ def vllm_worker_command(
     worker whose stat logger speaks CURVE must publish its KV events over CURVE too.
     """
     environ = os.environ if environ is None else environ
+    check_extra_args(spec)
     env: dict[str, str] = {"DYNAMO_EXT_WORKER_ROUTER": spec.router}
     if spec.worker_id:
         env["DYNAMO_EXT_WORKER_ID"] = spec.worker_id
@@ -179,10 +180,59 @@ def engine_args(spec: VllmWorkerSpec, curve: bool) -> list[str]:
         json.dumps(kv_events_config(spec, curve), separators=(",", ":")),
         "--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens
     ]
-    kvt = kv_transfer_config(spec)
-    if kvt is not None:
-        args += ["--kv-transfer-config", json.dumps(kvt, separators=(",", ":"))]
+    own_kvt = _flag_value(spec.extra_args, "--kv-transfer-config")
+    if own_kvt is not None:
+        _check_own_transfer_config(spec, own_kvt)  # e.g. a MultiConnector with offload tiers
+    else:
+        kvt = kv_transfer_config(spec)
+        if kvt is not None:
+            args += ["--kv-transfer-config", json.dumps(kvt, separators=(",", ":"))]
     return [*args, *spec.extra_args]
+
+
+# vLLM flags this module sets -> the option of ours that sets them
+OWN_FLAGS = {
+    "--model": "MODEL",
+    "--host": "--host",
+    "--port": "--port",
+    "--kv-events-config": "--kv-port/--replay-port (and CURVE keys for the publisher)",
+}
+
+
+def _flag_value(args: Sequence[str], name: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def check_extra_args(spec: VllmWorkerSpec) -> None:
+    """vLLM's argparse lets a later flag win: refuse the flags we set instead of losing
+    ours silently."""
+    for a in spec.extra_args:
+        name = a.split("=", 1)[0]
+        if name in OWN_FLAGS:
+            raise ConfigError(name.lstrip("-"), f"set by dynamo-ext worker: use {OWN_FLAGS[name]}")
+
+
+def _check_own_transfer_config(spec: VllmWorkerSpec, raw: str) -> None:
+    """A ``--kv-transfer-config`` of the user's replaces ours; its ``kv_role`` must fit the
+    worker's role, as the connector will check at start."""
+    from dynamo_ext.plugins.vllm.config import validate_connector_config
+
+    try:
+        kvt = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("kv_transfer_config", f"not JSON: {exc}") from exc
+    if not isinstance(kvt, dict):
+        raise ConfigError("kv_transfer_config", "must be a JSON object")
+    validate_connector_config(
+        kvt.get("kv_role"),
+        kvt.get("kv_connector_extra_config"),
+        {"DYNAMO_EXT_WORKER_ROLE": spec.role},
+    )
 
 
 # --- the command line ------------------------------------------------------------------

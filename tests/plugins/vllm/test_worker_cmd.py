@@ -119,6 +119,27 @@ def test_vllm_print_json_and_curve(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "router" in bad.stderr, bad.stderr
 
 
+def test_vllm_flags_we_set_are_refused_and_a_transfer_config_of_yours_is_checked() -> None:
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dynamo_ext.cli", "worker", "vllm", "m", "--role", "prefill",
+             "--router", ROUTER, "--print", "--", *extra],
+            capture_output=True, text=True,
+        )  # fmt: skip
+
+    for flag_ in ("--port", "--kv-events-config", "--model", "--host"):
+        r = run(f"{flag_}=x")
+        assert r.returncode == 2 and "set by dynamo-ext worker" in r.stderr, r.stderr
+    wrong = json.dumps({"kv_connector": "DynamoExtConnector", "kv_role": "kv_consumer"})
+    r = run("--kv-transfer-config", wrong)
+    assert r.returncode == 2 and "kv_producer" in r.stderr, r.stderr
+    multi = json.dumps({"kv_connector": "MultiConnector", "kv_role": "kv_both"})
+    r = run("--kv-transfer-config", multi)
+    assert r.returncode == 0, r.stderr
+    argv = shlex.split(r.stdout)
+    assert argv.count("--kv-transfer-config") == 1 and flag(argv, "--kv-transfer-config") == multi
+
+
 @pytest.mark.parametrize("role", ["prefill", "decode", "both"])
 def test_sglang_print_goes_through_the_launcher(role: str) -> None:
     env, argv = printed(
