@@ -69,6 +69,62 @@ def test_status_from_metrics_texts() -> None:
     assert read_status(None, None, 1).line().startswith("workers up ?/1")
 
 
+class FakeServer:
+    def __init__(self, n: int) -> None:
+        self.n, self.alive, self.ok, self.pid = n, True, True, 1000 + n
+        self.url = f"http://h:{n}"
+        self.proc = None
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def healthy(self, timeout: float = 0.0) -> bool:
+        return self.ok
+
+
+class FakeFleet:
+    """What the supervisor uses of a LocalFleet, with servers that die on command."""
+
+    def __init__(self) -> None:
+        from dynamo_ext.plugins.vllm.fleet import Worker
+
+        self.router = None
+        self.frontend = None
+        self.workers = [Worker("w0", "both", FakeServer(0))]  # type: ignore[arg-type]
+        self.restarted: list[bool] = []
+
+    def restart_worker(self, w, wait: bool = False, fresh_ports: bool = False):
+        self.restarted.append(fresh_ports)
+        w.restarts += 1
+        w.server = FakeServer(len(self.restarted))
+        w.server.ok = False  # starting
+        return w
+
+
+def test_supervisor_restarts_with_backoff_and_fresh_ports_after_a_failed_start(capsys) -> None:
+    from dynamo_ext.plugins.vllm import serve
+
+    fleet = FakeFleet()
+    now = [0.0]
+    sup = serve.Supervisor(fleet, status=False, clock=lambda: now[0])  # type: ignore[arg-type]
+    w = fleet.workers[0]
+    sup.check_workers()
+    assert fleet.restarted == []
+    w.server.alive = False
+    sup.check_workers()  # dead: restarted at once, same ports
+    assert fleet.restarted == [False]
+    w.server.alive = False  # dies again before it ever answered
+    sup.check_workers()
+    assert fleet.restarted == [False]  # waits out the backoff first
+    now[0] += serve.RESTART_BACKOFF_S[0]
+    sup.check_workers()
+    assert fleet.restarted == [False, True]  # new ports: one may have been taken
+    w.server.ok = True
+    sup.check_workers()
+    out = capsys.readouterr().out
+    assert "worker w0 exited" in out and "worker w0 is back (restart 2, pid 1002" in out
+
+
 class Lines:
     """The serve process's stdout, read on a thread; ``wait(text)`` until a line has it."""
 

@@ -126,11 +126,16 @@ class LocalFleet:
             self.workdir / f"{spec.worker_id}.log",
         )
 
-    def restart_worker(self, w: Worker, wait: bool = False) -> Worker:
+    def restart_worker(self, w: Worker, wait: bool = False, fresh_ports: bool = False) -> Worker:
         """Stop what is left of ``w``'s process group and start it again with the same worker
-        id and ports; it registers anew (a new instance id), replacing its old self."""
+        id (and ports, unless ``fresh_ports``: one may have been taken meanwhile); it registers
+        anew (a new instance id), replacing its old self in the router."""
         assert w.spec is not None
         w.server.stop()
+        if fresh_ports:
+            w.spec.port, w.spec.kv_port, w.spec.replay_port = free_port(), free_port(), free_port()
+            if w.spec.nixl_port is not None:
+                w.spec.nixl_port = w.nixl_port = free_port()
         w.server = self._server(w.spec)
         w.restarts += 1
         w.server.start()

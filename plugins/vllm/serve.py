@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -118,9 +118,12 @@ def read_status(router_metrics: str | None, frontend_metrics: str | None, worker
 class Supervisor:
     """Keeps a started ``LocalFleet`` whole until ``stop`` is set."""
 
-    def __init__(self, fleet: LocalFleet, status: bool) -> None:
+    def __init__(
+        self, fleet: LocalFleet, status: bool, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.fleet = fleet
         self.status = status
+        self.clock = clock
         self.stop = threading.Event()
         self._next_restart: dict[str, float] = {}
         self._dead_since: dict[str, float] = {}
@@ -133,13 +136,16 @@ class Supervisor:
         print(msg, flush=True)
 
     def check_workers(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for w in self.fleet.workers:
             wid = w.worker_id
             if w.server.is_alive():
                 if wid in self._restarting and w.server.healthy(timeout=0.5):
                     self._restarting.discard(wid)
-                    self.say(f"worker {wid} is back (restart {w.restarts}, pid {w.server.pid})")
+                    self.say(
+                        f"worker {wid} is back (restart {w.restarts}, pid {w.server.pid}, "
+                        f"{w.server.url})"
+                    )
                 continue
             if wid not in self._dead_since:
                 rc = w.server.proc.returncode if w.server.proc else None
@@ -150,7 +156,9 @@ class Supervisor:
 
     def _restart(self, w: Worker, now: float) -> None:
         backoff = RESTART_BACKOFF_S[min(w.restarts, len(RESTART_BACKOFF_S) - 1)]
-        self.fleet.restart_worker(w, wait=False)
+        # died again before it answered: maybe a port of its was taken; pick new ones
+        fresh = w.worker_id in self._restarting
+        self.fleet.restart_worker(w, wait=False, fresh_ports=fresh)
         self._next_restart[w.worker_id] = now + backoff
         self._dead_since.pop(w.worker_id, None)
         self._restarting.add(w.worker_id)
