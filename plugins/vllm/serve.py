@@ -36,7 +36,10 @@ class Stopped(Exception):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = __doc__.split("\n\n")[0] if __doc__ else None
+    p.description = (
+        "A whole local system from one command: router, frontend and vLLM workers (the tiny "
+        "local model unless --model), supervised until Ctrl-C."
+    )
     p.add_argument("--workers", type=int, help="aggregated workers (default 1)")
     p.add_argument("--prefill", type=int, default=0, help="prefill workers (P/D)")
     p.add_argument("--decode", type=int, default=0, help="decode workers (P/D)")
