@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -221,6 +222,13 @@ def _workers(net: Net) -> dict[str, dict]:
     return {w["worker_id"]: w for w in net.probe("workers", net.router)["workers"]}
 
 
+def _advertised(net: Net, worker_id: str) -> dict[str, str]:
+    """The endpoints the router took from a worker's registration (its "added" log line)."""
+    log = next(log for host, _p, log in net.procs if host == "router").read_text()
+    line = next(ln for ln in log.splitlines() if f"worker {worker_id} added (" in ln)
+    return dict(re.findall(r"\b(kv|metrics|http)=(\S+?)(?=[\s)])", line))
+
+
 def test_mockers_across_hosts(fleet: Net) -> None:
     net = fleet
     # nothing of the fleet is reachable from the test's own network namespace
@@ -233,6 +241,9 @@ def test_mockers_across_hosts(fleet: Net) -> None:
     for w in ws.values():
         # advertised at the mocker host's address, served to the frontend on another host
         assert w["http_endpoint"].startswith(f"http://{net.addr('mocker')}:"), w
+        ads = _advertised(net, w["worker_id"])
+        assert set(ads) == {"kv", "metrics", "http"}, ads
+        assert all(f"//{net.addr('mocker')}:" in ep for ep in ads.values()), ads
         assert w["up"] and w.get("last_metrics") is not None  # metrics crossed hosts
     deadline = time.monotonic() + 20
     while sum(sum(w["indexed_blocks"].values()) for w in ws.values()) == 0:
@@ -265,6 +276,8 @@ def test_real_vllm_worker_on_its_own_host(fleet: Net, tiny_model: Path) -> None:
         assert time.monotonic() < deadline, log_tail(log)
         time.sleep(1.0)
     assert w["http_endpoint"] == f"http://{host}:8000"
+    ads = _advertised(net, "vllm-0")
+    assert ads["kv"] == f"tcp://{host}:5557" and ads["metrics"].startswith(f"tcp://{host}:"), ads
     # the router picks vLLM when the mockers are excluded; the client reaches it there
     tokens = list(range(1000, 1300))
     body = json.dumps({"tokens": tokens, "exclude": ["mocker-0", "mocker-1"]})
