@@ -307,6 +307,13 @@ class KvIngest:
             st.last_seq = seq
         return lost and st.can_replay
 
+    def replay_unanswered(self, st: StreamState, kind: str) -> None:
+        """A start-up replay (or a rebuild) got no answer: the history it should have brought
+        is missing until one does; asked again later."""
+        if kind in ("initial", "rebuild") and st.can_replay:
+            st.needs_rebuild = True
+            self._set_stale(st, f"{kind} replay unanswered")
+
     def rebuild(self, st: StreamState) -> None:
         """Before replaying the publisher's whole history: start the worker's index over."""
         self.index.clear_worker(st.worker_id)

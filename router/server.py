@@ -312,7 +312,12 @@ class RouterServer:
                         self._start_replay(w, 0, "rebuild")
                 if resync_ms and reg.replay_endpoint and not await sub.poll(resync_ms):
                     if not st.replaying:
-                        self._start_replay(w, st.last_seq + 1, "resync")
+                        # idle: fetch anything past the last seq, or everything if lost
+                        if st.needs_rebuild:
+                            next_heal = time.monotonic() + resync_ms / 1000
+                            self._start_replay(w, 0, "rebuild")
+                        else:
+                            self._start_replay(w, st.last_seq + 1, "resync")
                     continue
                 frames = await sub.recv_multipart(copy=True)
                 self.service.kv_alive(w)
@@ -360,6 +365,8 @@ class RouterServer:
                     await self._rebuild(w)
                 else:
                     complete = await self._replay_rounds(w, start, kind)
+                    if not complete:
+                        ingest.replay_unanswered(st, kind)
                     if ingest.end_replay(st, start, complete):
                         await self._rebuild(w)
         except asyncio.CancelledError:
@@ -384,6 +391,8 @@ class RouterServer:
         ingest.end_replay(st, 0, complete)
         if st.replay_first is not None and complete:
             ingest.rebuilt(st)
+        else:
+            ingest.replay_unanswered(st, "rebuild")
 
     async def _replay_rounds(
         self, w: WorkerEntry, start: int, kind: str, fresh: bool = False
