@@ -227,6 +227,10 @@ class RouterClient:
             ) from exc
         finally:
             self._pending.pop(corr, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # failed while the send was still waiting: retrieved here
+            else:
+                fut.cancel()
 
     async def notify(self, msg: msgspec.Struct) -> bool:
         """Send ``msg`` without an answer; ``False`` (and counted in
