@@ -4,8 +4,8 @@
 ``os.execvpe``\\s ``python -m dynamo_ext.plugins.sglang.launch_server`` with the launcher's
 ``--dynamo-ext-*`` options (``plugins/sglang/config.py`` turns them into SGLang's
 ``--kv-events-config``, ``--enable-metrics``, ``--page-size`` and the PD flags); ``--print``
-prints the command and environment instead. The options and the printing are the vLLM
-worker command's (``plugins/vllm/worker_cmd.py``, standard library only, no engine import).
+prints the command and environment instead. The options and the printing are every
+engine's (``dynamo_ext/worker_cmd.py``, standard library only, no engine import).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from dynamo_ext.errors import ConfigError
-from dynamo_ext.plugins.vllm.worker_cmd import (
+from dynamo_ext.protocol import Role
+from dynamo_ext.worker_cmd import (
     CURVE_SECRET_ENV,
     CURVE_SERVER_ENV,
     ROLES,
-    Role,
     WorkerCommand,
     add_common_arguments,
     run_or_print,

@@ -18,23 +18,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Literal
 
 from dynamo_ext.errors import ConfigError
+from dynamo_ext.protocol import Role
+from dynamo_ext.worker_cmd import (
+    CURVE_SECRET_ENV,
+    CURVE_SERVER_ENV,
+    ROLES,
+    WorkerCommand,
+    add_common_arguments,
+    run_or_print,
+    split_extra,
+)
 
-Role = Literal["prefill", "decode", "both"]
-ROLES: tuple[Role, ...] = ("prefill", "decode", "both")
 # the kv_role of each disaggregated role; "both" runs without a connector
 ROLE_TO_KV: dict[str, str] = {"prefill": "kv_producer", "decode": "kv_consumer"}
 CONNECTOR = "DynamoExtConnector"
 CURVE_PUBLISHER = "dynamo_ext_curve"  # plugins/vllm/kv_events.py registers it
-CURVE_SECRET_ENV = "DYNAMO_EXT_WORKER_CURVE_SECRET_KEY"
-CURVE_SERVER_ENV = "DYNAMO_EXT_WORKER_CURVE_SERVER_KEY"
 # vLLM's default NIXL side-channel port; the stat logger advertises it only when set
 NIXL_PORT = 5600
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
@@ -84,23 +88,6 @@ class VllmWorkerSpec:
             raise ConfigError(
                 "curve", "give both the worker's secret key and the router's public key"
             )
-
-
-@dataclass
-class WorkerCommand:
-    """A process to start: ``argv`` with ``env`` added to the caller's environment."""
-
-    argv: list[str]
-    env: dict[str, str]
-
-    def shell(self) -> str:
-        """One shell line: ``env K=V ... python -m vllm...``, every word quoted."""
-        words = [*(["env"] if self.env else []), *(f"{k}={v}" for k, v in self.env.items())]
-        words += self.argv
-        return " ".join(shlex.quote(w) for w in words)
-
-    def to_json(self) -> str:
-        return json.dumps({"argv": self.argv, "env": self.env})
 
 
 def kv_events_config(spec: VllmWorkerSpec, curve: bool) -> dict[str, object]:
@@ -238,30 +225,6 @@ def _check_own_transfer_config(spec: VllmWorkerSpec, raw: str) -> None:
 # --- the command line ------------------------------------------------------------------
 
 
-def split_extra(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Our arguments and the engine's, split at the first ``--``."""
-    args = list(argv)
-    if "--" in args:
-        i = args.index("--")
-        return args[:i], args[i + 1 :]
-    return args, []
-
-
-def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    """Options every engine's worker command takes."""
-    p.add_argument("model", help="model name or folder, as the engine takes it")
-    p.add_argument("--role", choices=ROLES, default="both", help="prefill | decode | both")
-    p.add_argument("--router", required=True, help="router control socket, tcp://host:5600")
-    p.add_argument("--worker-id", help="id in the router (default: hostname:port)")
-    p.add_argument("--host", default="0.0.0.0", help="HTTP bind address")
-    p.add_argument("--advertise-host", help="address other hosts reach this worker at")
-    p.add_argument("--curve-secret-key", help="this worker's CURVE secret key file")
-    p.add_argument("--curve-server-key", help="the router's CURVE public key file")
-    p.add_argument("--python", default=sys.executable, help="interpreter of the engine")
-    p.add_argument("--print", action="store_true", help="print the command instead of running it")
-    p.add_argument("--json", action="store_true", help="with --print: {argv, env} as JSON")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dynamo-ext worker vllm",
@@ -301,16 +264,6 @@ def spec_from_args(ns: argparse.Namespace, extra: list[str]) -> VllmWorkerSpec:
         python=ns.python,
         extra_args=extra,
     )
-
-
-def run_or_print(cmd: WorkerCommand, print_only: bool, as_json: bool) -> int:
-    """Print the command, or replace this process with it (never returns then)."""
-    if print_only:
-        print(cmd.to_json() if as_json else cmd.shell(), flush=True)
-        return 0
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execvpe(cmd.argv[0], cmd.argv, {**os.environ, **cmd.env})
 
 
 def main(argv: Sequence[str]) -> int:
