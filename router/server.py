@@ -301,23 +301,21 @@ class RouterServer:
                 monitor.close(linger=0)
                 monitor = None
                 self._start_replay(w, 0, "initial")
+            # A stream that lost batches is rebuilt from replay, at most once per heal
+            # interval, until the publisher answers (even with idle resync off).
+            heal_s = self.config.resync_interval_s or 5.0
             next_heal = 0.0
             while True:
-                if resync_ms and st.needs_rebuild and not st.replaying:
-                    # A stream that lost batches is rebuilt from replay, at most once per
-                    # resync interval, until the publisher answers.
-                    now = time.monotonic()
-                    if now >= next_heal:
-                        next_heal = now + resync_ms / 1000
-                        self._start_replay(w, 0, "rebuild")
-                if resync_ms and reg.replay_endpoint and not await sub.poll(resync_ms):
-                    if not st.replaying:
-                        # idle: fetch anything past the last seq, or everything if lost
-                        if st.needs_rebuild:
-                            next_heal = time.monotonic() + resync_ms / 1000
-                            self._start_replay(w, 0, "rebuild")
-                        else:
-                            self._start_replay(w, st.last_seq + 1, "resync")
+                if st.needs_rebuild and not st.replaying and time.monotonic() >= next_heal:
+                    next_heal = time.monotonic() + heal_s
+                    self._start_replay(w, 0, "rebuild")
+                wait_ms = (
+                    resync_ms if resync_ms else (int(heal_s * 1000) if st.needs_rebuild else None)
+                )
+                if wait_ms and reg.replay_endpoint and not await sub.poll(wait_ms):
+                    if not st.replaying and not st.needs_rebuild and resync_ms:
+                        # idle: fetch anything past the last seq (a lost last batch)
+                        self._start_replay(w, st.last_seq + 1, "resync")
                     continue
                 frames = await sub.recv_multipart(copy=True)
                 self.service.kv_alive(w)

@@ -392,7 +392,9 @@ def test_router_killed_and_restarted_rebuilds_a_full_vllm_buffer_exactly(
             }
         ]
         for attempt in range(3):  # each start is a fresh rebuild from the buffer
-            router = router_factory(block_size=BS, resync_interval_s=0, workers=static)
+            router = router_factory(
+                block_size=BS, resync_interval_s=0, replay_timeout_s=5.0, workers=static
+            )
 
             async def main(router=router):
                 async with RouterClient(router.endpoint) as c:
