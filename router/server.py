@@ -402,13 +402,18 @@ class RouterServer:
         metrics = self.metrics
         timeout_ms = int(self.config.replay_timeout_s * 1000)
         assert w.reg.replay_endpoint is not None
-        for _attempt in range(self.config.replay_attempts):
+        # Rounds that bring nothing new count against replay_attempts; a short round that
+        # made progress (a publisher dropping part of a long history) is asked again.
+        fruitless = rounds = 0
+        while fruitless < self.config.replay_attempts and rounds < 256:
+            rounds += 1
             dealer = self._socket(zmq.DEALER)
             dealer.setsockopt(zmq.RCVHWM, 0)  # ours never drops; the publisher's may
             self._as_client_of(dealer, w)
             dealer.connect(w.reg.replay_endpoint)
             first = st.last_seq
             n = 0
+            timed_out_after = False
             try:
                 await dealer.send_multipart([b"", seq_bytes(start)])
                 while True:
@@ -421,6 +426,12 @@ class RouterServer:
                                 start,
                                 n,
                             )
+                        if n:
+                            # It answered, then went quiet: its end marker can be dropped
+                            # by the same send high-water mark as batches. Ask again.
+                            ingest.replay_round(st, True)
+                            timed_out_after = True
+                            break
                         return False
                     frames = await dealer.recv_multipart()
                     if len(frames) != 4 or len(frames[2]) != 8:
@@ -442,6 +453,8 @@ class RouterServer:
             finally:
                 dealer.close(linger=0)
             again = ingest.replay_round(st, True)
+            if timed_out_after:
+                again = st.last_seq + 1
             if again is None:
                 metrics.replays.labels(wid, "resync" if kind == "resync" else "ok").inc()
                 if st.last_seq > first:
@@ -454,6 +467,8 @@ class RouterServer:
                     )
                 return True
             log.warning("replay from %s came back short at seq %d: asking again", wid, again)
+            if st.last_seq <= first:
+                fruitless += 1
             start = again
         return False
 
