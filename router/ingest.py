@@ -389,12 +389,18 @@ class KvIngest:
 
     def _store(self, st: StreamState, ev: StoredHashes | BlockStored) -> int:
         tier = self._tier(ev)
-        if ev.block_size != self.block_size:
-            raise InvalidEvent(f"block_size {ev.block_size}, router uses {self.block_size}")
         hashes = self._hashes(ev.block_hashes)
         raw = ev.token_ids
         token_ids: list[int] | None = raw if isinstance(raw, list) else None
         n_tokens = len(token_ids) if token_ids is not None else _raw_array_len(raw)  # type: ignore[arg-type]
+        if ev.block_size == 0 and not n_tokens:
+            # vLLM's offloading connector announces a chunk it did not see computed (a
+            # placeholder) with no tokens and block_size 0: its hashes are still exact.
+            if self.tokens_mode:
+                return 0  # nothing to re-key from
+            return self.index.store(st.slot, hashes, tier)
+        if ev.block_size != self.block_size:
+            raise InvalidEvent(f"block_size {ev.block_size}, router uses {self.block_size}")
         if n_tokens is not None and n_tokens != len(hashes) * self.block_size:
             raise InvalidEvent(
                 f"{n_tokens} token ids for {len(hashes)} blocks of {self.block_size}"

@@ -190,3 +190,15 @@ def test_a_router_task_that_dies_is_logged_counted_and_restarted(caplog) -> None
         asyncio.run(main())
     assert len(calls) == 3
     assert "router task router-test died" in caplog.text
+
+
+def test_vllm_offload_placeholder_events_are_applied() -> None:
+    """vLLM's offloading connector announces chunks it did not see computed with no tokens
+    and block_size 0 (``_placeholder_stored``): not malformed, their hashes are exact."""
+    s = svc()
+    s.register(WorkerRegistration("w", block_size=BS))
+    feed(s, "w", 0, [BlockStored(HS[:3], None, [], 0, None, "CPU", None)])
+    assert s.index.block_counts("w") == {"CPU": 3}
+    assert s.metrics.registry.get_sample_value(
+        "dynamo_ext_router_malformed_messages_total", {"source": "kv_event"}
+    ) in (None, 0.0)
