@@ -593,7 +593,19 @@ class KvPool:
         try:
             with open(tmp, "w") as f:
                 f.write(f"{self.instance} {time.time():.3f}\n")
-            os.replace(tmp, path)
+            if owner is None:
+                # No lease yet: create it only if nobody else just did (link is atomic
+                # create-if-absent), so pools starting together never both hold it.
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    self._lease_owner = self._read_lease()[0]
+                    return False
+                finally:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
         except OSError as exc:
             logger.warning("kv pool %s: cannot write the sweeper lease: %s", self.root, exc)
             return False

@@ -219,6 +219,15 @@ def test_exec_worker_registers_and_serves(tiny_model: Path, router_factory, tmp_
 
         url = asyncio.run(route())
         assert url == f"http://127.0.0.1:{port}"
+        # the stat logger registers at engine start, before vLLM's HTTP server listens
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log_tail(log)
+            time.sleep(0.5)
         r = httpx.post(
             f"{url}/v1/completions",
             json={"model": str(tiny_model), "prompt": prompt, "max_tokens": 4},
