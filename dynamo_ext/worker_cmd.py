@@ -19,6 +19,13 @@ CURVE_SECRET_ENV = "DYNAMO_EXT_WORKER_CURVE_SECRET_KEY"
 CURVE_SERVER_ENV = "DYNAMO_EXT_WORKER_CURVE_SERVER_KEY"
 
 
+def curve_env(secret_key: str | None, server_key: str | None) -> dict[str, str]:
+    """The worker's CURVE key files as its environment (both or none)."""
+    if secret_key and server_key:
+        return {CURVE_SECRET_ENV: secret_key, CURVE_SERVER_ENV: server_key}
+    return {}
+
+
 @dataclass
 class WorkerCommand:
     """A process to start: ``argv`` with ``env`` added to the caller's environment."""

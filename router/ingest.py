@@ -276,16 +276,16 @@ class KvIngest:
         if st.replay_first is None:
             st.replay_first = seq
 
-    def replay_round(self, st: StreamState, complete: bool) -> int | None:
-        """A replay round ended (``complete``: its end marker arrived). Returns the seq to
-        ask from again when it came back short, else None."""
-        if st.replay_hole and complete:
+    def replay_round(self, st: StreamState) -> int | None:
+        """A replay round ended. Returns the seq to ask from again when it came back short
+        (it skipped a seq), else None."""
+        if st.replay_hole:
             self.metrics.replays.labels(st.worker_id, "short").inc()
             st.replay_hole = False
             return st.last_seq + 1
         return None
 
-    def end_replay(self, st: StreamState, start: int, complete: bool) -> bool:
+    def end_replay(self, st: StreamState) -> bool:
         """The replay is over: apply the batches that waited, in order. Returns True when the
         stream lost batches that a full rebuild from the publisher's history could restore
         (the caller may then ``rebuild``)."""

@@ -365,14 +365,14 @@ class RouterServer:
                     complete = await self._replay_rounds(w, start, kind)
                     if not complete:
                         ingest.replay_unanswered(st, kind)
-                    if ingest.end_replay(st, start, complete):
+                    if ingest.end_replay(st):
                         await self._rebuild(w)
         except asyncio.CancelledError:
             st.replaying = False
             raise
         except Exception:
             log.exception("replay from worker %s failed", w.worker_id)
-            ingest.end_replay(st, start, False)
+            ingest.end_replay(st)
         finally:
             if self._replay_tasks.get(w.worker_id) is asyncio.current_task():
                 del self._replay_tasks[w.worker_id]
@@ -386,7 +386,7 @@ class RouterServer:
         log.warning("worker %s lost KV batches: rebuilding its index from replay", w.worker_id)
         ingest.begin_replay(st)
         complete = await self._replay_rounds(w, 0, "rebuild", fresh=True)
-        ingest.end_replay(st, 0, complete)
+        ingest.end_replay(st)
         if st.replay_first is not None and complete:
             ingest.rebuilt(st)
         else:
@@ -429,7 +429,6 @@ class RouterServer:
                         if n:
                             # It answered, then went quiet: its end marker can be dropped
                             # by the same send high-water mark as batches. Ask again.
-                            ingest.replay_round(st, True)
                             timed_out_after = True
                             break
                         return False
@@ -452,7 +451,7 @@ class RouterServer:
                 return False
             finally:
                 dealer.close(linger=0)
-            again = ingest.replay_round(st, True)
+            again = ingest.replay_round(st)
             if timed_out_after:
                 again = st.last_seq + 1
             if again is None:

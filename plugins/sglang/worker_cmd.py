@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from dynamo_ext.errors import ConfigError
 from dynamo_ext.protocol import Role
 from dynamo_ext.worker_cmd import (
-    CURVE_SECRET_ENV,
-    CURVE_SERVER_ENV,
     ROLES,
     WorkerCommand,
     add_common_arguments,
+    curve_env,
     run_or_print,
     split_extra,
 )
@@ -79,10 +78,7 @@ def sglang_worker_command(spec: SglangWorkerSpec) -> WorkerCommand:
         argv += ["--dynamo-ext-block-size", str(spec.block_size)]
     if spec.bootstrap_port is not None:
         argv += ["--dynamo-ext-bootstrap-port", str(spec.bootstrap_port)]
-    env: dict[str, str] = {}
-    if spec.curve_secret_key and spec.curve_server_key:
-        env[CURVE_SECRET_ENV] = spec.curve_secret_key
-        env[CURVE_SERVER_ENV] = spec.curve_server_key
+    env = curve_env(spec.curve_secret_key, spec.curve_server_key)
     return WorkerCommand([*argv, *spec.extra_args], env)
 
 

@@ -27,10 +27,10 @@ from dynamo_ext.errors import ConfigError
 from dynamo_ext.protocol import Role
 from dynamo_ext.worker_cmd import (
     CURVE_SECRET_ENV,
-    CURVE_SERVER_ENV,
     ROLES,
     WorkerCommand,
     add_common_arguments,
+    curve_env,
     run_or_print,
     split_extra,
 )
@@ -139,9 +139,7 @@ def vllm_worker_command(
         env["DYNAMO_EXT_WORKER_METRICS"] = f"tcp://*:{spec.metrics_port}"
     if spec.metrics_period_s is not None:
         env["DYNAMO_EXT_WORKER_METRICS_PERIOD"] = str(spec.metrics_period_s)
-    if spec.curve_secret_key and spec.curve_server_key:
-        env[CURVE_SECRET_ENV] = spec.curve_secret_key
-        env[CURVE_SERVER_ENV] = spec.curve_server_key
+    env.update(curve_env(spec.curve_secret_key, spec.curve_server_key))
     curve = bool(env.get(CURVE_SECRET_ENV) or environ.get(CURVE_SECRET_ENV))
     if spec.role in ROLE_TO_KV:
         env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(spec.nixl_port or NIXL_PORT)
