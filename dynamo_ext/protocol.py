@@ -300,6 +300,7 @@ class WorkerState(msgspec.Struct, omit_defaults=True):
     stale: str = ""  # why the index may differ from the worker's cache ("" if exact)
     last_seq: int = -1  # last KV batch applied
     hit_error_tokens: float = 0.0  # mean |predicted - reported| cached tokens, recent
+    registration: WorkerRegistration | None = None  # what it registered (its endpoints)
 
 
 class FleetState(msgspec.Struct, tag="fleet"):

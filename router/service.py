@@ -445,6 +445,7 @@ class RouterService:
                     stale=w.stream.stale,
                     last_seq=w.stream.last_seq,
                     hit_error_tokens=w.hit_error,
+                    registration=w.reg,
                 )
                 for w in self.workers.values()
             ]
