@@ -110,6 +110,7 @@ def _frontend_main(args: argparse.Namespace) -> int:
         "max_model_len": args.max_model_len,
         "min_remote_prefill_tokens": args.min_remote_prefill_tokens,
         "migration_limit": args.migration_limit,
+        "routing_backend": args.routing_backend,
     }
     if args.no_disaggregation:
         overrides["disaggregation"] = False
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fe.add_argument("--min-remote-prefill-tokens", type=int)
     fe.add_argument("--migration-limit", type=int)
+    fe.add_argument("--routing-backend", choices=("router", "dynamo_core"), help="who picks")
     fe.set_defaults(func=_frontend_main)
 
     k = sub.add_parser("keys", help="CURVE key files for the ZeroMQ planes")

@@ -45,6 +45,7 @@ from dynamo_ext.frontend.config import FrontendConfig
 from dynamo_ext.frontend.dispatch import Delta, Dispatcher, GenRequest, GenState, UpstreamError
 from dynamo_ext.frontend.metrics import FrontendMetrics
 from dynamo_ext.protocol import WorkerState
+from dynamo_ext.router.client import RouterClient
 from dynamo_ext.security import load_curve
 
 T = TypeVar("T")
@@ -238,7 +239,22 @@ class Frontend:
         self._fallback_len = _max_model_len(cfg)
         self.metrics = FrontendMetrics()
         curve = load_curve(cfg.security.router, "security.router")
-        self.router = auth.TenantRouterClient(cfg.router, cfg.router_timeout_s, curve=curve)
+        self.router: RouterClient
+        if cfg.routing_backend == "dynamo_core":
+            from dynamo_ext.frontend.dynamo_core import DynamoCoreRouter
+
+            self.router = DynamoCoreRouter(
+                cfg.router,
+                cfg.router_timeout_s,
+                model=cfg.model_name,
+                refresh_s=cfg.dynamo_core_refresh_s,
+                knobs=cfg.dynamo_core_knobs,
+                max_num_batched_tokens=cfg.dynamo_core_max_num_batched_tokens,
+                metrics=self.metrics,
+                curve=curve,
+            )
+        else:
+            self.router = auth.TenantRouterClient(cfg.router, cfg.router_timeout_s, curve=curve)
         self.dispatcher = Dispatcher(cfg, self.router, self.metrics)
         self.admission = Admission(
             cfg.max_concurrent_requests, cfg.max_queued_requests, cfg.queue_timeout_s
@@ -340,11 +356,12 @@ class Frontend:
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             self.router.connect()
             log.info(
-                "frontend for %s on http://%s:%d, router %s",
+                "frontend for %s on http://%s:%d, router %s, routing backend %s",
                 self.cfg.model_name,
                 self.cfg.host,
                 self.cfg.port,
                 self.cfg.router,
+                self.cfg.routing_backend,
             )
             yield
             await self.dispatcher.close()
@@ -379,6 +396,7 @@ class Frontend:
                 "router": "ok" if v.router_error is None else f"unreachable: {v.router_error}",
                 "workers_up": {w.worker_id: w.role for w in v.up},
                 "inflight": self.admission.active,
+                "routing_backend": self.cfg.routing_backend,
                 "queued": self.admission.waiting,
             }
             if v.router_error is not None or not v.up:

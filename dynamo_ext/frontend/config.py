@@ -9,6 +9,8 @@ avoids a transfer that costs more than it saves on short or mostly cached prompt
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 from dynamo_ext.errors import ConfigError
@@ -44,6 +46,16 @@ class FrontendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_queued_requests: int = 1024
     queue_timeout_s: float = 30.0
     tokenizer_threads: int = 2  # tokenization runs in this pool, off the event loop
+    # Who chooses the worker: our router ("router"), or Dynamo's own selection core
+    # (ai-dynamo-runtime's SelectionService, in this process) over the fleet our router
+    # registers, mirrored every dynamo_core_refresh_s (dynamo_ext.frontend.dynamo_core).
+    # dynamo_core serves aggregated vLLM workers only: no disaggregation, no tenants.
+    routing_backend: Literal["router", "dynamo_core"] = "router"
+    dynamo_core_refresh_s: float = 1.0
+    # KvRouterConfig knobs of Dynamo's core (dynamo_core.DYNAMO_KNOBS); its defaults if empty
+    dynamo_core_knobs: dict[str, float] = {}
+    # what the core's prefill load model assumes of each worker (None: its default)
+    dynamo_core_max_num_batched_tokens: int | None = None
     # API keys, TLS, CURVE keys for the router (dynamo_ext.frontend.auth)
     security: FrontendSecurity = msgspec.field(default_factory=FrontendSecurity)
 
@@ -66,6 +78,39 @@ class FrontendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ConfigError("min_remote_prefill_tokens", "must be >= 0")
         if not self.router.startswith(("tcp://", "ipc://", "inproc://")):
             raise ConfigError("router", f"must be a ZMQ endpoint, got {self.router!r}")
+        if self.routing_backend == "dynamo_core":
+            self._check_dynamo_core()
+
+    def _check_dynamo_core(self) -> None:
+        from dynamo_ext.frontend import dynamo_core
+
+        if not dynamo_core.dynamo_available():
+            raise ConfigError(
+                "routing_backend",
+                "dynamo_core needs Dynamo's selection core: pip install ai-dynamo-runtime "
+                "(import dynamo._core failed)",
+            )
+        if self.disaggregation:
+            raise ConfigError(
+                "routing_backend",
+                "dynamo_core selects among aggregated workers only: set disaggregation: false "
+                "(--no-disaggregation)",
+            )
+        if self.security.router.secret_key_file or self.security.router.server_public_key:
+            raise ConfigError(
+                "routing_backend",
+                "dynamo_core subscribes to the workers' KV streams in plaintext: a fleet "
+                "secured with CURVE keys cannot be routed by it",
+            )
+        bad = sorted(set(self.dynamo_core_knobs) - set(dynamo_core.DYNAMO_KNOBS))
+        if bad:
+            raise ConfigError(
+                "dynamo_core_knobs", f"unknown {bad}; one of {sorted(dynamo_core.DYNAMO_KNOBS)}"
+            )
+        if not self.dynamo_core_refresh_s > 0:
+            raise ConfigError(
+                "dynamo_core_refresh_s", f"must be > 0, got {self.dynamo_core_refresh_s}"
+            )
 
     @property
     def model_name(self) -> str:

@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -298,7 +299,11 @@ class Dispatcher:
                     )
             prompt = req.prompt_ids + state.generated
             rid = f"{req.request_id}#{attempt}"
+            t_route = time.perf_counter()
             d = await self._route(rid, prompt, exclude)
+            backend = self.cfg.routing_backend
+            self.metrics.routes.labels(model, backend).inc()
+            self.metrics.route_seconds.labels(backend).observe(time.perf_counter() - t_route)
             worker = d.worker_id
             state.worker_id = worker
             if attempt == 0:

@@ -111,6 +111,31 @@ class FrontendMetrics:
             ["model", "engine", "reason"],
             registry=r,
         )
+        # Which routing backend chose the worker (FrontendConfig.routing_backend: our
+        # router, or Dynamo's core in process) and how long the choice took.
+        self.routes = Counter(
+            q + "routes",
+            "Workers chosen, by routing backend (router, dynamo_core)",
+            ["model", "backend"],
+            registry=r,
+        )
+        self.route_seconds = Histogram(
+            q + "route_seconds",
+            "Time to choose a worker, by routing backend",
+            ["backend"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0),
+            registry=r,
+        )
+        self.dynamo_core_workers = Gauge(
+            q + "dynamo_core_workers",
+            "Workers mirrored into Dynamo's selection core (routing_backend dynamo_core)",
+            registry=r,
+        )
+        self.dynamo_core_open = Gauge(
+            q + "dynamo_core_open_reservations",
+            "Requests booked in Dynamo's selection core and not yet freed",
+            registry=r,
+        )
         # The router's index checked against the engine on every locally prefilled request:
         # predicted = chosen.prefix_hit_blocks * block_size, actual = the worker's
         # usage.prompt_tokens_details.cached_tokens.

@@ -1,8 +1,10 @@
 """Dynamo, run as its authors ship it, on the simulator's workloads (``ai-dynamo-runtime``).
 
-* ``DynamoCore``: Dynamo's own worker-selection core, ``dynamo._core.SelectionService``
-  (its KV indexer, active-sequence tracker and scheduler), subscribed to the same vLLM-format
-  ZMQ KV streams of the same mocker fleet as our router. It hashes the token ids itself
+* ``DynamoCore`` (from ``dynamo_ext.frontend.dynamo_core``, the frontend's ``dynamo_core``
+  routing backend uses it too): Dynamo's own worker-selection core,
+  ``dynamo._core.SelectionService`` (its KV indexer, active-sequence tracker and
+  scheduler), subscribed to the same vLLM-format ZMQ KV streams of the same mocker fleet
+  as our router. It hashes the token ids itself
   (prompts and ``BlockStored.token_ids``), tracks its own reservations
   (``select_and_reserve`` / ``prefill_complete`` / ``free_reservation``); its knobs are
   ``KvRouterConfig``'s (``DYNAMO_KNOBS``: overlap credit, prefill load scale, temperature,
@@ -16,49 +18,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from dynamo_ext.errors import DynamoExtError
-from dynamo_ext.protocol import MEDIUM_GPU, BlockRemoved, BlockStored
+from dynamo_ext.frontend.dynamo_core import DYNAMO_KNOBS, DynamoCore, dynamo_available
 from dynamo_ext.sim.model import MockerConfig
 from dynamo_ext.sim.report import DYNAMO_ROWS, imbalance
 from dynamo_ext.sim.trace import TraceRow
 
-if TYPE_CHECKING:
-    from dynamo_ext.publisher import KvEventPublisher
-
-# Dynamo's KvRouterConfig knobs that its SelectionService reads (from DYN_* environment
-# variables, when it is constructed: the Python constructor takes no config, and a request's
-# router_config_override is not applied by select_and_reserve in 1.6.1, measured).
-DYNAMO_KNOBS = {
-    "overlap_score_credit": "DYN_ROUTER_KV_OVERLAP_SCORE_CREDIT",
-    "overlap_score_credit_decay": "DYN_ROUTER_KV_OVERLAP_SCORE_CREDIT_DECAY",
-    "prefill_load_scale": "DYN_ROUTER_PREFILL_LOAD_SCALE",
-    "router_temperature": "DYN_ROUTER_TEMPERATURE",
-    "host_cache_hit_weight": "DYN_ROUTER_HOST_CACHE_HIT_WEIGHT",
-    "disk_cache_hit_weight": "DYN_ROUTER_DISK_CACHE_HIT_WEIGHT",
-    "router_queue_threshold": "DYN_ROUTER_QUEUE_THRESHOLD",
-    "decode_active_request_weight": "DYN_ROUTER_DECODE_ACTIVE_REQUEST_WEIGHT",
-}
-# Sentinel blocks of the barrier: token ids past any vocabulary, hashes in their own range.
-_SENTINEL_TOKEN = 1 << 30
-_SENTINEL_HASH = 0x5E47_1E00_0000_0000
-
-
-def dynamo_available() -> bool:
-    try:
-        import importlib.util
-
-        return importlib.util.find_spec("dynamo._core") is not None
-    except (ImportError, ValueError):
-        return False
+__all__ = ["DYNAMO_KNOBS", "DynamoCore", "dynamo_available", "run_dynamo"]
 
 
 def run_dynamo(
@@ -128,136 +100,3 @@ def run_dynamo(
             }
             out[name] = (fig, ttfts)
     return out
-
-
-class DynamoCore:
-    """Dynamo's ``SelectionService`` over a fleet's KV streams; workers are 0..n-1."""
-
-    def __init__(
-        self,
-        block_size: int,
-        knobs: Mapping[str, Any] | None = None,
-        *,
-        model: str = "mocker",
-        indexer_threads: int = 1,
-    ) -> None:
-        os.environ.setdefault("DYN_LOG", "error")  # before the import: its logger reads it once
-        from dynamo._core import SelectionService  # type: ignore[import-not-found]
-
-        bad = sorted(set(knobs or ()) - set(DYNAMO_KNOBS))
-        if bad:
-            raise DynamoExtError(f"unknown Dynamo knob(s) {bad}; one of {sorted(DYNAMO_KNOBS)}")
-        self.block_size = block_size
-        self.model = model
-        self.knobs = dict(knobs or {})
-        saved = {env: os.environ.get(env) for env in DYNAMO_KNOBS.values()}
-        try:
-            for env in DYNAMO_KNOBS.values():
-                os.environ.pop(env, None)  # only the knobs given here, never a stray one
-            for k, v in self.knobs.items():
-                os.environ[DYNAMO_KNOBS[k]] = str(v)
-            self._svc = SelectionService(indexer_threads=indexer_threads)
-        finally:
-            for env, v in saved.items():
-                if v is None:
-                    os.environ.pop(env, None)
-                else:
-                    os.environ[env] = v
-        self._workers: list[int] = []
-        self._barriers = itertools.count()
-
-    async def add_worker(
-        self,
-        worker: int,
-        *,
-        kv_events_endpoint: str,
-        replay_endpoint: str | None,
-        http_endpoint: str,
-        total_kv_blocks: int,
-        max_num_batched_tokens: int,
-    ) -> None:
-        await self._svc.upsert_worker(
-            {
-                "worker_id": worker,
-                "model_name": self.model,
-                "endpoint": http_endpoint,
-                "block_size": self.block_size,
-                "kv_events_endpoint": kv_events_endpoint,
-                "replay_endpoint": replay_endpoint,
-                "total_kv_blocks": total_kv_blocks,
-                "max_num_batched_tokens": max_num_batched_tokens,
-            }
-        )
-        self._workers.append(worker)
-
-    async def select(self, request_id: str, token_ids: Sequence[int]) -> tuple[int, int, str]:
-        """Select and book: (worker, device-cached prefix blocks it predicts, endpoint)."""
-        req: dict[str, Any] = {
-            "model_name": self.model,
-            "token_ids": list(token_ids),
-            "selection_id": request_id,
-        }
-        d = await self._svc.select_and_reserve(req)
-        hit = int((d.get("overlap") or {}).get("gpu") or 0) // self.block_size
-        return int(d["worker_id"]), hit, str(d.get("endpoint") or "")
-
-    async def book(self, request_id: str, worker: int, token_ids: Sequence[int]) -> None:
-        """Book a request's load on a given worker (no selection)."""
-        await self._svc.create_reservation(
-            {
-                "model_name": self.model,
-                "token_ids": list(token_ids),
-                "selection_id": request_id,
-                "worker_id": worker,
-            }
-        )
-
-    async def prefill_done(self, request_id: str) -> None:
-        await self._svc.prefill_complete(request_id)
-
-    async def finished(self, request_id: str) -> None:
-        await self._svc.free_reservation(request_id)
-
-    async def overlap_blocks(self, token_ids: Sequence[int]) -> dict[int, int]:
-        """Device-cached prefix blocks per worker, as its indexer sees them now."""
-        d = await self._svc.overlap_scores({"model_name": self.model, "token_ids": list(token_ids)})
-        return {int(w["worker_id"]): int(w.get("device_blocks") or 0) for w in d["workers"]}
-
-    async def barrier(self, pubs: Mapping[int, KvEventPublisher], timeout_s: float = 10.0) -> None:
-        """Return once every batch published so far on ``pubs`` is applied.
-
-        Each publisher sends one sentinel block after its batches; a worker's stream is
-        applied in order, so once its indexer holds the sentinel it holds what came before.
-        The sentinel is removed again right after (its tokens match no prompt)."""
-        if not pubs:
-            return
-        k = next(self._barriers)
-        bs = self.block_size
-        tokens = [_SENTINEL_TOKEN + k] + [_SENTINEL_TOKEN] * (bs - 1)
-        h = _SENTINEL_HASH + k
-        stored = [BlockStored([h], None, tokens, bs, None, MEDIUM_GPU, None)]
-        for p in pubs.values():
-            p.publish(stored)  # type: ignore[arg-type]
-        start = time.monotonic()
-        resend = start + 0.2
-        delay = 0.0002
-        while True:
-            seen = await self.overlap_blocks(tokens)
-            missing = [w for w in pubs if seen.get(w, 0) < 1]
-            if not missing:
-                break
-            now = time.monotonic()
-            if now > start + timeout_s:
-                raise DynamoExtError(f"SelectionService barrier timed out (workers {missing})")
-            if now > resend:  # a SUB still joining drops what was sent before it joined
-                for w in missing:
-                    pubs[w].publish(stored)  # type: ignore[arg-type]
-                resend = now + 0.2
-            await asyncio.sleep(delay)
-            delay = min(0.005, delay * 2)
-        removed = [BlockRemoved([h], MEDIUM_GPU)]
-        for p in pubs.values():
-            p.publish(removed)  # type: ignore[arg-type]
-
-    def close(self) -> None:
-        self._svc.shutdown()
