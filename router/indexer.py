@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from dynamo_ext import native
 from dynamo_ext.errors import DynamoExtError
 from dynamo_ext.protocol import MEDIUM_CPU, MEDIUM_DISK, MEDIUM_GPU, MEDIUM_REMOTE, MEDIUM_STORAGE
 
@@ -281,6 +282,29 @@ class KvIndex:
             return PrefixMatches({}, {}, 0)
         alive = self._all_mask if candidates is None else candidates & self._all_mask
         ids = self._ids
+        impl = native.IMPL
+        if impl is not None:
+            gpu_len = impl.gpu_walk(self._tiers[MEDIUM_GPU], hashes, alive)
+        else:
+            gpu_len = self.gpu_walk_py(hashes, alive)
+        gpu: dict[str, int] = {ids[s]: ln for s, ln in gpu_len.items()}  # type: ignore[misc]
+        offload: dict[str, dict[str, int]] = {}
+        if len(self._tiers) > 1:
+            tiers = [
+                (t, d)
+                for t, d in sorted(self._tiers.items(), key=lambda kv: self._tier_rank[kv[0]])
+                if t != MEDIUM_GPU and d
+            ]
+            if tiers:
+                cand = self._all_mask if candidates is None else candidates & self._all_mask
+                self._offload_walk(hashes, cand, gpu_len, tiers, offload, shared or {})
+        return PrefixMatches(gpu, offload, n)
+
+    def gpu_walk_py(self, hashes: Sequence[int], alive: int) -> dict[int, int]:
+        """Slot -> length of its GPU prefix of ``hashes``, for the slots of mask ``alive``
+        with at least one leading block (the reference of ``dynamo_ext._native.gpu_walk``).
+        """
+        n = len(hashes)
         gpu_len: dict[int, int] = {}
         get = self._tiers[MEDIUM_GPU].get
         i = 0
@@ -302,18 +326,7 @@ class KvIndex:
                 low = alive & -alive
                 gpu_len[low.bit_length() - 1] = n
                 alive ^= low
-        gpu: dict[str, int] = {ids[s]: ln for s, ln in gpu_len.items()}  # type: ignore[misc]
-        offload: dict[str, dict[str, int]] = {}
-        if len(self._tiers) > 1:
-            tiers = [
-                (t, d)
-                for t, d in sorted(self._tiers.items(), key=lambda kv: self._tier_rank[kv[0]])
-                if t != MEDIUM_GPU and d
-            ]
-            if tiers:
-                cand = self._all_mask if candidates is None else candidates & self._all_mask
-                self._offload_walk(hashes, cand, gpu_len, tiers, offload, shared or {})
-        return PrefixMatches(gpu, offload, n)
+        return gpu_len
 
     def _offload_walk(
         self,

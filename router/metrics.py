@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dynamo_ext import native
+
 WorkerCounters = Callable[[], list[tuple[str, int, int, int]]]
 
 
@@ -106,6 +108,8 @@ class RouterMetrics:
         )
         self.workers_up = Gauge(p + "workers_up", "Workers eligible for traffic", registry=r)
         self.workers_down = Gauge(p + "workers_down", "Workers marked down", registry=r)
+        self.native = Gauge(p + "native", "1: hot loops in C (dynamo_ext._native)", registry=r)
+        self.native.set_function(lambda: 1.0 if native.enabled() else 0.0)
         self.worker_up = Gauge(
             p + "worker_up", "1 if the worker gets traffic", ["worker"], registry=r
         )

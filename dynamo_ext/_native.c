@@ -1,0 +1,329 @@
+/* dynamo_ext._native: the router's hot loops in C, each equal bit for bit to its Python
+ * reference (dynamo_ext.hashing.token_block_hashes, router.indexer.KvIndex.find_matches'
+ * GPU walk); tests/router/test_native.py holds them equal with hypothesis.
+ *
+ * Why C: the tokens-mode hash of a 4k-token prompt builds 256 tuples of 16 ints (~0.1 ms in
+ * Python) and the index walk pays interpreter dispatch and a big-int AND per block. Here
+ * the hash is CPython's own tuple hash (xxHash-style lanes over the items' hashes, see
+ * Objects/tupleobject.c) computed without building tuples, and the walk keeps the
+ * candidate mask as 64-bit words.
+ *
+ * Plain CPython C API; no third-party build dependency. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* CPython's tuple hash constants (64-bit Py_uhash_t). */
+#define XXPRIME_1 ((uint64_t)11400714785074694791ULL)
+#define XXPRIME_2 ((uint64_t)14029467366897019727ULL)
+#define XXPRIME_5 ((uint64_t)2870177450012600261ULL)
+#define XXROTATE(x) (((x) << 31) | ((x) >> 33))
+/* Python's int hash: x mod 2**61 - 1 for x >= 0. */
+#define HASH_MODULUS (((uint64_t)1 << 61) - 1)
+
+#if SIZEOF_VOID_P != 8
+#error "dynamo_ext._native needs a 64-bit build (Py_hash_t of 64 bits)"
+#endif
+
+#define MAX_WORDS 64 /* router.indexer.MAX_WORKERS = 4096 bits */
+
+static inline uint64_t tuple_finish(uint64_t acc, uint64_t len) {
+    acc += len ^ (XXPRIME_5 ^ 3527539UL);
+    if (acc == (uint64_t)-1) {
+        return 1546275796;
+    }
+    return acc;
+}
+
+static inline uint64_t lane(uint64_t acc, uint64_t h) {
+    acc += h * XXPRIME_2;
+    acc = XXROTATE(acc);
+    return acc * XXPRIME_1;
+}
+
+/* hash((prev, block)) where hash(prev) is prev_hash and block's tuple hash is inner. */
+static inline uint64_t chain_step(uint64_t prev_hash, uint64_t inner) {
+    uint64_t acc = XXPRIME_5;
+    acc = lane(acc, prev_hash);
+    acc = lane(acc, inner);
+    return tuple_finish(acc, 2);
+}
+
+static int is_u32_format(const char *fmt) {
+    if (fmt == NULL) {
+        return 0; /* plain bytes: unsigned char, not uint32 */
+    }
+    if (*fmt == '@' || *fmt == '=' || *fmt == '<') {
+        if (*fmt == '<' && !PY_LITTLE_ENDIAN) {
+            return 0;
+        }
+        fmt++;
+    }
+    return (fmt[0] == 'I' || (fmt[0] == 'L' && sizeof(unsigned long) == 4)) && fmt[1] == 0;
+}
+
+static PyObject *
+native_token_block_hashes(PyObject *self, PyObject *args) {
+    PyObject *tokens;
+    Py_ssize_t bs;
+    PyObject *parent = NULL;
+    if (!PyArg_ParseTuple(args, "On|O", &tokens, &bs, &parent)) {
+        return NULL;
+    }
+    if (bs <= 0) {
+        PyErr_SetString(PyExc_ValueError, "block_size must be > 0");
+        return NULL;
+    }
+    uint64_t prev_hash = 0;
+    if (parent != NULL) {
+        Py_hash_t ph = PyObject_Hash(parent);
+        if (ph == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        prev_hash = (uint64_t)ph;
+    }
+    Py_buffer view;
+    int have_view = 0;
+    PyObject *seq = NULL;
+    Py_ssize_t n;
+    const uint32_t *u32 = NULL;
+    PyObject **items = NULL;
+    if (PyObject_CheckBuffer(tokens) && !PyBytes_Check(tokens) && !PyByteArray_Check(tokens)) {
+        if (PyObject_GetBuffer(tokens, &view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+            return NULL;
+        }
+        have_view = 1;
+        if (view.itemsize == 4 && is_u32_format(view.format)) {
+            u32 = (const uint32_t *)view.buf;
+            n = view.len / 4;
+        } else {
+            PyBuffer_Release(&view);
+            have_view = 0;
+        }
+    }
+    if (u32 == NULL) {
+        seq = PySequence_Fast(tokens, "token ids must be a sequence");
+        if (seq == NULL) {
+            return NULL;
+        }
+        n = PySequence_Fast_GET_SIZE(seq);
+        items = PySequence_Fast_ITEMS(seq);
+    }
+    Py_ssize_t nblocks = n / bs;
+    PyObject *out = PyList_New(nblocks);
+    if (out == NULL) {
+        goto fail;
+    }
+    for (Py_ssize_t b = 0; b < nblocks; b++) {
+        uint64_t acc = XXPRIME_5;
+        Py_ssize_t base = b * bs;
+        if (u32 != NULL) {
+            for (Py_ssize_t i = 0; i < bs; i++) {
+                acc = lane(acc, (uint64_t)u32[base + i]); /* hash(int < 2**61) == int */
+            }
+        } else {
+            for (Py_ssize_t i = 0; i < bs; i++) {
+                Py_hash_t th = PyObject_Hash(items[base + i]);
+                if (th == -1 && PyErr_Occurred()) {
+                    Py_DECREF(out);
+                    goto fail;
+                }
+                acc = lane(acc, (uint64_t)th);
+            }
+        }
+        uint64_t inner = tuple_finish(acc, (uint64_t)bs);
+        uint64_t h = chain_step(prev_hash, inner);
+        PyObject *v = PyLong_FromUnsignedLongLong(h);
+        if (v == NULL) {
+            Py_DECREF(out);
+            goto fail;
+        }
+        PyList_SET_ITEM(out, b, v);
+        prev_hash = h % HASH_MODULUS; /* hash() of the next block's parent int */
+    }
+    if (have_view) {
+        PyBuffer_Release(&view);
+    }
+    Py_XDECREF(seq);
+    return out;
+fail:
+    if (have_view) {
+        PyBuffer_Release(&view);
+    }
+    Py_XDECREF(seq);
+    return NULL;
+}
+
+/* A non-negative int's low 64*nwords bits as little-endian words; -1 if it is wider or
+ * negative (the caller falls back to Python). */
+static int mask_words(PyObject *v, uint64_t *w, int nwords) {
+    if (!PyLong_Check(v)) {
+        PyErr_SetString(PyExc_TypeError, "mask is not an int");
+        return -1;
+    }
+    if (_PyLong_Sign(v) < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative mask");
+        return -1;
+    }
+    size_t nbits = _PyLong_NumBits(v);
+    if (nbits <= 64) {
+        unsigned long long small = PyLong_AsUnsignedLongLong(v);
+        if (small == (unsigned long long)-1 && PyErr_Occurred()) {
+            return -1;
+        }
+        w[0] = small;
+        if (nwords > 1) {
+            memset(w + 1, 0, (size_t)(nwords - 1) * 8);
+        }
+        return 0;
+    }
+    if (nbits > (size_t)MAX_WORDS * 64) {
+        PyErr_SetString(PyExc_OverflowError, "mask wider than the index's worker slots");
+        return -1;
+    }
+    unsigned char buf[MAX_WORDS * 8];
+    size_t nbytes = (nbits + 7) / 8;
+#if PY_VERSION_HEX >= 0x030D0000
+    if (_PyLong_AsByteArray((PyLongObject *)v, buf, nbytes, 1, 0, 1) < 0) {
+#else
+    if (_PyLong_AsByteArray((PyLongObject *)v, buf, nbytes, 1, 0) < 0) {
+#endif
+        return -1;
+    }
+    memset(buf + nbytes, 0, sizeof(buf) - nbytes);
+    memcpy(w, buf, (size_t)nwords * 8);
+    return 0;
+}
+
+static int set_len(PyObject *out, int slot, Py_ssize_t len) {
+    PyObject *k = PyLong_FromLong(slot);
+    PyObject *v = PyLong_FromSsize_t(len);
+    int rc = (k && v) ? PyDict_SetItem(out, k, v) : -1;
+    Py_XDECREF(k);
+    Py_XDECREF(v);
+    return rc;
+}
+
+static int record_bits(PyObject *out, const uint64_t *bits, int nwords, Py_ssize_t len) {
+    for (int wi = 0; wi < nwords; wi++) {
+        uint64_t x = bits[wi];
+        while (x) {
+            int b = __builtin_ctzll(x);
+            if (set_len(out, wi * 64 + b, len) < 0) {
+                return -1;
+            }
+            x &= x - 1;
+        }
+    }
+    return 0;
+}
+
+/* gpu_walk(d, hashes, alive) -> {slot: prefix_len}: the GPU part of
+ * KvIndex.find_matches. ``d`` maps block hash -> worker bitmask, ``alive`` is the
+ * candidate mask; a slot's prefix is the number of leading hashes whose mask holds it,
+ * and slots with no leading hit are absent. */
+static PyObject *
+native_gpu_walk(PyObject *self, PyObject *args) {
+    PyObject *d, *hashes, *alive_obj;
+    if (!PyArg_ParseTuple(args, "O!OO", &PyDict_Type, &d, &hashes, &alive_obj)) {
+        return NULL;
+    }
+    PyObject *out = PyDict_New();
+    if (out == NULL) {
+        return NULL;
+    }
+    uint64_t alive[MAX_WORDS];
+    uint64_t m[MAX_WORDS];
+    if (!PyLong_Check(alive_obj) || _PyLong_Sign(alive_obj) < 0) {
+        PyErr_SetString(PyExc_ValueError, "alive must be a non-negative int");
+        Py_DECREF(out);
+        return NULL;
+    }
+    size_t abits = _PyLong_NumBits(alive_obj);
+    int nwords = (int)((abits + 63) / 64);
+    if (nwords == 0) {
+        return out;
+    }
+    if (nwords > MAX_WORDS) {
+        PyErr_SetString(PyExc_OverflowError, "mask wider than the index's worker slots");
+        Py_DECREF(out);
+        return NULL;
+    }
+    if (mask_words(alive_obj, alive, nwords) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(hashes, "hashes must be a sequence");
+    if (seq == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *last = NULL; /* the last mask object whose AND left alive unchanged */
+    Py_ssize_t i = 0;
+    for (; i < n; i++) {
+        PyObject *mo = PyDict_GetItemWithError(d, items[i]);
+        if (mo == NULL) {
+            if (PyErr_Occurred()) {
+                goto fail;
+            }
+            /* no worker holds it: every alive worker stops here */
+            if (i && record_bits(out, alive, nwords, i) < 0) {
+                goto fail;
+            }
+            memset(alive, 0, (size_t)nwords * 8);
+            break;
+        }
+        if (mo == last) {
+            continue; /* the same int object as the previous block: same AND */
+        }
+        if (mask_words(mo, m, nwords) < 0) {
+            goto fail;
+        }
+        uint64_t any = 0, changed = 0;
+        for (int wi = 0; wi < nwords; wi++) {
+            uint64_t nw = m[wi] & alive[wi];
+            changed |= nw ^ alive[wi];
+            m[wi] = alive[wi] ^ nw; /* dropped */
+            alive[wi] = nw;
+            any |= nw;
+        }
+        if (changed) {
+            if (i && record_bits(out, m, nwords, i) < 0) {
+                goto fail;
+            }
+            last = NULL;
+            if (!any) {
+                break;
+            }
+        } else {
+            last = mo;
+        }
+    }
+    if (i == n && record_bits(out, alive, nwords, n) < 0) {
+        goto fail;
+    }
+    Py_DECREF(seq);
+    return out;
+fail:
+    Py_DECREF(seq);
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"token_block_hashes", native_token_block_hashes, METH_VARARGS,
+     "token_block_hashes(tokens, block_size, parent=0) -> list[int]: the tokens-mode "
+     "chain of dynamo_ext.hashing, from a uint32 buffer or a sequence of ints."},
+    {"gpu_walk", native_gpu_walk, METH_VARARGS,
+     "gpu_walk(tier, hashes, alive) -> dict[int, int]: slot -> GPU prefix length."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "dynamo_ext._native", NULL, -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

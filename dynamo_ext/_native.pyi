@@ -1,0 +1,6 @@
+from collections.abc import Sequence
+
+def token_block_hashes(
+    tokens: Sequence[int] | memoryview, block_size: int, parent: int = 0
+) -> list[int]: ...
+def gpu_walk(tier: dict[int, int], hashes: Sequence[int], alive: int) -> dict[int, int]: ...
