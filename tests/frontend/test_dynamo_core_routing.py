@@ -18,10 +18,12 @@ import httpx
 import pytest
 
 from dynamo_ext.config import build
-from dynamo_ext.errors import ConfigError, NoWorkerAvailable
+from dynamo_ext.errors import ApiError, ConfigError, NoWorkerAvailable
 from dynamo_ext.frontend import dynamo_core
+from dynamo_ext.frontend.auth import current_salt, salt_of
 from dynamo_ext.frontend.config import FrontendConfig
 from dynamo_ext.frontend.dynamo_core import DynamoCoreRouter, dynamo_available
+from dynamo_ext.router.client import RouterClient
 from dynamo_ext.testing import RouterProc, wait_for
 
 needs_dynamo = pytest.mark.skipif(not dynamo_available(), reason="needs ai-dynamo-runtime")
@@ -129,6 +131,15 @@ def test_dynamo_core_router_over_the_mocker_fleet(tmp_path: Path) -> None:
             await rc.finished("r2")
             with pytest.raises(NoWorkerAvailable):
                 await rc.route("r3", prompt, exclude_workers=["mocker-0", "mocker-1"])
+            # a tenant's request: its cache_salt is unknown to the core, so it is refused
+            tok = current_salt.set(salt_of("acme"))
+            try:
+                with pytest.raises(ApiError) as e:
+                    await rc.route("t1", prompt)
+                assert e.value.status == 501 and e.value.code == "cache_salt_unsupported"
+            finally:
+                current_salt.reset(tok)
+            assert rc.open == {}
             # reported failed: gone from the core at once (the router holds it down)
             await rc.worker_failed("mocker-0", "test")
             assert set(rc.mirrored) == {"mocker-1"}
@@ -138,7 +149,7 @@ def test_dynamo_core_router_over_the_mocker_fleet(tmp_path: Path) -> None:
                 assert d.worker_id == "mocker-1"
                 await rc.finished(f"f{i}")
             # a worker that leaves the router's registry leaves the core
-            async with RouterProc_client(router.endpoint) as c:
+            async with RouterClient(router.endpoint) as c:
                 await c.deregister("mocker-1")
             await wait_for(lambda: "mocker-1" not in rc.mirrored, 5)
         finally:
@@ -149,12 +160,6 @@ def test_dynamo_core_router_over_the_mocker_fleet(tmp_path: Path) -> None:
         asyncio.run(main())
     finally:
         router.stop()
-
-
-def RouterProc_client(endpoint: str):  # noqa: N802 - a context manager factory
-    from dynamo_ext.router.client import RouterClient
-
-    return RouterClient(endpoint)
 
 
 # ---------------------------------------------------------------- real vLLM fleet
@@ -229,7 +234,7 @@ def test_dynamo_core_routes_a_real_vllm_fleet(tiny_model: Path, tmp_path: Path) 
         details = second["usage"].get("prompt_tokens_details") or {}
         assert (details.get("cached_tokens") or 0) >= 512
         # Dynamo predicted that hit: the frontend's prediction check saw it
-        assert _frontend_metric(url, "dynamo_ext_frontend_hit_predicted_tokens") >= 512
+        assert _frontend_metric(url, "dynamo_ext_frontend_hit_predicted_tokens_total") >= 512
         # every booking freed, every route counted under the backend
         assert _frontend_metric(url, "dynamo_ext_frontend_dynamo_core_open_reservations") == 0
         text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
