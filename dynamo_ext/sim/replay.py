@@ -83,6 +83,7 @@ from dynamo_ext.sim.report import (
     table,
 )
 from dynamo_ext.sim.trace import TracePrompts, load_trace
+from dynamo_ext.sim.vllm_router import VLLM_ROUTER_POLICIES, knobs_from_args, live_arm
 from dynamo_ext.sim.workloads import physical_limit_hit_rate
 
 ALL_POLICIES = ("round_robin", "least_loaded", "random", "dynamo", "kv", "kv_offload")
@@ -116,13 +117,15 @@ class Policy:
 
     @property
     def is_dynamo_core(self) -> bool:
-        return self.scorer is None
+        return self.scorer is None and self.name not in VLLM_ROUTER_POLICIES
 
 
 def policy(name: str, knobs: dict[str, float] | None = None) -> Policy:
     """The policy a name stands for (``knobs``: ``dynamo_core``'s, default Dynamo's own)."""
     if name == "dynamo_core":
         return Policy(name, knobs=dict(knobs or {}))
+    if name in VLLM_ROUTER_POLICIES:  # vLLM's own router, --live only (--vllm-router-knobs)
+        return Policy(name)
     return Policy(name, scorer=scorer_for(name), offload=name == "kv_offload")
 
 
@@ -263,6 +266,8 @@ class DynamoRouter:
 
 
 def offline_router(pol: Policy, mcfg: MockerConfig, workers: int) -> OfflineRouter:
+    if pol.name in VLLM_ROUTER_POLICIES:
+        raise ConfigError("policies", f"{pol.name} is a real vllm-router process: --live only")
     if pol.scorer is None:
         return DynamoRouter(pol.knobs or {}, mcfg, workers)
     return OurRouter(pol.scorer, mcfg, workers)
@@ -543,11 +548,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--policies",
         default="",
         help=f"comma separated, of {', '.join(ALL_POLICIES + PEER_POLICIES)} (default: all; "
-        "dynamo_core when ai-dynamo-runtime is installed)",
+        "dynamo_core when ai-dynamo-runtime is installed); with --live also "
+        f"{', '.join(VLLM_ROUTER_POLICIES)} (vllm-router)",
     )
     p.add_argument(
         "--dynamo-knobs",
         help='dynamo_core\'s KvRouterConfig knobs as JSON, e.g. {"overlap_score_credit": 2}',
+    )
+    p.add_argument(
+        "--vllm-router-knobs",
+        help="--live vllm_router_kv/vllm_router_cache knobs as JSON, each to the policy that "
+        'has it, e.g. {"balance_abs_threshold": 16, "router_temperature": 0.1}',
     )
     p.add_argument("--limit", type=int, default=0, help="first K requests only (0: all)")
     p.add_argument(
@@ -620,6 +631,8 @@ async def run_live(args: argparse.Namespace) -> dict[str, Any]:
     for pol in policies:
         run = await _live_policy(pol, args, prompts)
         results[pol.name] = summarize(run, args.slo_ttft_ms, args.slo_tpot_ms, limit)
+        if "vllm_router" in run.extra:  # its policy, knobs and index counters
+            results[pol.name]["vllm_router"] = run.extra["vllm_router"]
         ttfts[pol.name] = sorted(
             (r.first - r.arrival) * 1e3  # type: ignore[operator]
             for r in run.recs
@@ -725,6 +738,12 @@ async def _live_policy(pol: Policy, args: argparse.Namespace, prompts: TraceProm
         await asyncio.gather(
             *(_live_request(i, name, run, prompts, router, start, scale) for i in range(len(rows)))
         )
+
+    if name in VLLM_ROUTER_POLICIES:
+        async with live_arm(name, mcfg, args.workers, run, knobs_from_args(args, name)) as arm:
+            await drive(arm)
+        run.wall_s = time.perf_counter() - t_wall
+        return run
 
     if pol.scorer is None:
         from dynamo_ext.sim.peers import DynamoCore
