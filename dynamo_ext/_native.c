@@ -313,7 +313,73 @@ fail:
     return NULL;
 }
 
+/* store_blocks(d, hashes, bit) -> added: the unbounded loop of KvIndex.store. Each hash's
+ * mask gains ``bit`` (a worker's one-bit int); a block new to the index shares the ``bit``
+ * object itself, as in Python. Returns how many blocks the worker did not hold before. */
+static PyObject *
+native_store_blocks(PyObject *self, PyObject *args) {
+    PyObject *d, *hashes, *bit;
+    if (!PyArg_ParseTuple(args, "O!OO!", &PyDict_Type, &d, &hashes, &PyLong_Type, &bit)) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(hashes, "hashes must be a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Py_ssize_t added = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *h = items[i];
+        PyObject *old = PyDict_GetItemWithError(d, h);
+        if (old == NULL) {
+            if (PyErr_Occurred() || PyDict_SetItem(d, h, bit) < 0) {
+                goto fail;
+            }
+            added++;
+            continue;
+        }
+        if (old == bit) {
+            continue;
+        }
+        PyObject *both = PyNumber_And(old, bit);
+        if (both == NULL) {
+            goto fail;
+        }
+        int held = PyObject_IsTrue(both);
+        Py_DECREF(both);
+        if (held < 0) {
+            goto fail;
+        }
+        if (held) {
+            continue;
+        }
+        /* old is falsy (a 0 mask left by hand) or lacks the bit: old | b, or b itself */
+        int truthy = PyObject_IsTrue(old);
+        if (truthy < 0) {
+            goto fail;
+        }
+        PyObject *m = truthy ? PyNumber_Or(old, bit) : (Py_INCREF(bit), bit);
+        if (m == NULL) {
+            goto fail;
+        }
+        int rc = PyDict_SetItem(d, h, m);
+        Py_DECREF(m);
+        if (rc < 0) {
+            goto fail;
+        }
+        added++;
+    }
+    Py_DECREF(seq);
+    return PyLong_FromSsize_t(added);
+fail:
+    Py_DECREF(seq);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
+    {"store_blocks", native_store_blocks, METH_VARARGS,
+     "store_blocks(tier, hashes, bit) -> int: blocks newly marked held by the worker of bit."},
     {"token_block_hashes", native_token_block_hashes, METH_VARARGS,
      "token_block_hashes(tokens, block_size, parent=0) -> list[int]: the tokens-mode "
      "chain of dynamo_ext.hashing, from a uint32 buffer or a sequence of ints."},

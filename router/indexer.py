@@ -187,12 +187,16 @@ class KvIndex:
         cap = self.max_blocks_per_worker
         if cap:
             return self._store_bounded(slot, hashes, tier, d, cap)
-        for h in hashes:
-            old = get(h, 0)
-            if not old & b:
-                # A block held by one worker shares that worker's bit object: no new int.
-                d[h] = old | b if old else b
-                added += 1
+        impl = native.IMPL
+        if impl is not None:
+            added = impl.store_blocks(d, hashes, b)
+        else:
+            for h in hashes:
+                old = get(h, 0)
+                if not old & b:
+                    # A block held by one worker shares that worker's bit object: no new int.
+                    d[h] = old | b if old else b
+                    added += 1
         if added:
             counts[tier] = counts.get(tier, 0) + added
         return added

@@ -117,6 +117,46 @@ def test_find_matches_native_equals_the_reference(ops, prompts, data) -> None:
             assert a.offload == b.offload and a.num_blocks == b.num_blocks
 
 
+@settings(max_examples=200, deadline=None)
+@given(OPS, st.data())
+def test_store_native_equals_the_reference(ops, data) -> None:
+    """The same events applied natively and by the reference leave the same index."""
+    idx = {True: KvIndex(), False: KvIndex()}
+    for op, w, hs in ops:
+        wid = f"w{w}"
+        tier = data.draw(st.sampled_from(["GPU", "CPU"]))
+        got = {}
+        for on, ix in idx.items():
+            old = native.set_enabled(on)
+            try:
+                if op == "store":
+                    got[on] = ix.store(ix.add_worker(wid), hs, tier)
+                elif op == "remove" and ix.slot_of(wid) is not None:
+                    got[on] = ix.remove(ix.slot_of(wid), hs, tier)  # type: ignore[arg-type]
+                elif op == "clear":
+                    ix.clear_worker(wid)
+                elif op == "drop":
+                    ix.remove_worker(wid)
+            finally:
+                native.set_enabled(old)
+        assert got[True] == got[False] if got else True
+    a, b = idx[True], idx[False]
+    assert a.workers() == b.workers() and a.tier_sizes() == b.tier_sizes()
+    for wid in a.workers():
+        assert a.worker_blocks(wid) == b.worker_blocks(wid)
+        assert a.block_counts(wid) == b.block_counts(wid)
+
+
+def test_store_native_shares_the_worker_bit_and_refuses_non_ints() -> None:
+    assert native.IMPL is not None
+    bit = 1 << 200
+    d: dict[int, int] = {5: 1, 6: bit, 7: 0}
+    assert native.IMPL.store_blocks(d, [5, 6, 7, 8, 8], bit) == 3
+    assert d == {5: 1 | bit, 6: bit, 7: bit, 8: bit} and d[8] is bit and d[7] is bit
+    with pytest.raises(TypeError):
+        native.IMPL.store_blocks({1: "x"}, [1], 2)  # type: ignore[dict-item]
+
+
 def test_find_matches_native_on_a_wide_fleet() -> None:
     # 4096 slots: masks of 64 words; a block held by every worker, then one by the last.
     idx = KvIndex()
