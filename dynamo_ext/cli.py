@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         pool_bench,
         prefetch_bench,
         prefill_bench,
+        route_cost_bench,
         serve_bench,
         stall_bench,
     )
@@ -221,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("report", suite, "tune, replay the sample trace and generated workloads, write README"),
         ("prefetch", prefetch_bench, "TTFT of disk/pool-only prefixes, with/without prefetch"),
         ("pool", pool_bench, "KV pool write/read MB/s vs plain files on the same disk"),
+        ("route-cost", route_cost_bench, "a route as the caller pays it, beside Dynamo's select"),
         ("stall", stall_bench, "short-route latency while the router hashes a huge prompt"),
         ("chaos", chaos, "real router + mocker fleet under seeded faults, invariants checked"),
     ):

@@ -1,0 +1,488 @@
+"""``dynamo-ext bench route-cost``: what a route costs its caller, ours beside Dynamo's
+``SelectionService`` on the same prompts, the same fleet state and the same KV streams.
+
+For each fleet size, N workers publish vLLM-format ``KVEventBatch`` frames (32 blocks of 16
+random token ids per ``BlockStored``, chains of 128 blocks behind 64 shared system prompts)
+on real ZMQ PUB sockets (``KvEventPublisher``). Three subscribers index the same frames:
+a router process with the C hot path (``dynamo_ext._native``), a router process on the
+pure-Python reference (``DYNAMO_EXT_NATIVE=0``), both in ``hash_mode: tokens`` (they re-key
+every ``BlockStored`` from its token ids, as Dynamo does with xxh3), and Dynamo's own
+selection core (``dynamo._core.SelectionService``, via ``dynamo_ext.sim.peers.DynamoCore``)
+subscribed to the same endpoints through ``upsert_worker(kv_events_endpoint=...)``. Once
+all three have applied every batch, each 4k-token prompt is routed by every contender in
+turn (interleaved, so a noisy machine hits all of them alike):
+
+* ``ours_socket``: ``RouterClient.route(token_ids, track=True)`` to the native router (the
+  frontend's call: packing to ``token_bytes``, send, hash + match + score, answer), then
+  ``finished``; ``ours_socket_hashes``: the caller hashes natively and sends
+  ``block_hashes``; ``ours_socket_python``: the pure-Python router;
+* ``dynamo``: ``select_and_reserve`` then ``free_reservation`` (in-process, its own threads);
+* ``ours_inproc`` / ``ours_inproc_python``: ``RouterService.route`` on ``token_bytes`` in this
+  process (hash + match + score, no transport), native and reference.
+
+Ingest: a fresh router process and a fresh ``SelectionService`` subscribe to one PUB stream
+of ``--ingest-blocks`` blocks; seconds from the first frame sent until each has applied the
+last (ours: its ``FleetState.last_seq``; Dynamo: the overlap of the last chain), and the RSS
+growth of each process over it per block (ours also as traced Python heap, tracemalloc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import random
+import tempfile
+import time
+import tracemalloc
+from array import array
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from dynamo_ext import native
+from dynamo_ext.config import RouterConfig
+from dynamo_ext.hashing import token_block_hashes
+from dynamo_ext.protocol import (
+    BlockStored,
+    KVEventBatch,
+    RouteRequest,
+    RouteResponse,
+    RouterQuery,
+    WorkerRegistration,
+    encode,
+    pack_tokens,
+)
+from dynamo_ext.publisher import KvEventPublisher
+from dynamo_ext.router.client import RouterClient
+from dynamo_ext.router.service import RouterService
+from dynamo_ext.stats import percentile
+from dynamo_ext.testing import RouterProc
+
+BLOCK = 16
+PER_EVENT = 32
+CHAIN = 128  # blocks of one cached conversation (2k tokens)
+SHARED = 16  # blocks of a shared system prompt
+PREFIXES = 64
+TARGETS = {"route_p99_us_256w": 100.0, "route_vs_dynamo_256w": 3.0, "ingest_vs_dynamo": 2.0}
+
+
+class Fleet:
+    """Token-level chains per worker and the vLLM frames that announce them."""
+
+    def __init__(self, workers: int, blocks: int, seed: int = 0) -> None:
+        self.rng = rng = random.Random(seed)
+        self.prefixes = [self.tokens(SHARED * BLOCK) for _ in range(PREFIXES)]
+        per_worker = max(CHAIN, blocks // workers)
+        self.chains = [
+            [rng.choice(self.prefixes) + self.tokens((CHAIN - SHARED) * BLOCK)]
+            + [
+                rng.choice(self.prefixes) + self.tokens((CHAIN - SHARED) * BLOCK)
+                for _ in range(per_worker // CHAIN - 1)
+            ]
+            for _ in range(workers)
+        ]
+        self.blocks = sum(len(c) for cs in self.chains for c in cs) // BLOCK
+
+    def tokens(self, n: int) -> list[int]:
+        # Below 2**30: DynamoCore.barrier's sentinel tokens live above.
+        return [self.rng.getrandbits(30) for _ in range(n)]
+
+    def frames(self, w: int) -> list[bytes]:
+        """Worker ``w``'s KVEventBatch payloads, in publish order. The engine hashes are a
+        chain over the tokens (same prefix, same hash on every worker, as vLLM's)."""
+        out: list[bytes] = []
+        for chain in self.chains[w]:
+            hs = [h ^ 0x5A5A for h in token_block_hashes(chain, BLOCK)]
+            parent = None
+            for i in range(0, len(hs), PER_EVENT):
+                part = hs[i : i + PER_EVENT]
+                toks = chain[i * BLOCK : (i + len(part)) * BLOCK]
+                ev = BlockStored(part, parent, toks, BLOCK, None, "GPU", None)  # type: ignore[arg-type]
+                out.append(encode(KVEventBatch(ts=0.0, events=[ev])))
+                parent = part[-1]
+        return out
+
+    def prompt(self, n_tokens: int) -> list[int]:
+        """A random worker's cached chain for a while, then new tokens."""
+        w = self.rng.randrange(len(self.chains))
+        chain = self.rng.choice(self.chains[w])
+        keep = min(self.rng.randrange(SHARED, CHAIN + 1) * BLOCK, n_tokens)
+        return chain[:keep] + self.tokens(n_tokens - keep)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_of(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _router_proc(tmp: Path, native_on: bool) -> RouterProc:
+    cfg = {
+        "block_size": BLOCK,
+        "hash_mode": "tokens",
+        "resync_interval_s": 0,
+        "worker_timeout_s": 3600.0,
+    }
+    old = os.environ.get("DYNAMO_EXT_NATIVE")
+    os.environ["DYNAMO_EXT_NATIVE"] = "1" if native_on else "0"
+    try:
+        return RouterProc(tmp, cfg).start()
+    finally:
+        if old is None:
+            os.environ.pop("DYNAMO_EXT_NATIVE", None)
+        else:
+            os.environ["DYNAMO_EXT_NATIVE"] = old
+
+
+async def _synced(c: RouterClient, last: dict[str, int], timeout_s: float = 120.0) -> float:
+    """Wait until the router has applied batch ``last[w]`` of every worker; returns when."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = await c.workers()
+        seqs = {w.worker_id: w.last_seq for w in st.workers}
+        if all(seqs.get(w, -1) >= s for w, s in last.items()):
+            return time.perf_counter()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"router did not apply the stream: {seqs} < {last}")
+        await asyncio.sleep(0.002)
+
+
+async def _dynamo_has(core: Any, prompt: list[int], blocks: int, timeout_s: float = 120.0) -> float:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        seen = await core.overlap_blocks(prompt)
+        if max(seen.values(), default=0) >= blocks:
+            return time.perf_counter()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Dynamo did not apply the stream ({seen})")
+        await asyncio.sleep(0.002)
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    return {"p50_us": round(percentile(xs, 50), 1), "p99_us": round(percentile(xs, 99), 1)}
+
+
+async def _add_all(
+    core: Any, clients: list[RouterClient], pubs: list[KvEventPublisher], ids: list[str]
+) -> None:
+    for i, p in enumerate(pubs):
+        await core.add_worker(
+            i,
+            kv_events_endpoint=p.endpoint,
+            replay_endpoint=p.replay_endpoint,
+            http_endpoint=f"http://127.0.0.1:{20000 + i}",
+            total_kv_blocks=1 << 20,
+            max_num_batched_tokens=8192,
+        )
+        reg = WorkerRegistration(
+            ids[i],
+            kv_events_endpoint=p.endpoint,
+            replay_endpoint=p.replay_endpoint,
+            block_size=BLOCK,
+        )
+        for c in clients:
+            await c.register(reg)
+    await core.barrier(dict(enumerate(pubs)))  # every Dynamo SUB has joined
+
+
+async def bench_fleet(workers: int, blocks: int, queries: int, prompt_tokens: int) -> dict:
+    from dynamo_ext.sim.peers import DynamoCore
+
+    fleet = Fleet(workers, blocks, seed=workers)
+    frames = [fleet.frames(w) for w in range(workers)]
+    ids = [f"w{i}" for i in range(workers)]
+    tmp = Path(tempfile.mkdtemp(prefix="dynamo-ext-route-cost-"))
+    pubs = [KvEventPublisher("tcp://127.0.0.1:0", "tcp://127.0.0.1:0") for _ in ids]
+    procs = {"native": _router_proc(tmp, True), "python": _router_proc(tmp, False)}
+    core = DynamoCore(BLOCK)
+    clients = {k: RouterClient(p.endpoint, timeout_s=30) for k, p in procs.items()}
+    try:
+        await _add_all(core, list(clients.values()), pubs, ids)
+        await asyncio.sleep(0.5)  # our SUBs join (a late one replays from seq 0)
+        last = {ids[w]: _publish(pubs[w], frames[w]) for w in range(workers)}
+        for c in clients.values():
+            await _synced(c, last)
+        await core.barrier(dict(enumerate(pubs)))
+        # The same frames applied in this process: the in-process routes (no transport).
+        srv = RouterService(
+            RouterConfig(
+                bind="tcp://127.0.0.1:0", metrics_port=None, block_size=BLOCK, hash_mode="tokens"
+            )
+        )
+        for w in range(workers):
+            st = srv.register(WorkerRegistration(ids[w]), static=True).stream
+            for f in frames[w]:
+                srv.ingest.apply(st, srv.ingest.decode(st, f))
+        prompts = [fleet.prompt(prompt_tokens) for _ in range(queries)]
+        lat: dict[str, list[float]] = {}
+        free: dict[str, list[float]] = {}
+        parts: dict[str, list[float]] = {}
+        agree = 0
+        gc.collect()
+        gc.freeze()
+        for i, p in enumerate(prompts):
+            chosen: dict[str, int] = {}
+            for name, c, hashed in (
+                ("ours_socket", clients["native"], False),
+                ("ours_socket_hashes", clients["native"], True),
+                ("ours_socket_python", clients["python"], False),
+            ):
+                rid = f"{name}-{i}"
+                t0 = time.perf_counter()
+                if hashed:
+                    hs = token_block_hashes(p, BLOCK)
+                    r = await c.route(rid, block_hashes=hs, num_tokens=len(p), track=True)
+                else:
+                    r = await c.route(rid, p, track=True)
+                t1 = time.perf_counter()
+                await c.finished(rid)
+                t2 = time.perf_counter()
+                lat.setdefault(name, []).append((t1 - t0) * 1e6)
+                free.setdefault(name, []).append((t2 - t1) * 1e6)
+                chosen[name] = sum(r.chosen.prefix_hit_blocks.values())
+            t0 = time.perf_counter()  # the transport alone: a query answered at once
+            await clients["native"].call(RouterQuery("index", "-"))
+            lat.setdefault("ours_socket_floor", []).append((time.perf_counter() - t0) * 1e6)
+            t0 = time.perf_counter()
+            w, hit, _ = await core.select(f"d-{i}", p)
+            t1 = time.perf_counter()
+            await core.finished(f"d-{i}")
+            t2 = time.perf_counter()
+            lat.setdefault("dynamo", []).append((t1 - t0) * 1e6)
+            free.setdefault("dynamo", []).append((t2 - t1) * 1e6)
+            agree += hit == chosen["ours_socket"]
+            tb = pack_tokens(p)
+            for name, on in (("ours_inproc", True), ("ours_inproc_python", False)):
+                old = native.set_enabled(on)
+                t0 = time.perf_counter()
+                rr = srv.route(RouteRequest(request_id=f"{name}-{i}", token_bytes=tb, track=False))
+                lat.setdefault(name, []).append((time.perf_counter() - t0) * 1e6)
+                native.set_enabled(old)
+                assert isinstance(rr, RouteResponse)
+            # Where an in-process route goes: hashing, the index walk (the rest is scoring
+            # and bookkeeping), native and reference.
+            mv = memoryview(tb).cast("I")
+            for name, on in (("native", True), ("python", False)):
+                old = native.set_enabled(on)
+                t0 = time.perf_counter()
+                hs = token_block_hashes(mv, BLOCK)  # type: ignore[arg-type]
+                t1 = time.perf_counter()
+                srv.index.find_matches(hs)
+                t2 = time.perf_counter()
+                native.set_enabled(old)
+                parts.setdefault(f"hash_{name}", []).append((t1 - t0) * 1e6)
+                parts.setdefault(f"find_matches_{name}", []).append((t2 - t1) * 1e6)
+        gc.unfreeze()
+    finally:
+        for c in clients.values():
+            await c.close()
+        for proc in procs.values():
+            proc.stop()
+        core.close()
+        for pub in pubs:
+            pub.close()
+    res: dict[str, Any] = {
+        "workers": workers,
+        "blocks": fleet.blocks,
+        "prompt_tokens": prompt_tokens,
+        "queries": queries,
+        "same_hit_blocks_as_dynamo": round(agree / max(1, len(prompts)), 3),
+        "route": {k: _stats(v) for k, v in lat.items()},
+        "free": {k: _stats(v) for k, v in free.items()},
+        "inproc_parts": {k: _stats(v) for k, v in parts.items()},
+    }
+    d99, d50 = res["route"]["dynamo"]["p99_us"], res["route"]["dynamo"]["p50_us"]
+    for k in ("ours_socket", "ours_socket_hashes", "ours_socket_python", "ours_inproc"):
+        r = res["route"][k]
+        r["p50_x_faster_than_dynamo"] = round(d50 / max(r["p50_us"], 1e-3), 2)
+        r["p99_x_faster_than_dynamo"] = round(d99 / max(r["p99_us"], 1e-3), 2)
+    return res
+
+
+def _publish(pub: KvEventPublisher, frames: list[bytes]) -> int:
+    """Send ``frames`` in order; the sequence number of the last."""
+    seq = -1
+    for f in frames:
+        seq = pub.publish_raw(f)
+    return seq
+
+
+async def bench_ingest(blocks: int) -> dict[str, Any]:
+    """One PUB stream of ``blocks`` blocks, a fresh router process and a fresh Dynamo core
+    subscribed to it: seconds until each has applied it all, RSS growth per block."""
+    from dynamo_ext.sim.peers import DynamoCore
+
+    fleet = Fleet(1, blocks, seed=7)
+    frames = fleet.frames(0)
+    probe = fleet.chains[0][-1]  # the last chain: whole once the last frame is applied
+    tmp = Path(tempfile.mkdtemp(prefix="dynamo-ext-ingest-"))
+    pub = KvEventPublisher("tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
+    proc = _router_proc(tmp, True)
+    core = DynamoCore(BLOCK)
+    c = RouterClient(proc.endpoint, timeout_s=30)
+    try:
+        await _add_all(core, [c], [pub], ["i0"])
+        await _synced(c, {"i0": 0})
+        await asyncio.sleep(0.2)
+        assert proc.proc is not None
+        gc.collect()
+        rss_ours, rss_dyn = _rss_of(proc.proc.pid), _rss()
+        t0 = time.perf_counter()
+        last = _publish(pub, frames)
+        publish_s = time.perf_counter() - t0
+        t_ours, t_dyn = await asyncio.gather(
+            _synced(c, {"i0": last}, 300.0), _dynamo_has(core, probe, CHAIN, 300.0)
+        )
+        await asyncio.sleep(0.2)
+        d_ours = _rss_of(proc.proc.pid) - rss_ours
+        d_dyn = _rss() - rss_dyn
+        st = await c.workers()
+        held = sum(st.workers[0].indexed_blocks.values())
+    finally:
+        await c.close()
+        proc.stop()
+        core.close()
+        pub.close()
+    n = fleet.blocks
+    ours_s, dyn_s = t_ours - t0, t_dyn - t0
+    return {
+        "ingest_blocks": n,
+        "ingest_distinct_blocks": held,
+        "ingest_frames": len(frames),
+        "publish_s": round(publish_s, 3),
+        "ours_s": round(ours_s, 3),
+        "dynamo_s": round(dyn_s, 3),
+        "ours_blocks_per_s": round(n / ours_s),
+        "dynamo_blocks_per_s": round(n / dyn_s),
+        "ingest_x_faster_than_dynamo": round(dyn_s / ours_s, 2),
+        "ours_rss_bytes_per_block": round(d_ours / held, 1),
+        "dynamo_rss_bytes_per_block": round(d_dyn / held, 1),
+    }
+
+
+def bench_heap(blocks: int) -> dict[str, Any]:
+    """Our router's traced Python heap per distinct block in tokens mode (index + the
+    engine-hash translation it keeps per worker), on the ingest stream's frames."""
+    fleet = Fleet(1, blocks, seed=7)
+    frames = fleet.frames(0)
+    srv = RouterService(
+        RouterConfig(
+            bind="tcp://127.0.0.1:0", metrics_port=None, block_size=BLOCK, hash_mode="tokens"
+        )
+    )
+    st = srv.register(WorkerRegistration("i0"), static=True).stream
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    for f in frames:
+        srv.ingest.apply(st, srv.ingest.decode(st, f))
+    gc.collect()
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    n = srv.index.num_entries()
+    return {"ours_heap_bytes_per_block": round(used / n, 1), "heap_distinct_blocks": n}
+
+
+def bench_hash(prompt_tokens: int, reps: int = 200) -> dict[str, Any]:
+    """Tokens-mode hashing of one prompt: native from a list and from token_bytes, Python."""
+    toks = [random.Random(1).getrandbits(30) for _ in range(prompt_tokens)]
+    mv = memoryview(pack_tokens(toks)).cast("I")
+    out: dict[str, Any] = {}
+    for name, arg, on in (("native_list", toks, True), ("native_bytes", mv, True)) + (
+        ("python", toks, False),
+    ):
+        old = native.set_enabled(on)
+        lat = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            token_block_hashes(arg, BLOCK)  # type: ignore[arg-type]
+            lat.append((time.perf_counter() - t0) * 1e6)
+        native.set_enabled(old)
+        out[f"hash_us_{name}"] = round(percentile(lat, 50), 1)
+    out["pack_tokens_us"] = round(_time_us(lambda: pack_tokens(toks), reps), 1)
+    out["array_tokens_us"] = round(_time_us(lambda: array("I", toks), reps), 1)
+    return out
+
+
+def _time_us(fn: Any, reps: int) -> float:
+    lat = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        lat.append((time.perf_counter() - t0) * 1e6)
+    return percentile(lat, 50)
+
+
+def run(
+    workers: list[int] | None = None,
+    blocks: int = 200_000,
+    queries: int = 500,
+    prompt_tokens: int = 4096,
+    ingest_blocks: int = 200_000,
+) -> dict[str, Any]:
+    """The whole benchmark (what ``dynamo-ext bench report`` calls); JSON-able."""
+    from dynamo_ext.sim.peers import dynamo_available
+
+    if not native.available():
+        raise RuntimeError("dynamo_ext._native is not built: pip install -e .")
+    if not dynamo_available():
+        raise RuntimeError("Dynamo's SelectionService is missing: pip install 'dynamo-ext[bench]'")
+    zmq.Context.instance().set(zmq.MAX_SOCKETS, 8192)
+    out: dict[str, Any] = {"bench": "route-cost", "block_size": BLOCK}
+    out["hash"] = bench_hash(prompt_tokens)
+    out["fleets"] = [
+        asyncio.run(bench_fleet(w, blocks, queries, prompt_tokens)) for w in workers or [8, 64, 256]
+    ]
+    out["ingest"] = asyncio.run(bench_ingest(ingest_blocks))
+    out["ingest"].update(bench_heap(ingest_blocks))
+    big = max(out["fleets"], key=lambda r: r["workers"])
+    r = big["route"]["ours_socket"]
+    out["targets"] = {
+        f"route_p99_us_{big['workers']}w": {
+            "target": TARGETS["route_p99_us_256w"],
+            "measured": r["p99_us"],
+            "met": r["p99_us"] <= TARGETS["route_p99_us_256w"],
+        },
+        f"route_p99_x_faster_than_dynamo_{big['workers']}w": {
+            "target": TARGETS["route_vs_dynamo_256w"],
+            "measured": r["p99_x_faster_than_dynamo"],
+            "met": r["p99_x_faster_than_dynamo"] >= TARGETS["route_vs_dynamo_256w"],
+        },
+        "ingest_x_faster_than_dynamo": {
+            "target": TARGETS["ingest_vs_dynamo"],
+            "measured": out["ingest"]["ingest_x_faster_than_dynamo"],
+            "met": out["ingest"]["ingest_x_faster_than_dynamo"] >= TARGETS["ingest_vs_dynamo"],
+        },
+    }
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", default="8,64,256", help="fleet sizes, comma separated")
+    p.add_argument("--blocks", type=int, default=200_000, help="blocks cached per fleet")
+    p.add_argument("--queries", type=int, default=500, help="prompts routed per fleet")
+    p.add_argument("--prompt-tokens", type=int, default=4096)
+    p.add_argument("--ingest-blocks", type=int, default=200_000, help="blocks in the one stream")
+    p.add_argument("--json", action="store_true", help="only the JSON line on stdout")
+
+
+def main(args: argparse.Namespace) -> int:
+    res = run(
+        [int(x) for x in args.workers.split(",")],
+        args.blocks,
+        args.queries,
+        args.prompt_tokens,
+        args.ingest_blocks,
+    )
+    if not args.json:
+        print(json.dumps(res, indent=2))
+    print(json.dumps(res))
+    return 0
