@@ -421,3 +421,69 @@ async def live_arm(
     finally:
         proc.stop()
         await fleet.stop()
+
+
+async def repeat_probe(
+    *,
+    topic: str = VLLM_TOPIC,
+    router_block_size: int | None = None,
+    block_size: int = 64,
+    holder: int = 2,
+    n: int = 8,
+    workers: int = 4,
+) -> dict[str, Any]:
+    """The experiment behind kv_aware's configuration: one prompt of ten blocks is cached
+    on worker ``holder`` directly (not through the router, so no tie-break can pass for a
+    hit), then sent ``n`` times through vllm-router. Returns the workers that served the
+    repeats, its index lookups and the engines' cached prompt tokens."""
+    import aiohttp
+
+    from dynamo_ext.sim.fleet import MockerFleet
+    from dynamo_ext.sim.model import MockerConfig
+
+    prompt = list(range(1000, 1000 + 10 * block_size))
+    cfg = MockerConfig(block_size=block_size, num_gpu_blocks=2048, speedup=10.0)
+    fleet = MockerFleet(workers, cfg, prefix="probe", topic=topic)
+    await fleet.start()
+    proc = VllmRouterProc(fleet, "kv_aware", block_size=router_block_size, strict=False)
+    cores = [w.core for w in fleet.workers.values()]
+
+    async def post(http: aiohttp.ClientSession, url: str) -> None:
+        async with http.post(
+            f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 2}
+        ) as r:
+            if r.status != 200:
+                raise VllmRouterError(f"{url}: HTTP {r.status}: {await r.text()}")
+            await r.read()
+
+    try:
+        await proc.start()
+        served: list[int] = []
+        async with aiohttp.ClientSession() as http:
+            await post(http, f"{fleet.http_base}/{list(fleet.workers)[holder]}")
+            await asyncio.sleep(0.5)  # its BlockStored reaches the router's SUB
+            for _ in range(n):
+                before = [c.prefix_queries for c in cores]
+                await post(http, proc.url)
+                served += [i for i, c in enumerate(cores) if c.prefix_queries > before[i]]
+        return {
+            "topic": topic,
+            "engine_block_size": block_size,
+            "router_block_size": proc.block_size,
+            "holder": holder,
+            "served": served,
+            "kv_lookups": await proc.kv_lookups(),
+            "cached_prompt_tokens": sum(c.prefix_hits for c in cores),
+        }
+    finally:
+        proc.stop()
+        await fleet.stop()
+
+
+async def diagnose() -> dict[str, Any]:
+    """``repeat_probe`` as configured here and with each of the two blinding settings."""
+    return {
+        "as_configured": await repeat_probe(),
+        "topic_kv": await repeat_probe(topic="kv"),
+        "block_size_16": await repeat_probe(router_block_size=16),
+    }

@@ -14,9 +14,7 @@ import argparse
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 
 from dynamo_ext.errors import ConfigError
@@ -27,6 +25,7 @@ from dynamo_ext.sim.vllm_router import (
     VllmRouterError,
     VllmRouterProc,
     binary,
+    diagnose,
     knob_args,
     knobs_from_args,
 )
@@ -35,55 +34,19 @@ pytestmark = pytest.mark.skipif(
     binary() is None, reason="vllm-router not installed (pip install vllm-router==0.1.17)"
 )
 
-PROMPT = list(range(1000, 1000 + 640))  # ten 64-token blocks
-
-
-async def _post(http: aiohttp.ClientSession, url: str, tokens: list[int]) -> None:
-    body = {"prompt": tokens, "max_tokens": 2}
-    async with http.post(f"{url}/v1/completions", json=body) as r:
-        assert r.status == 200, await r.text()
-        await r.read()
-
-
-async def _repeats(
-    topic: str, router_block_size: int, holder: int = 2, n: int = 8
-) -> dict[str, Any]:
-    """Cache PROMPT on worker ``holder`` directly, then send it ``n`` times through
-    vllm-router (kv_aware); the workers that served the repeats and its index lookups."""
-    cfg = MockerConfig(block_size=64, num_gpu_blocks=2048, speedup=10.0)
-    fleet = MockerFleet(4, cfg, prefix="vr", topic=topic)
-    await fleet.start()
-    proc = VllmRouterProc(fleet, "kv_aware", block_size=router_block_size, strict=False)
-    try:
-        await proc.start()
-        served: list[int] = []
-        ids = list(fleet.workers)
-        async with aiohttp.ClientSession() as http:
-            await _post(http, f"{fleet.http_base}/{ids[holder]}", PROMPT)
-            await asyncio.sleep(0.5)  # its BlockStored reaches the router's SUB
-            for _ in range(n):
-                before = [w.core.prefix_queries for w in fleet.workers.values()]
-                await _post(http, proc.url, PROMPT)
-                after = [w.core.prefix_queries for w in fleet.workers.values()]
-                served += [i for i in range(len(ids)) if after[i] > before[i]]
-        hits = sum(w.core.prefix_hits for w in fleet.workers.values())
-        return {"served": served, "lookups": await proc.kv_lookups(), "hit_tokens": hits}
-    finally:
-        proc.stop()
-        await fleet.stop()
-
 
 def test_kv_aware_finds_the_holder_only_on_vllms_topic_and_block_size() -> None:
-    right = asyncio.run(_repeats(topic="", router_block_size=64))
+    out = asyncio.run(diagnose())
+    right = out["as_configured"]
     assert right["served"] == [2] * 8, right
-    assert right["lookups"] == {"hit": 8, "miss": 0}, right
+    assert right["kv_lookups"] == {"hit": 8, "miss": 0}, right
     # every repeat found 9 of its 10 blocks cached (the last prompt token is computed)
-    assert right["hit_tokens"] == 8 * 9 * 64, right
+    assert right["cached_prompt_tokens"] == 8 * 9 * 64, right
 
-    wrong_topic = asyncio.run(_repeats(topic="kv", router_block_size=64))
-    assert wrong_topic["lookups"] == {"hit": 0, "miss": 8}, wrong_topic
-    wrong_bs = asyncio.run(_repeats(topic="", router_block_size=16))
-    assert wrong_bs["lookups"] == {"hit": 0, "miss": 8}, wrong_bs
+    wrong_topic, wrong_bs = out["topic_kv"], out["block_size_16"]
+    assert wrong_topic["kv_lookups"] == {"hit": 0, "miss": 8}, wrong_topic
+    assert wrong_bs["router_block_size"] == 16, wrong_bs
+    assert wrong_bs["kv_lookups"] == {"hit": 0, "miss": 8}, wrong_bs
     # Blind, it still sends every repeat to one worker (its least-loaded tie-break on an
     # idle fleet) and the engine caches them after the first: what passed for KV routing.
     for blind in (wrong_topic, wrong_bs):
