@@ -185,6 +185,7 @@ def _cli_load() -> int:
 
 # ---------------------------------------------------------------- dynamo-ext bench serve
 BACKENDS = ("router", "dynamo_core")
+_HEADLINE = ("ttft_p50_ms", "ttft_p90_ms", "engine_hit_rate", "cached_token_share")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -244,11 +245,13 @@ def run(
     ``vllm:prefix_cache_hits_total`` / ``queries_total`` deltas of each worker's /metrics and
     the ``usage.prompt_tokens_details.cached_tokens`` of every answer; TTFT p50/p90 as the
     client saw it."""
+    import logging
     import os
 
     from dynamo_ext.plugins.vllm.fleet import LocalFleet
     from dynamo_ext.testing.tiny_model import build_tiny_model, default_model_dir
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per call otherwise
     bad = [b for b in backends if b not in BACKENDS]
     if bad or not backends:
         raise SystemExit(f"--routing-backend: {bad or backends} not among {BACKENDS}")
@@ -293,16 +296,21 @@ def run(
         for b in backends:  # first-call costs off the measured requests, each frontend
             asyncio.run(run_load(urls[b], fleet.served_model_name, warm, workers, 2))
         runs: dict[str, list[dict[str, Any]]] = {b: [] for b in backends}
-        for _ in range(rounds):
-            for b in backends:
+        for i in range(rounds):
+            for b in backends if i % 2 == 0 else backends[::-1]:  # no arm always goes first
                 _reset_prefix_caches(bases)
                 before = {w: _engine_counters(u) for w, u in bases.items()}
+                pred0 = _frontend_hits(urls[b])
                 res = asyncio.run(
                     run_load(urls[b], fleet.served_model_name, prompts, concurrency, max_tokens)
                 )
                 after = {w: _engine_counters(u) for w, u in bases.items()}
                 q = {w: after[w][0] - before[w][0] for w in bases}
                 h = {w: after[w][1] - before[w][1] for w in bases}
+                pred1 = _frontend_hits(urls[b])
+                # what the backend predicted cached, against what the engines reported
+                res["predicted_cached_tokens"] = int(pred1[0] - pred0[0])
+                res["reported_cached_tokens"] = int(pred1[1] - pred0[1])
                 res["engine_prefix_queries"] = q
                 res["engine_prefix_hits"] = h
                 res["engine_hit_rate"] = round(sum(h.values()) / max(sum(q.values()), 1), 4)
@@ -320,9 +328,10 @@ def run(
             rs = runs[b]
             res = dict(rs[-1])
             if len(rs) > 1:  # medians over the rounds of the headline numbers
-                for k in ("ttft_p50_ms", "ttft_p90_ms", "engine_hit_rate", "cached_token_share"):
+                for k in _HEADLINE:
                     res[k] = round(percentile([r[k] for r in rs], 50), 4)
-                res["rounds"] = [{k: r[k] for k in ("ttft_p50_ms", "ttft_p90_ms")} for r in rs]
+                keep = (*_HEADLINE, "predicted_cached_tokens", "reported_cached_tokens")
+                res["rounds"] = [{k: r[k] for k in keep} for r in rs]
             res["frontend_prefix_hit_rate"] = _hit_rate(urls[b])
             out["backends"][b] = res
     finally:
@@ -416,6 +425,19 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _frontend_hits(url: str) -> tuple[float, float]:
+    """The frontend's ``(hit_predicted_tokens, hit_actual_tokens)`` so far: what its routing
+    backend predicted cached on the chosen workers, and what they reported reusing."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    p = a = 0.0
+    for line in text.splitlines():
+        if line.startswith("dynamo_ext_frontend_hit_predicted_tokens_total{"):
+            p += float(line.split()[-1])
+        elif line.startswith("dynamo_ext_frontend_hit_actual_tokens_total{"):
+            a += float(line.split()[-1])
+    return p, a
 
 
 def _engine_counters(base: str) -> tuple[float, float]:

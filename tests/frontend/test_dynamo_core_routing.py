@@ -128,6 +128,7 @@ def test_dynamo_core_router_over_the_mocker_fleet(tmp_path: Path) -> None:
             # exclusion: the holder excluded, the other one is chosen
             d = await rc.route("r2", prompt, exclude_workers=["mocker-1"])
             assert d.worker_id == "mocker-0"
+            assert d.chosen.prefix_hit_blocks["GPU"] == 0  # the chosen worker's hit, not the best
             await rc.finished("r2")
             with pytest.raises(NoWorkerAvailable):
                 await rc.route("r3", prompt, exclude_workers=["mocker-0", "mocker-1"])
