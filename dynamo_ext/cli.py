@@ -209,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         route_cost_bench,
         serve_bench,
         stall_bench,
+        vllm_router_bench,
     )
     from dynamo_ext.sim import chaos, replay, suite, tune, workloads
 
@@ -225,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("route-cost", route_cost_bench, "a route as the caller pays it, beside Dynamo's select"),
         ("stall", stall_bench, "short-route latency while the router hashes a huge prompt"),
         ("chaos", chaos, "real router + mocker fleet under seeded faults, invariants checked"),
+        ("vllm-router", vllm_router_bench, "live replay: ours, Dynamo's core, vllm-router"),
     ):
         bm = bsub.add_parser(name, help=help_)
         mod.add_arguments(bm)
