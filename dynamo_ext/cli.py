@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         prefill_bench,
         route_cost_bench,
         serve_bench,
+        simcheck_bench,
         stall_bench,
         vllm_router_bench,
     )
@@ -227,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("stall", stall_bench, "short-route latency while the router hashes a huge prompt"),
         ("chaos", chaos, "real router + mocker fleet under seeded faults, invariants checked"),
         ("vllm-router", vllm_router_bench, "live replay: ours, Dynamo's core, vllm-router"),
+        ("simcheck", simcheck_bench, "simulator vs real vLLM fleet; round robin vs Dynamo's"),
     ):
         bm = bsub.add_parser(name, help=help_)
         mod.add_arguments(bm)

