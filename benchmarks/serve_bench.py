@@ -454,8 +454,8 @@ def _engine_counters(base: str) -> tuple[float, float]:
 
 
 def _reset_prefix_caches(bases: dict[str, str], timeout_s: float = 30) -> None:
-    """Every worker's prefix cache emptied (retried while blocks are still held); the
-    AllBlocksCleared events then reach both indexes."""
+    """Every worker's prefix cache emptied (retried while blocks are still held), and its
+    AllBlocksCleared event published to both indexes."""
     for wid, base in bases.items():
         deadline = time.monotonic() + timeout_s
         while True:
@@ -465,6 +465,15 @@ def _reset_prefix_caches(bases: dict[str, str], timeout_s: float = 30) -> None:
             if time.monotonic() > deadline:
                 raise SystemExit(f"worker {wid}: reset_prefix_cache failed: {r.text[:200]}")
             time.sleep(0.5)
+        # vLLM queues AllBlocksCleared until its scheduler's next step: one short request
+        # (under a block, so it caches nothing) publishes it now, before the arm's first
+        # route reads a stale index.
+        served = httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
+        httpx.post(
+            base + "/v1/completions",
+            json={"model": served, "prompt": [1, 2, 3], "max_tokens": 1},
+            timeout=60,
+        ).raise_for_status()
     time.sleep(1.0)
 
 
