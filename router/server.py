@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 # per event-loop turn, so it never delays the routes behind it by more than a chunk.
 _INLINE_BLOCKS = 4 * HASH_CHUNK_BLOCKS
 _MAX_BIG_ROUTES = 8
+_KV_DRAIN_BATCHES = 64
 
 
 class RouterServer:
@@ -291,6 +292,7 @@ class RouterServer:
         sub.connect(reg.kv_events_endpoint)
         resync_ms = int(self.config.resync_interval_s * 1000) or None
         ingest = self.service.ingest
+        drain = zmq.Socket.shadow(sub.underlying)  # the same socket, read synchronously
         try:
             if monitor is not None:
                 # ZMQ's connect returns before the subscription reaches the publisher; a
@@ -322,6 +324,16 @@ class RouterServer:
                 start = ingest.on_live(st, frames)
                 if start is not None:
                     self._start_replay(w, start, "gap")
+                # Batches already queued are read without an event-loop turn each (an
+                # awaited recv costs more than applying a 32-block batch), a bounded run.
+                for _ in range(_KV_DRAIN_BATCHES):
+                    try:
+                        frames = drain.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    start = ingest.on_live(st, frames)
+                    if start is not None:
+                        self._start_replay(w, start, "gap")
         except zmq.ZMQError as exc:
             log.error("KV event socket of worker %s failed: %s", w.worker_id, exc)
             raise
