@@ -45,7 +45,7 @@ import zmq
 
 from dynamo_ext import native
 from dynamo_ext.config import RouterConfig
-from dynamo_ext.hashing import token_block_hashes
+from dynamo_ext.hashing import BlockHasher, token_block_hashes
 from dynamo_ext.protocol import (
     BlockStored,
     KVEventBatch,
@@ -407,6 +407,9 @@ def bench_hash(prompt_tokens: int, reps: int = 200) -> dict[str, Any]:
             lat.append((time.perf_counter() - t0) * 1e6)
         native.set_enabled(old)
         out[f"hash_us_{name}"] = round(percentile(lat, 50), 1)
+    # vLLM's own default hash (engine mode, sha256 over pickle): what tokens mode avoids.
+    sha = BlockHasher(BLOCK, "engine", "sha256")
+    out["hash_us_engine_sha256"] = round(_time_us(lambda: sha.hash_tokens(toks), 20), 1)
     out["pack_tokens_us"] = round(_time_us(lambda: pack_tokens(toks), reps), 1)
     out["array_tokens_us"] = round(_time_us(lambda: array("I", toks), reps), 1)
     return out
