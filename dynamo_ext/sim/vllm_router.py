@@ -34,8 +34,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
+import re
 import shutil
 import subprocess
 import tempfile
@@ -175,6 +175,7 @@ class VllmRouterProc:
         block_size: int | None = None,
         log_path: Path | None = None,
         strict: bool = True,
+        log_level: str = "info",
         extra_args: list[str] | None = None,
     ) -> None:
         if policy not in DEFAULTS:
@@ -197,6 +198,7 @@ class VllmRouterProc:
                     f"{fleet.cfg.block_size}: no request block would match an event's"
                 )
         self.log_path = log_path
+        self.log_level = log_level
         self.extra_args = list(extra_args or [])
         self.port = 0
         self.prometheus_port = 0
@@ -227,7 +229,7 @@ class VllmRouterProc:
             argv += ["--kv-event-model", self.fleet.model]
         argv += knob_args(self.policy, self.knobs)
         # Its own retries would re-send a request elsewhere and count it twice on the engines.
-        argv += ["--disable-retries", "--log-level", "debug", *self.extra_args]
+        argv += ["--disable-retries", "--log-level", self.log_level, *self.extra_args]
         return argv
 
     async def start(self, timeout_s: float = 60.0) -> None:
@@ -241,10 +243,7 @@ class VllmRouterProc:
             self.log_path = Path(self._tmp.name) / "vllm-router.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ, NO_COLOR="1", RUST_LOG_STYLE="never")
-        self._proc = subprocess.Popen(
-            self.argv(), stdout=self._log, stderr=subprocess.STDOUT, env=env
-        )
+        self._proc = subprocess.Popen(self.argv(), stdout=self._log, stderr=subprocess.STDOUT)
         import aiohttp
 
         want = len(self.fleet.workers) if self.policy == "kv_aware" else 0
@@ -272,7 +271,8 @@ class VllmRouterProc:
     def log_text(self) -> str:
         if self.log_path is None or not self.log_path.exists():
             return ""
-        return self.log_path.read_text(errors="replace")
+        # its log lines carry ANSI colours whatever the terminal
+        return re.sub(r"\x1b\[[0-9;]*m", "", self.log_path.read_text(errors="replace"))
 
     def log_tail(self, n: int = 2000) -> str:
         return self.log_text()[-n:]
@@ -316,6 +316,9 @@ class VllmRouterProc:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
 
 class ServedBy:
