@@ -28,14 +28,17 @@ class ScorerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ``kv`` (default), in blocks of work:
 
         cost = overlap_weight * (new_prefill_blocks + queued_prefill_blocks)
+             + miss_weight * busy_share * new_prefill_blocks
              + decode_weight * active_decode_blocks
              + running_weight * running + waiting_weight * waiting
              + kv_full_penalty * prompt_blocks   (only when kv_usage >= kv_high_watermark)
 
     where ``new_prefill_blocks = prompt_blocks - gpu_hits - sum(offload_hits)
     + sum(offload_hits[t] * tier_costs[t])``: an offload-tier hit costs a fraction of a
-    recompute (``offload_score`` = blocks saved). Queued prefill and active decode blocks
-    take the larger of the router's own prediction and the worker's last metrics.
+    recompute (``offload_score`` = blocks saved); ``busy_share`` is the share of workers
+    with prefill queued. Queued prefill, active decode blocks (each shared block once) and
+    requests are the router's own reservations plus what the worker's last metrics showed
+    beyond them (load someone else routed); before any metrics, the reservations alone.
 
     ``dynamo`` reproduces Dynamo's KV router: ``overlap_weight * potential_prefill_blocks +
     potential_decode_blocks`` with GPU overlap only, softmax sampling at ``temperature``.
@@ -59,6 +62,11 @@ class ScorerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # hold there (in flight: computed by the time it runs, unknown to the index yet). Needs
     # the router to reserve requests with their hashes (``ActiveSequences.add(hashes=)``).
     inflight_credit: bool = True
+    # ``kv``: extra cost per prompt block the worker would compute, beyond its time there
+    # (which ``overlap_weight`` prices), scaled by the share of workers with prefill queued:
+    # on a busy fleet every recomputed block is work that delays the requests after it,
+    # on an idle one it delays no one. Chosen on the sample trace (`dynamo-ext bench tune`).
+    miss_weight: float = 2.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -66,6 +74,8 @@ class ScorerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ConfigError("scorer.overlap_weight", "must be >= 0")
         if self.decode_weight < 0:
             raise ConfigError("scorer.decode_weight", "must be >= 0")
+        if self.miss_weight < 0:
+            raise ConfigError("scorer.miss_weight", "must be >= 0")
         if self.temperature < 0:
             raise ConfigError("scorer.temperature", "must be >= 0")
         for tier, c in self.tier_costs.items():

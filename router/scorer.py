@@ -40,6 +40,11 @@ class Candidate:
     dirty: bool = True
     base: float = 0.0
     kv_full: bool = False
+    queued: float = 0.0
+    # Load the worker reported beyond what this router reserved there when its metrics
+    # came (``Scorer.observe``): requests routed by someone else, or by an earlier life of
+    # this router. None until observed: the metrics then count as they are.
+    ext: tuple[int, int, int] | None = None
 
 
 class Scorer:
@@ -54,7 +59,19 @@ class Scorer:
         cfg = self.config
         m = c.metrics
         ld = c.load
-        if m is not None:
+        if m is not None and c.ext is not None:
+            # What this router reserved is exact and current; the metrics add only what it
+            # did not reserve (as of their snapshot): they are up to a period old, and a
+            # prefill queue they still show may have drained since.
+            ext_prefill, ext_requests, ext_blocks = c.ext
+            queued = (ld.prefill_tokens + ext_prefill) / self.block_size
+            decode = ld.unique_blocks + ext_blocks
+            running = ld.requests + ext_requests
+            waiting = min(m.waiting, ext_requests)
+            c.kv_full = bool(m.kv_total_blocks) and (
+                m.kv_used_blocks / m.kv_total_blocks >= cfg.kv_high_watermark
+            )
+        elif m is not None:
             queued = max(ld.prefill_tokens, m.prefill_queue_tokens) / self.block_size
             decode = max(ld.active_blocks, m.kv_used_blocks)
             running = max(ld.requests, m.running)
@@ -68,6 +85,7 @@ class Scorer:
             running = ld.requests
             waiting = 0
             c.kv_full = False
+        c.queued = queued
         c.base = (
             cfg.overlap_weight * queued
             + cfg.decode_weight * decode
@@ -75,6 +93,18 @@ class Scorer:
             + cfg.waiting_weight * waiting
         )
         c.dirty = False
+
+    def observe(self, c: Candidate, m: WorkerMetrics) -> None:
+        """New metrics of a worker: keep the load they show beyond this router's own
+        reservations there (requests it did not route), which ``refresh`` adds to them."""
+        ld = c.load
+        c.metrics = m
+        c.ext = (
+            max(0, m.prefill_queue_tokens - ld.prefill_tokens),
+            max(0, m.running + m.waiting - ld.requests),
+            max(0, m.kv_used_blocks - ld.unique_blocks),
+        )
+        c.dirty = True
 
     def _saved(self, off: dict[str, int] | None) -> float:
         if not off:
@@ -94,11 +124,18 @@ class Scorer:
         for c in cands:
             if c.dirty:
                 self.refresh(c)
-        ow_n = cfg.overlap_weight * n
+        # A prompt block to compute costs its time (overlap_weight) plus fleet work
+        # (miss_weight); queued prefill (in ``base``) costs its time only.
+        mw = cfg.miss_weight
+        if mw:
+            # Scaled by the share of workers with prefill queued: on an idle fleet a
+            # recomputed block delays no one, on a saturated one it delays everyone after.
+            mw *= sum(1 for c in cands if c.queued > 0) / len(cands)
+        ow = cfg.overlap_weight + mw
+        ow_n = ow * n
         full_n = ow_n + cfg.kv_full_penalty * n
         costs = [c.base + (full_n if c.kv_full else ow_n) for c in cands]
         gpu, off = matches.gpu, matches.offload
-        ow = cfg.overlap_weight
         # Only workers with a hit differ from their base: visit those, not the fleet.
         for wid, g in gpu.items():
             i = pos.get(wid)

@@ -306,8 +306,7 @@ class RouterService:
             self.ingest.reset(w.stream, f"heartbeat went back {prev.heartbeat} -> {m.heartbeat}")
         elif prev is not None and m.heartbeat > prev.heartbeat + 1:
             self.metrics.metrics_gaps.inc(m.heartbeat - prev.heartbeat - 1)
-        w.metrics = m
-        w.dirty = True
+        self.scorer.observe(w, m)
         now = time.monotonic()
         w.last_seen = now
         if not w.up and now >= w.failed_until:

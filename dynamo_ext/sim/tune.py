@@ -9,9 +9,10 @@ and p99 (a setting must improve the typical request and the tail together, and n
 can be bought with the other at a 1:1 exchange rate).
 
 Ours (``ScorerConfig``): ``overlap_weight``, ``decode_weight``, ``running_weight``,
-``waiting_weight``. Dynamo's (``KvRouterConfig`` read by ``SelectionService``):
-``overlap_score_credit``, ``prefill_load_scale``, ``router_temperature``,
-``decode_active_request_weight``. Left out on both sides, with the reason: tier weights
+``waiting_weight``, ``miss_weight``. Dynamo's (``KvRouterConfig`` read by
+``SelectionService``): ``overlap_score_credit``, ``prefill_load_scale``,
+``router_temperature``, ``decode_active_request_weight``, ``overlap_score_credit_decay``:
+five each. Left out on both sides, with the reason: tier weights
 (ours ``tier_costs``, Dynamo's ``host_cache_hit_weight``/``disk_cache_hit_weight``) do
 nothing on engines without offload tiers, which the tuning fleet has none of; Dynamo's
 ``router_queue_threshold`` holds selections in its admission queue until load drops, which
@@ -42,18 +43,21 @@ OUR_SPACE: dict[str, tuple[float, float, str]] = {
     "decode_weight": (1 / 128, 1.0, "log"),
     "running_weight": (1 / 128, 2.0, "log"),
     "waiting_weight": (1 / 32, 8.0, "log"),
+    "miss_weight": (1 / 8, 8.0, "log"),
 }
 DYNAMO_SPACE: dict[str, tuple[float, float, str]] = {
     "overlap_score_credit": (0.25, 4.0, "log"),
     "prefill_load_scale": (0.25, 4.0, "log"),
     "router_temperature": (0.0, 0.5, "lin"),
     "decode_active_request_weight": (0.0, 8.0, "lin"),
+    "overlap_score_credit_decay": (0.0, 1.0, "lin"),
 }
 DYNAMO_DEFAULTS = {
     "overlap_score_credit": 1.0,
     "prefill_load_scale": 1.0,
     "router_temperature": 0.0,
     "decode_active_request_weight": 0.0,
+    "overlap_score_credit_decay": 0.0,
 }
 
 

@@ -173,3 +173,74 @@ def test_kv_credits_a_prefix_still_in_flight_on_a_worker() -> None:
     # Without the hashes (a router that reserves without them) nothing changes.
     _, scores = s.select(cs, m, True)
     assert {x.worker_id: x.cost for x in scores}["a"] == pytest.approx(38 + 41 / 16 + 1 / 16)
+
+
+def _metrics(wid: str, prefill_q: int = 0, running: int = 0, used: int = 0) -> WorkerMetrics:
+    return WorkerMetrics(
+        wid,
+        1,
+        0.0,
+        running=running,
+        kv_used_blocks=used,
+        kv_total_blocks=1000,
+        prefill_queue_tokens=prefill_q,
+    )
+
+
+def test_a_prefill_queue_the_router_reserved_and_saw_drain_is_not_counted_again() -> None:
+    """Metrics are up to a period old: a queue they show of requests this router routed and
+    that have prefilled since (their reservation released) must not keep the worker looking
+    busy. Before the fix the cost took max(reservation, metrics) and sent this prompt away
+    from its cache."""
+    from dynamo_ext.router.sequences import ActiveSequences
+
+    seqs = ActiveSequences()
+    s = Scorer(ScorerConfig(seed=0), block_size=16)
+    a, b = Candidate("a", None, seqs.load("a")), Candidate("b", None, seqs.load("b"))
+    seqs.add("r1", "a", 101, 1600)  # 100 blocks to prefill on a
+    s.observe(a, _metrics("a", prefill_q=1600, running=1, used=101))  # its snapshot
+    s.observe(b, _metrics("b"))
+    seqs.prefill_done("r1")  # a has prefilled r1; its next metrics are not here yet
+    seqs.finish("r1")
+    a.dirty = True
+    chosen, _ = s.select([a, b], PrefixMatches({"a": 20}, {}, 32))
+    assert chosen.worker_id == "a"
+
+
+def test_load_the_metrics_show_beyond_the_routers_reservations_counts() -> None:
+    """Requests someone else routed (another frontend, this router's earlier life) are in
+    the metrics only: they count on top of the router's own reservations."""
+    from dynamo_ext.router.sequences import ActiveSequences
+
+    seqs = ActiveSequences()
+    s = Scorer(ScorerConfig(seed=0, miss_weight=0.0), block_size=16)
+    a, b = Candidate("a", None, seqs.load("a")), Candidate("b", None, seqs.load("b"))
+    s.observe(a, _metrics("a", prefill_q=16 * 400, running=3))  # nothing of ours
+    s.observe(b, _metrics("b"))
+    seqs.add("mine", "b", 11, 160)  # 10 blocks of our own on b
+    b.dirty = True
+    chosen, scores = s.select([a, b], PrefixMatches({"a": 30}, {}, 32), explain=True)
+    assert chosen.worker_id == "b"
+    by = {x.worker_id: x.cost for x in scores}
+    assert by["a"] >= 400 + 2  # external queue + the two blocks to compute
+    assert by["b"] < by["a"]
+
+
+def test_miss_weight_grows_with_the_share_of_busy_workers() -> None:
+    """A recomputed block costs the fleet more when other workers are busy too: the same
+    prompt waits behind a's queue for its cache on a busy fleet, and goes to an idle
+    worker when the fleet is mostly idle."""
+
+    def pick(c_busy: bool) -> str:
+        s = Scorer(ScorerConfig(seed=0, miss_weight=2.0), block_size=16)
+        cs = [Candidate(w, None, WorkerLoad()) for w in "abc"]
+        s.observe(cs[0], _metrics("a", prefill_q=16 * 30))
+        s.observe(cs[1], _metrics("b"))
+        s.observe(cs[2], _metrics("c", prefill_q=16 * 200 if c_busy else 0))
+        chosen, _ = s.select(cs, PrefixMatches({"a": 16}, {}, 32))
+        return chosen.worker_id
+
+    # one busy worker of three: a = 30 + 16 * (1 + 2/3) = 56.7, b = c = 32 * 1.67 = 53.3
+    assert pick(c_busy=False) in ("b", "c")
+    # two of three: a = 30 + 16 * (1 + 4/3) = 67.3, b = 32 * 2.33 = 74.7
+    assert pick(c_busy=True) == "a"
