@@ -15,12 +15,10 @@ Dynamo's simulator.
    ``..._queries_total``) beside the mocker's. The simulator has no HTTP, frontend or
    router hop; ``ttft_*_ratio_plus_request`` adds the per-request cost the calibration fit
    measured outside the engine step (``request_overhead_s``) to every simulated TTFT.
-2. Round robin vs Dynamo's mocker (``--no-real`` runs this alone): the sample trace's first
-   ``--dynamo-limit`` requests replayed with round robin by our simulator (H100 preset)
-   and by Dynamo's ``run_mocker_trace_replay`` (``router_mode="round_robin"``) with its
-   engines given the same block size, KV blocks, batch budget and sequence limit; and the
-   per-step time of each for the same batches (ours from ``TimingModel.step_seconds``;
-   Dynamo's read from its per-token timestamps of requests alone on a worker).
+2. Round robin vs Dynamo's mocker (``simcheck_dynamo``; ``--no-real`` skips the fleets):
+   the sample trace's first ``--dynamo-limit`` requests with round robin in our simulator
+   and in Dynamo's ``run_mocker_trace_replay``, same engine limits, each with its own
+   timing and then both with the same fixed step cost, with per-step probes.
 
 JSON out; ``run(...)`` returns the same dict for ``dynamo-ext bench report``.
 """
@@ -31,25 +29,28 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import msgspec
 
 from dynamo_ext.sim.calibrate import (
     CALIB_VOCAB,
+    ITL_METRICS,
+    PREFILL_METRIC,
     TOKEN_LO,
     calibration_model,
+    delta_sum,
+    histogram_sums,
     stream_tokens,
 )
 from dynamo_ext.sim.model import (
     FITTED_PROFILE_PATH,
-    H100_PRESET,
+    TIMING_PRESETS,
     VLLM_CPU_FITTED,
     MockerConfig,
     timing_preset,
@@ -125,6 +126,7 @@ def _figures(ttft_s: list[float], itl_s: list[float]) -> dict[str, float]:
         "ttft_p99_ms": round(percentile(t, 99, presorted=True), 2),
         "itl_p50_ms": round(percentile(i, 50, presorted=True), 3),
         "itl_p99_ms": round(percentile(i, 99, presorted=True), 3),
+        "itl_mean_ms": round(sum(i) / len(i), 3) if i else float("nan"),
     }
 
 
@@ -184,10 +186,32 @@ def run_real(model: Path, rows: list[TraceRow], mode: str, workdir: Path) -> dic
         asyncio.run(replay_open_loop(fleet.url, fleet.served_model_name, warm_rows, warm))
         urls = [w.server.url for w in fleet.workers]
         h0, q0 = engine_counters(urls)
+        m0 = engine_histograms(urls)
+        load0 = os.getloadavg()[0]
         res = asyncio.run(replay_open_loop(fleet.url, fleet.served_model_name, rows, prompts))
+        load1 = os.getloadavg()[0]
+        m1 = engine_histograms(urls)
         h1, q1 = engine_counters(urls)
     res["prefix_hit_rate"] = round((h1 - h0) / (q1 - q0), 4) if q1 > q0 else None
+    # The engines' own clocks (stamped as each step's outputs are made): what of the
+    # client's latency the engine steps themselves took, without HTTP, frontend, router.
+    for key, names in (
+        ("engine_itl_mean_ms", ITL_METRICS),
+        ("engine_prefill_mean_ms", (PREFILL_METRIC,)),
+    ):
+        ds, dn = delta_sum(m0, m1, names)
+        res[key] = round(ds / dn * 1e3, 3) if dn else None
+    res["load_avg_1m"] = [round(load0, 2), round(load1, 2)]
     return res
+
+
+def engine_histograms(urls: list[str]) -> dict[str, tuple[float, float]]:
+    tot: dict[str, tuple[float, float]] = {}
+    for u in urls:
+        for k, (a, b) in histogram_sums(httpx.get(u + "/metrics", timeout=10).text).items():
+            s0, n0 = tot.get(k, (0.0, 0.0))
+            tot[k] = (s0 + a, n0 + b)
+    return tot
 
 
 # ======================================================================================
@@ -203,15 +227,19 @@ def fleet_mocker_config(timing: str = VLLM_CPU_FITTED) -> MockerConfig:
     )
 
 
-def run_sim(rows: list[TraceRow], mode: str, mcfg: MockerConfig, workers: int) -> dict[str, Any]:
+def run_sim(
+    rows: list[TraceRow], mode: str, mcfg: MockerConfig, workers: int, req_s: float = 0.0
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The simulator's figures, and the same with ``req_s`` added to every TTFT."""
     from dynamo_ext.sim.replay import policy, simulate
     from dynamo_ext.sim.report import summarize
 
     prompts = TracePrompts(rows, mcfg.block_size, BLOCK, mcfg.hash_algo)
     run_ = simulate(policy(mode), mcfg, prompts, workers, 1.0, 0.2)
-    s = summarize(run_)
     ttft = [(r.first - r.arrival) for r in run_.recs if r.first is not None]
-    return {**_figures(ttft, list(run_.itl)), "prefix_hit_rate": s["prefix_hit_rate"]}
+    itl = list(run_.itl)
+    figs = {**_figures(ttft, itl), "prefix_hit_rate": summarize(run_)["prefix_hit_rate"]}
+    return figs, _figures([t + req_s for t in ttft], itl)
 
 
 def request_overhead_s() -> float:
@@ -222,15 +250,18 @@ def request_overhead_s() -> float:
 
 
 def sim_vs_real(
-    rows: list[TraceRow], modes: list[str], workdir: Path, real: bool = True
+    rows: list[TraceRow],
+    modes: list[str],
+    workdir: Path,
+    real: bool = True,
+    timing: str = VLLM_CPU_FITTED,
 ) -> dict[str, Any]:
-    mcfg = fleet_mocker_config()
+    mcfg = fleet_mocker_config(timing)
     req_s = request_overhead_s()
     model = calibration_model() if real else None
     out: dict[str, Any] = {}
     for mode in modes:
-        sim = run_sim(rows, mode, mcfg, 2)
-        shifted = run_sim_shifted(rows, mode, mcfg, req_s)
+        sim, shifted = run_sim(rows, mode, mcfg, 2, req_s)
         entry: dict[str, Any] = {"sim": sim, "sim_plus_request": shifted}
         if model is not None:
             t = time.perf_counter()
@@ -243,187 +274,12 @@ def sim_vs_real(
     return out
 
 
-def run_sim_shifted(
-    rows: list[TraceRow], mode: str, mcfg: MockerConfig, req_s: float
-) -> dict[str, Any]:
-    """The simulation with each TTFT plus the fixed per-request cost (ITL unchanged)."""
-    from dynamo_ext.sim.replay import policy, simulate
-
-    prompts = TracePrompts(rows, mcfg.block_size, BLOCK, mcfg.hash_algo)
-    run_ = simulate(policy(mode), mcfg, prompts, 2, 1.0, 0.2)
-    ttft = [(r.first - r.arrival) + req_s for r in run_.recs if r.first is not None]
-    return _figures(ttft, list(run_.itl))
-
-
 def ratios(sim: dict[str, Any], real: dict[str, Any]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     for k in FIGS:
         a, b = sim.get(k), real.get(k)
         out[k] = round(a / b, 3) if a is not None and b else None
     return out
-
-
-# ======================================================================================
-# 2. Round robin: our simulator vs Dynamo's
-# ======================================================================================
-def dynamo_engine_args(mcfg: MockerConfig, fixed_ms: float | None = None) -> dict[str, Any]:
-    """Dynamo's mocker engine with our engine's limits (as ``peers.run_dynamo``), and with
-    ``fixed_ms`` its ``fixed`` timing model (every prefill and decode step that long)."""
-    engine: dict[str, Any] = {
-        "block_size": mcfg.block_size,
-        "num_gpu_blocks": mcfg.gpu_blocks(),
-        "max_num_batched_tokens": mcfg.max_num_batched_tokens,
-        "max_num_seqs": mcfg.max_num_seqs,
-        "enable_prefix_caching": mcfg.enable_prefix_caching,
-    }
-    if fixed_ms is not None:
-        engine["timing_model"] = {"type": "fixed", "prefill_ms": fixed_ms, "decode_ms": fixed_ms}
-    return {"engine": engine, "num_gpu_blocks_is_explicit": True}
-
-
-def dynamo_rr(
-    trace_lines: list[str],
-    workers: int,
-    speedup: float,
-    mcfg: MockerConfig,
-    trace_block_size: int,
-    fixed_ms: float | None = None,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Dynamo's simulator, round robin: (its summary in our figure names, per request)."""
-    from dynamo._core import run_mocker_trace_replay  # type: ignore[import-not-found]
-
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.jsonl"
-        trace.write_text("".join(line + "\n" for line in trace_lines))
-        res = run_mocker_trace_replay(
-            [str(trace)],
-            extra_engine_args=dynamo_engine_args(mcfg, fixed_ms),
-            num_workers=workers,
-            router_mode="round_robin",
-            replay_mode="offline",
-            arrival_speedup_ratio=speedup,
-            trace_block_size=trace_block_size,
-            capture_per_request=True,
-        )
-    s = res.summary
-    per = list(res.per_request or [])
-    itl = sorted(float(x) for p in per for x in (p.get("itl_ms") or ()))
-    fig = {
-        "ttft_p50_ms": round(s["median_ttft_ms"], 2),
-        "ttft_p90_ms": round(s["p90_ttft_ms"], 2),
-        "ttft_p99_ms": round(s["p99_ttft_ms"], 2),
-        "itl_p50_ms": round(s["median_itl_ms"], 3),
-        "itl_p99_ms": round(s["p99_itl_ms"], 3),
-        "e2e_p50_ms": round(s["median_e2e_latency_ms"], 2),
-        "prefix_hit_rate": round(s["prefix_cache_reused_ratio"], 4),
-        "throughput_tok_s": round(s["total_throughput_tok_s"], 1),
-        "itl_samples": len(itl),
-    }
-    return fig, per
-
-
-def _ours_rr(
-    rows: list[TraceRow], workers: int, speedup: float, mcfg: MockerConfig, tbs: int
-) -> dict[str, Any]:
-    from dynamo_ext.sim.replay import policy, simulate
-    from dynamo_ext.sim.report import summarize
-
-    prompts = TracePrompts(rows, mcfg.block_size, tbs, mcfg.hash_algo)
-    s = summarize(simulate(policy("round_robin"), mcfg, prompts, workers, speedup, 0.5))
-    keep = ("ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
-    return {k: s[k] for k in (*keep, "e2e_p50_ms", "prefix_hit_rate", "throughput_tok_s")}
-
-
-def step_probe(mcfg: MockerConfig, fixed_ms: float | None = None) -> list[dict[str, Any]]:
-    """Per-step time of each simulator for the same batches: one request alone (ISL,
-    8 output tokens) on one engine; Dynamo's TTFT and median ITL beside ours."""
-    t = mcfg.timing
-    out = []
-    for k, isl in enumerate((128, 1024, 4096, 8192, 16384)):
-        line = json.dumps(
-            {
-                "timestamp": 0,
-                "input_length": isl,
-                "output_length": 8,
-                "hash_ids": list(range(k * 100, k * 100 + math.ceil(isl / TRACE_BLOCK))),
-            }
-        )
-        fig, per = dynamo_rr([line], 1, 1.0, mcfg, TRACE_BLOCK, fixed_ms)
-        p = per[0] if per else {}
-        ours_ttft = sum(
-            t.step_seconds(c, c * s + c * (c + 1) / 2, 0)
-            for s, c in _chunks(isl, mcfg.max_num_batched_tokens)
-        )
-        out.append(
-            {
-                "isl": isl,
-                "dynamo_ttft_ms": round(float(p.get("ttft_ms") or float("nan")), 3),
-                "ours_ttft_ms": round(ours_ttft * 1e3, 3),
-                "dynamo_decode_step_ms": fig["itl_p50_ms"],
-                "ours_decode_step_ms": round(t.step_seconds(1, 0, isl + 4) * 1e3, 3),
-            }
-        )
-    return out
-
-
-def _chunks(isl: int, budget: int) -> list[tuple[int, int]]:
-    out = []
-    s = 0
-    while s < isl:
-        c = min(budget, isl - s)
-        out.append((s, c))
-        s += c
-    return out
-
-
-def rr_vs_dynamo(
-    trace: Path, limit: int, workers: int, speedup: float, fixed_ms: float = 20.0
-) -> dict[str, Any]:
-    """Round robin on the same trace and engine limits: (1) our H100 preset vs Dynamo's own
-    timing; (2) both simulators with every step ``fixed_ms`` long (our ``LinearTiming``
-    with only a per-step constant, Dynamo's ``fixed`` timing model), which leaves only
-    scheduling and cache differences."""
-    from dynamo_ext.sim.model import LinearTiming
-    from dynamo_ext.sim.peers import dynamo_available
-
-    mcfg = MockerConfig(block_size=16, timing=timing_preset(H100_PRESET))
-    rows = load_trace(trace, limit)
-    out: dict[str, Any] = {
-        "setup": {
-            "trace": str(trace),
-            "requests": len(rows),
-            "workers": workers,
-            "speedup": speedup,
-            "block_size": mcfg.block_size,
-            "gpu_blocks_per_worker": mcfg.gpu_blocks(),
-            "max_num_batched_tokens": mcfg.max_num_batched_tokens,
-            "max_num_seqs": mcfg.max_num_seqs,
-        },
-        "own_timing": {"ours_rr": _ours_rr(rows, workers, speedup, mcfg, TRACE_BLOCK)},
-    }
-    if not dynamo_available():
-        return out
-    lines = [r.raw for r in rows]
-    own = out["own_timing"]
-    own["dynamo_rr"] = dynamo_rr(lines, workers, speedup, mcfg, TRACE_BLOCK)[0]
-    own["ratios_ours_over_dynamo"] = _ratio_keys(own["ours_rr"], own["dynamo_rr"])
-    out["step_time_own"] = step_probe(mcfg)
-    fixed = msgspec.structs.replace(
-        mcfg,
-        timing=LinearTiming(name=f"fixed-{fixed_ms}ms", overhead_s=fixed_ms / 1e3),
-        num_gpu_blocks=mcfg.gpu_blocks(),  # the same cache as above (KV bytes differ)
-    )
-    same: dict[str, Any] = {"step_ms": fixed_ms}
-    same["ours_rr"] = _ours_rr(rows, workers, speedup, fixed, TRACE_BLOCK)
-    same["dynamo_rr"] = dynamo_rr(lines, workers, speedup, fixed, TRACE_BLOCK, fixed_ms)[0]
-    same["ratios_ours_over_dynamo"] = _ratio_keys(same["ours_rr"], same["dynamo_rr"])
-    out["same_step_cost"] = same
-    out["step_time_fixed"] = step_probe(fixed, fixed_ms)
-    return out
-
-
-def _ratio_keys(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
-    return {k: round(a[k] / b[k], 3) if b.get(k) else None for k in a if k in b}
 
 
 # ======================================================================================
@@ -440,6 +296,7 @@ def run(
     dynamo_workers: int = 16,
     dynamo_speedup: float = 4.0,
     workdir: Path = Path("out/bench-simcheck"),
+    timing: str = VLLM_CPU_FITTED,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     rows = derive_trace(trace, requests, span_s, max_output)
@@ -452,11 +309,13 @@ def run(
             "input_tokens_mean": round(sum(r.input_length for r in rows) / len(rows), 1),
             "output_tokens_mean": round(sum(r.output_length for r in rows) / len(rows), 1),
         },
-        "sim_timing": VLLM_CPU_FITTED,
+        "sim_timing": timing,
         "request_overhead_s": request_overhead_s(),
-        "sim_vs_real": sim_vs_real(rows, list(modes), workdir, real),
+        "sim_vs_real": sim_vs_real(rows, list(modes), workdir, real, timing),
     }
     if dynamo_limit:
+        from dynamo_ext.benchmarks.simcheck_dynamo import rr_vs_dynamo
+
         out["rr_vs_dynamo"] = rr_vs_dynamo(trace, dynamo_limit, dynamo_workers, dynamo_speedup)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     return out
@@ -473,6 +332,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dynamo-workers", type=int, default=16)
     p.add_argument("--dynamo-speedup", type=float, default=4.0)
     p.add_argument("--workdir", type=Path, default=Path("out/bench-simcheck"))
+    p.add_argument(
+        "--timing",
+        default=VLLM_CPU_FITTED,
+        choices=TIMING_PRESETS,
+        help="the simulated engines' step-time preset",
+    )
     p.add_argument("--json", action="store_true", help="JSON only (it is printed either way)")
 
 
@@ -488,6 +353,7 @@ def main(args: argparse.Namespace) -> int:
         args.dynamo_workers,
         args.dynamo_speedup,
         args.workdir,
+        args.timing,
     )
     print(json.dumps(res))
     return 0

@@ -3,24 +3,28 @@
 One stock vLLM (CPU) server, started with the local fleet's flags (``CPU_FAST_ARGS``,
 ``CPU_FAST_ENV``) on the calibration model (a random-weight Llama, 4 layers of 256, built
 locally), is driven with controlled batches over its OpenAI API, with token-id prompts whose
-first block is unique (no prefix hit):
+first block is unique (no prefix hit), and timed by the engine's own serving histograms
+(stamped by the engine core as each step's outputs are made, so HTTP and the client's
+scheduling stay out):
 
-* prefill: one lone prompt of N tokens, ``max_tokens`` 1, for several N: its TTFT is one
-  prefill step of N tokens plus the fixed cost of a request (HTTP, input processing);
-* decode: B concurrent streams, each a prompt of C tokens, for several B and C: the gaps
-  between a stream's tokens once every stream has its first token are decode steps of B
-  tokens over a summed context of B * (C + tokens generated so far).
+* prefill: one lone prompt of N tokens, ``max_tokens`` 1, for several N: the change of
+  ``vllm:request_prefill_time_seconds`` is one prefill step of N tokens; the client's TTFT
+  minus it is the fixed cost of a request outside the engine (HTTP, input processing);
+* decode: B concurrent prompts of C tokens (B * C within one batch, so they are prefilled
+  in one step), for several B and C: the mean of ``vllm:inter_token_latency_seconds`` over
+  the point is a decode step of B tokens over a summed context of B * (C + mean generated).
 
-Each point is repeated and its median kept (the spread, p10..p90 of the repeats, is kept
-beside it: the machine is shared). The fit is a weighted non-negative least squares (rows
-scaled by 1/t, so relative errors count) of
+Points run in a shuffled order, each repeated; a point's value is the median over its
+repeats, with the spread (p10..p90 of the repeats) beside it: the machine is shared. The
+fit is a weighted non-negative least squares (rows scaled by 1/t, so relative errors count)
+of the mocker's ``LinearTiming`` (``sim.model``)
 
-    t = overhead + per_token * T + per_pair * pairs + per_ctx * ctx  [+ request_s, prefill rows]
+    t = overhead + per_token * T + per_pair * pairs + per_ctx * ctx  [+ request_s, TTFT rows]
 
-the mocker's ``LinearTiming`` (``sim.model``); ``request_s``, the per-request cost outside
-the engine step, is not part of a step and is reported beside the profile (the simulator has
-no HTTP). ``--write`` stores the profile as ``dynamo_ext/sim/vllm_cpu_fitted.json``, the
-``vllm-cpu-fitted`` preset, with the samples, residuals and the command that refits it.
+(``request_s`` only when client TTFTs are fitted; here it is measured directly and reported
+beside the profile as ``request_overhead_s``: the simulator has no HTTP). ``--write``
+stores the profile as ``dynamo_ext/sim/vllm_cpu_fitted.json``, the ``vllm-cpu-fitted``
+preset, with the samples, their residuals and the command that refits it.
 """
 
 from __future__ import annotations
@@ -253,7 +257,7 @@ async def _scrape(http: httpx.AsyncClient, url: str) -> dict[str, tuple[float, f
     return histogram_sums((await http.get(url + "/metrics")).text)
 
 
-def _delta(
+def delta_sum(
     a: dict[str, tuple[float, float]], b: dict[str, tuple[float, float]], names: Sequence[str]
 ) -> tuple[float, float]:
     for n in names:
@@ -309,7 +313,7 @@ async def measure(
             before = await _scrape(http, url)
             if kind == "prefill":
                 t0, times = await stream_tokens(http, url, model, random_prompt(rng, c), 1)
-                s, n = _delta(before, await _scrape(http, url), (PREFILL_METRIC,))
+                s, n = delta_sum(before, await _scrape(http, url), (PREFILL_METRIC,))
                 if n != 1:
                     raise CalibrationError(f"one prefill expected, the engine counted {n}")
                 steps.setdefault(key, []).append(s)
@@ -321,7 +325,7 @@ async def measure(
                     for _ in range(b)
                 )
             )
-            s, n = _delta(before, await _scrape(http, url), ITL_METRICS)
+            s, n = delta_sum(before, await _scrape(http, url), ITL_METRICS)
             if n < 1:
                 raise CalibrationError(f"no inter-token gap counted at B={b} C={c}")
             steps.setdefault(key, []).append(s / n)
