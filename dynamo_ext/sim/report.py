@@ -80,9 +80,11 @@ def summarize(
     slo_ttft_ms: float = SLO_TTFT_MS,
     slo_tpot_ms: float = SLO_TPOT_MS,
     physical_limit: float | None = None,
+    fleet_limit: float | None = None,
 ) -> dict[str, Any]:
     """The figures of one run (module doc). ``physical_limit``: the workload's infinite-cache
-    hit rate (``workloads.physical_limit_hit_rate``), to set the engines' hit rate beside."""
+    hit rate (``workloads.physical_limit_hit_rate``), to set the engines' hit rate beside;
+    ``fleet_limit``: the same with one LRU cache of the fleet's whole KV capacity."""
     done = [r for r in run.recs if r.finish is not None and r.error is None]
     ttft = sorted((r.first - r.arrival) * 1e3 for r in done if r.first is not None)  # type: ignore[operator]
     e2e = sorted((r.finish - r.arrival) * 1e3 for r in done)  # type: ignore[operator]
@@ -109,6 +111,9 @@ def summarize(
     if physical_limit is not None:
         limit["physical_limit_hit_rate"] = round(physical_limit, 4)
         limit["hit_rate_of_limit"] = round(hit_rate / physical_limit, 3) if physical_limit else None
+    if fleet_limit is not None:
+        limit["fleet_cache_limit_hit_rate"] = round(fleet_limit, 4)
+        limit["hit_rate_of_fleet_limit"] = round(hit_rate / fleet_limit, 3) if fleet_limit else None
     return {
         "ttft_p50_ms": round(pct(ttft, 50), 2),
         "ttft_p90_ms": round(pct(ttft, 90), 2),

@@ -52,6 +52,7 @@ COLUMNS = (
     ("tok/s", "throughput_tok_s", "{:.0f}"),
     ("hit", "prefix_hit_rate", "{:.3f}"),
     ("hit / limit", "hit_rate_of_limit", "{:.2f}"),
+    ("hit / fleet limit", "hit_rate_of_fleet_limit", "{:.2f}"),
 )
 
 
@@ -80,28 +81,52 @@ def _arms(tuned: dict[str, Any], with_dynamo: bool) -> list[Policy]:
     return arms
 
 
+def _mean_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One arm's figures over several workload seeds: the mean of every number (a
+    percentile's mean over seeds), the first run's value of anything else."""
+    if len(runs) == 1:
+        return runs[0]
+    out: dict[str, Any] = {}
+    for k, v in runs[0].items():
+        vals = [r.get(k) for r in runs]
+        if all(isinstance(x, int | float) and not isinstance(x, bool) for x in vals):
+            out[k] = round(sum(vals) / len(vals), 4)  # type: ignore[arg-type]
+        else:
+            out[k] = v
+    out["seeds"] = len(runs)
+    return out
+
+
 def _run_arms(
     arms: list[Policy],
-    rows: list[TraceRow],
+    row_sets: list[list[TraceRow]],
     mcfg: MockerConfig,
     workers: int,
-    speedup: float,
+    speedup: float | list[float],
     log: Any,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, list[float]]]:
-    prompts = TracePrompts(rows, mcfg.block_size)
-    limit = workloads.physical_limit_hit_rate(rows, mcfg.block_size)
-    figs: dict[str, dict[str, Any]] = {}
-    ttfts: dict[str, list[float]] = {}
-    for arm in arms:
-        run = simulate(arm, mcfg, prompts, workers, speedup, 0.5)
-        figs[arm.name] = summarize(run, SLO_TTFT_MS, SLO_TPOT_MS, limit)
-        ttfts[arm.name] = sorted(
-            (r.first - r.arrival) * 1e3  # type: ignore[operator]
-            for r in run.recs
-            if r.first is not None
-        )
-        print(f"  {arm.name}: {figs[arm.name]['wall_s']} s", file=log, flush=True)
-    return figs, ttfts
+    """Every arm on every row set (one per workload seed; ``speedup`` one or one per set):
+    figures averaged over the sets, TTFTs pooled (for the CDF)."""
+    speedups = speedup if isinstance(speedup, list) else [speedup] * len(row_sets)
+    fleet_blocks = workers * mcfg.gpu_blocks()
+    per_arm: dict[str, list[dict[str, Any]]] = {a.name: [] for a in arms}
+    ttfts: dict[str, list[float]] = {a.name: [] for a in arms}
+    for rows, sp in zip(row_sets, speedups, strict=True):
+        prompts = TracePrompts(rows, mcfg.block_size)
+        limit = workloads.physical_limit_hit_rate(rows, mcfg.block_size)
+        fleet = workloads.physical_limit_hit_rate(rows, mcfg.block_size, fleet_blocks)
+        for arm in arms:
+            run = simulate(arm, mcfg, prompts, workers, sp, 0.5)
+            fig = summarize(run, SLO_TTFT_MS, SLO_TPOT_MS, limit, fleet)
+            per_arm[arm.name].append(fig)
+            ttfts[arm.name] += [
+                (r.first - r.arrival) * 1e3  # type: ignore[operator]
+                for r in run.recs
+                if r.first is not None
+            ]
+            print(f"  {arm.name}: {fig['wall_s']} s", file=log, flush=True)
+    figs = {name: _mean_figures(runs) for name, runs in per_arm.items()}
+    return figs, {name: sorted(xs) for name, xs in ttfts.items()}
 
 
 def run_report(args: argparse.Namespace) -> dict[str, Any]:
@@ -130,7 +155,7 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
     arms = _arms(tuned, with_dynamo)
     rows = load_trace(trace, 150 if quick else args.limit)
     print(f"sample trace: {len(rows)} requests", file=log, flush=True)
-    sample, sample_ttft = _run_arms(arms, rows, mcfg, args.workers, args.speedup, log)
+    sample, sample_ttft = _run_arms(arms, [rows], mcfg, args.workers, args.speedup, log)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / "report-sample-trace.png"
@@ -140,21 +165,33 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
     n = 60 if quick else args.requests
     kinds = workloads.KINDS if not args.workloads else args.workloads.split(",")
     loads = {"medium": LOADS["medium"]} if quick else LOADS
+    seeds = [args.seed + i for i in range(1 if quick else args.seeds)]
     for kind in kinds:
-        wrows = workloads.generate(kind, n, 1.0, seed=args.seed)
-        limit = workloads.physical_limit_hit_rate(wrows, mcfg.block_size)
-        gen[kind] = {"requests": n, "physical_limit_hit_rate": round(limit, 4), "loads": {}}
+        sets = [workloads.generate(kind, n, 1.0, seed=sd) for sd in seeds]
+        limits = [workloads.physical_limit_hit_rate(r, mcfg.block_size) for r in sets]
+        limit = sum(limits) / len(limits)
+        gen[kind] = {
+            "requests": n,
+            "seeds": seeds,
+            "physical_limit_hit_rate": round(limit, 4),
+            "loads": {},
+        }
         for lname, frac in loads.items():
-            sp = speedup_for(wrows, limit, frac, args.gen_workers, cap)
+            sps = [
+                speedup_for(r, lim, frac, args.gen_workers, cap)
+                for r, lim in zip(sets, limits, strict=True)
+            ]
+            sp = sum(sps) / len(sps)
             print(f"{kind} {lname} (speedup {sp:.3g})", file=log, flush=True)
-            figs, ttft = _run_arms(arms, wrows, mcfg, args.gen_workers, sp, log)
+            figs, ttft = _run_arms(arms, sets, mcfg, args.gen_workers, sps, log)
             gen[kind]["loads"][lname] = {"load": frac, "speedup": round(sp, 4), "policies": figs}
-            if lname == "medium":
+            if lname == "medium" or kind == "chat":
                 plot(
-                    out_dir / f"report-{kind}-medium.png",
+                    out_dir / f"report-{kind}-{lname}.png",
                     ttft,
                     figs,
-                    f"{kind}: {n} requests, {args.gen_workers} workers, medium load",
+                    f"{kind}: {n} requests x {len(seeds)} seeds, {args.gen_workers} workers, "
+                    f"{lname} load",
                 )
     return {
         "command": " ".join(["dynamo-ext bench report", *_argv_after("report")]),
@@ -219,7 +256,9 @@ def markdown(res: dict[str, Any]) -> str:
         "(`ai-dynamo-runtime` 1.6.1) over real ZMQ behind a barrier. Goodput: requests a "
         f"second with TTFT <= {s['slo']['ttft_ms']:.0f} ms and TPOT <= "
         f"{s['slo']['tpot_ms']:.0f} ms. hit: prompt tokens the engines found cached; "
-        "limit: one infinite cache that sees every prompt. Latencies in ms.",
+        "limit: one infinite cache that sees every prompt; fleet limit: one LRU cache as "
+        "large as the whole fleet's KV capacity that sees every prompt (no router of a fleet "
+        "that size does much better: it must also split the work). Latencies in ms.",
         "",
         f"**Tuning** (same budget, {t['budget_per_side']} replays a side, defaults "
         f"included, on the first {t['trace_requests']} requests of the sample trace, "
@@ -237,7 +276,10 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"**Sample trace** (the tuning set: {st['requests']} requests, "
         f"{s['sample_workers']} workers, speedup {s['sample_speedup']}; physical limit "
-        f"{_cell(next(iter(st['policies'].values())).get('physical_limit_hit_rate'), '{:.3f}')}):",
+        f"{_cell(next(iter(st['policies'].values())).get('physical_limit_hit_rate'), '{:.3f}')}"
+        ", fleet limit "
+        f"{_cell(next(iter(st['policies'].values())).get('fleet_cache_limit_hit_rate'), '{:.3f}')}"
+        "):",
         "",
         *_table(list(st["policies"].items())),
     ]
@@ -247,7 +289,8 @@ def markdown(res: dict[str, Any]) -> str:
             rows += [(f"{lname} / {p}", fig) for p, fig in ld["policies"].items()]
         out += [
             "",
-            f"**{kind}** (generated, not tuned on: {g['requests']} requests, "
+            f"**{kind}** (generated, not tuned on: {g['requests']} requests x "
+            f"{len(g.get('seeds', [0]))} workload seeds, each figure the mean over the seeds, "
             f"{s['generated_workers']} workers, physical limit "
             f"{g['physical_limit_hit_rate']:.3f}; load = the prefill an ideal router still "
             "does over the fleet's capacity: "
@@ -258,6 +301,10 @@ def markdown(res: dict[str, Any]) -> str:
             "",
             *_table(rows, "load / policy"),
         ]
+    plots = res.get("plots") or []
+    if plots:
+        out += ["", "Plots (TTFT CDF and engines' hit rate per policy):", ""]
+        out += [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(out) + "\n"
 
 
@@ -283,7 +330,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-workers", type=int, default=8, help="fleet for generated workloads")
     p.add_argument("--requests", type=int, default=600, help="requests per generated workload")
     p.add_argument("--workloads", default="", help=f"subset of {','.join(workloads.KINDS)}")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first workload seed")
+    p.add_argument(
+        "--seeds", type=int, default=3, help="workload seeds per generated workload (averaged)"
+    )
     p.add_argument("--out-dir", default="out", help="results JSON and plots")
     p.add_argument("--readme", default="", help="README to rewrite between the markers")
     p.add_argument("--no-dynamo", action="store_true", help="leave Dynamo's core out")

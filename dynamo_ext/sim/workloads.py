@@ -147,16 +147,24 @@ def generate(kind: str, n: int, rate: float, seed: int = 0) -> list[TraceRow]:
     return gen(n, rate, seed)
 
 
-def physical_limit_hit_rate(rows: Sequence[TraceRow], block_size: int) -> float:
+def physical_limit_hit_rate(
+    rows: Sequence[TraceRow], block_size: int, capacity_blocks: int = 0
+) -> float:
     """The hit rate of one infinite cache that sees every request in arrival order: the
     share of prompt tokens in blocks whose whole prefix an earlier prompt held, counted as
     an engine counts hits (full blocks only, the last prompt token always computed, the
     first miss ends the prefix).
 
+    ``capacity_blocks`` > 0: one LRU cache of that many blocks instead (the fleet's whole
+    KV capacity as if it were one engine): what no router of a fleet that size can beat
+    by much, since it must also split the work.
+
     A block's prefix is named by the trace blocks it spans (a chained key over their ids)
     and its end offset in the last one, so no token ids are needed; tokens past the ids
     are unique to their request and never hit."""
-    seen: set[tuple[int, int]] = set()
+    from collections import OrderedDict
+
+    seen: OrderedDict[tuple[int, int], None] = OrderedDict()
     hit = total = 0
     for row in rows:
         total += row.input_length
@@ -176,9 +184,15 @@ def physical_limit_hit_rate(rows: Sequence[TraceRow], block_size: int) -> float:
             name = (chain[tb - 1], end - (tb - 1) * TRACE_BLOCK)
             if matched and b < hittable and name in seen:
                 k += 1
+                seen.move_to_end(name)
             else:
                 matched = False
-                seen.add(name)
+                if name in seen:
+                    seen.move_to_end(name)
+                else:
+                    seen[name] = None
+                    if capacity_blocks and len(seen) > capacity_blocks:
+                        seen.popitem(last=False)
         hit += k * block_size
     return hit / total if total else 0.0
 

@@ -27,6 +27,22 @@ def test_physical_limit_counts_blocks_whose_whole_prefix_was_seen() -> None:
     )
 
 
+def test_fleet_limit_is_one_lru_cache_of_the_given_size() -> None:
+    # two 8-block prompts alternating: an infinite cache hits from the third request on;
+    # a 10-block LRU never holds both, so each evicts the other (0 hits); 16 blocks hold both
+    rows = [_row(i, [100 + i % 2], 512) for i in range(6)]
+    inf = W.physical_limit_hit_rate(rows, 64)
+    assert inf == pytest.approx(4 * 7 * 64 / (6 * 512))
+    assert W.physical_limit_hit_rate(rows, 64, capacity_blocks=10) == 0.0
+    assert W.physical_limit_hit_rate(rows, 64, capacity_blocks=16) == pytest.approx(inf)
+    # a hit refreshes a block: A B A(hit) C evicts B, not A, from a 16-block LRU
+    rows = [_row(0, [1], 512), _row(1, [2], 512), _row(2, [1], 512), _row(3, [3], 512)]
+    rows += [_row(4, [1], 512)]
+    assert W.physical_limit_hit_rate(rows, 64, capacity_blocks=16) == pytest.approx(
+        2 * 7 * 64 / (5 * 512)
+    )
+
+
 def test_each_kind_has_its_reuse_and_arrives_in_order() -> None:
     limits = {}
     for kind in W.KINDS:
