@@ -269,6 +269,12 @@ def sim_vs_real(
             entry["real"]["fleet_wall_s"] = round(time.perf_counter() - t, 1)
             entry["ratios_sim_over_real"] = ratios(sim, entry["real"])
             entry["ratios_sim_plus_request_over_real"] = ratios(shifted, entry["real"])
+            # Where the time went: the engines' own mean step (their histograms) over the
+            # simulated one; near 1 means the gap is outside the engines (HTTP, frontend).
+            eng = entry["real"].get("engine_itl_mean_ms")
+            entry["engine_itl_over_sim_itl"] = (
+                round(eng / sim["itl_mean_ms"], 3) if eng and sim["itl_mean_ms"] else None
+            )
         out[mode] = entry
         print(f"simcheck {mode}: {json.dumps(entry)}", file=sys.stderr, flush=True)
     return out

@@ -1,11 +1,12 @@
 """Fit the mocker's step-time model to a real engine: ``python -m dynamo_ext.sim.calibrate``.
 
-One stock vLLM (CPU) server, started with the local fleet's flags (``CPU_FAST_ARGS``,
-``CPU_FAST_ENV``) on the calibration model (a random-weight Llama, 4 layers of 256, built
-locally), is driven with controlled batches over its OpenAI API, with token-id prompts whose
-first block is unique (no prefix hit), and timed by the engine's own serving histograms
-(stamped by the engine core as each step's outputs are made, so HTTP and the client's
-scheduling stay out):
+Two stock vLLM (CPU) servers, as the local fleet runs its two workers (its flags,
+``CPU_FAST_ARGS`` and ``CPU_FAST_ENV``; ``--engines``), on the calibration model (a
+random-weight Llama, 4 layers of 256, built locally), are driven at once with controlled
+batches over their OpenAI API (so that they share the machine's cores as the fleet's do),
+with token-id prompts whose first block is unique (no prefix hit), and timed by the
+engines' own serving histograms (stamped by the engine core as each step's outputs are
+made, so HTTP and the client's scheduling stay out):
 
 * prefill: one lone prompt of N tokens, ``max_tokens`` 1, for several N: the change of
   ``vllm:request_prefill_time_seconds`` is one prefill step of N tokens; the client's TTFT
@@ -286,8 +287,11 @@ class Measured:
     client_itl_excess_s: float  # median client mean ITL minus the engine's (HTTP, SSE)
 
 
+_Key = tuple[str, int, int]
+
+
 async def measure(
-    url: str,
+    urls: Sequence[str],
     model: str,
     prefill_lens: Sequence[int],
     decode_grid: Sequence[tuple[int, int]],
@@ -295,16 +299,42 @@ async def measure(
     decode_tokens: int,
     seed: int = 0,
 ) -> Measured:
-    """Prefill and decode points against a running engine (module doc), in a shuffled
-    order so that a burst of load from elsewhere spreads over many points. Every decode
+    """Prefill and decode points against running engines (module doc), each engine at
+    once in its own shuffled order (so that engines sharing a machine share it as a
+    fleet's do, and a burst of load from elsewhere spreads over many points). Every decode
     point's prompts fit one batch (B * C within the budget), so that all its later steps
     are pure decode steps."""
+    got = await asyncio.gather(
+        *(
+            _collect(u, model, prefill_lens, decode_grid, repeats, decode_tokens, seed + i)
+            for i, u in enumerate(urls)
+        )
+    )
+    steps: dict[_Key, list[float]] = {}
+    client: dict[_Key, list[float]] = {}
+    for st, cl in got:
+        for k, v in st.items():
+            steps.setdefault(k, []).extend(v)
+        for k, v in cl.items():
+            client.setdefault(k, []).extend(v)
+    return _summarize(steps, client, decode_tokens)
+
+
+async def _collect(
+    url: str,
+    model: str,
+    prefill_lens: Sequence[int],
+    decode_grid: Sequence[tuple[int, int]],
+    repeats: int,
+    decode_tokens: int,
+    seed: int,
+) -> tuple[dict[_Key, list[float]], dict[_Key, list[float]]]:
     rng = random.Random(seed)
     plan = [("prefill", n, 1) for n in prefill_lens for _ in range(repeats)]
     plan += [("decode", c, b) for b, c in decode_grid for _ in range(repeats)]
     rng.shuffle(plan)
-    steps: dict[tuple[str, int, int], list[float]] = {}
-    client: dict[tuple[str, int, int], list[float]] = {}
+    steps: dict[_Key, list[float]] = {}
+    client: dict[_Key, list[float]] = {}
     async with httpx.AsyncClient(timeout=120) as http:
         for _ in range(3):  # warm-up: first calls allocate
             await stream_tokens(http, url, model, random_prompt(rng, 256), 4)
@@ -333,6 +363,12 @@ async def measure(
                 y - x for _, times in runs for x, y in zip(times, times[1:], strict=False)
             )
             client.setdefault(key, []).append(sum(gaps) / len(gaps) - s / n if gaps else 0.0)
+    return steps, client
+
+
+def _summarize(
+    steps: dict[_Key, list[float]], client: dict[_Key, list[float]], decode_tokens: int
+) -> Measured:
     out: list[StepSample] = []
     for (kind, c, b), ts in sorted(steps.items()):
         if kind == "prefill":
@@ -350,28 +386,22 @@ async def measure(
     )
 
 
-def start_engine(model: Path, workdir: Path) -> Any:
-    """One vLLM server with the local fleet's CPU flags and vLLM's per-step log; the caller
-    stops it."""
+def start_engine(model: Path, workdir: Path, index: int = 0, wait: bool = True) -> Any:
+    """One vLLM server with the local fleet's CPU flags; the caller stops it."""
     from dynamo_ext.plugins.vllm.launcher import CPU_FAST_ARGS, CPU_FAST_ENV, VllmServer
     from dynamo_ext.testing import free_port
 
     workdir.mkdir(parents=True, exist_ok=True)
-    logfile = workdir / "calibrate-engine.log"
-    logfile.unlink(missing_ok=True)
     srv = VllmServer(
         model,
         free_port(),
-        [
-            *CPU_FAST_ARGS,
-            "--served-model-name",
-            SERVED_NAME,
-        ],
+        [*CPU_FAST_ARGS, "--served-model-name", SERVED_NAME],
         {**os.environ, **CPU_FAST_ENV},
-        logfile,
+        workdir / f"calibrate-engine-{index}.log",
     )
     srv.start()
-    srv.wait_ready()
+    if wait:
+        srv.wait_ready()
     return srv
 
 
@@ -390,17 +420,25 @@ def run(
     decode_tokens: int = 24,
     workdir: Path = Path("out/calibrate"),
     quick: bool = False,
+    engines: int = 2,
 ) -> dict[str, Any]:
-    """Start the engine, measure, fit; the profile and the evidence as a dict."""
+    """Start ``engines`` engines (the local fleet's two by default), measure them at once,
+    fit; the profile and the evidence as a dict."""
     prefill = PREFILL_LENS[::2] if quick else PREFILL_LENS
     grid = DECODE_GRID[::2] if quick else DECODE_GRID
     t_wall = time.perf_counter()
     model = calibration_model()
-    srv = start_engine(model, workdir)
+    servers: list[Any] = []
     try:
-        m = asyncio.run(measure(srv.url, SERVED_NAME, prefill, grid, repeats, decode_tokens))
+        for i in range(engines):
+            servers.append(start_engine(model, workdir, i, wait=False))
+        for srv in servers:
+            srv.wait_ready()
+        urls = [srv.url for srv in servers]
+        m = asyncio.run(measure(urls, SERVED_NAME, prefill, grid, repeats, decode_tokens))
     finally:
-        srv.stop()
+        for srv in servers:
+            srv.stop()
     samples = m.samples
     fit = fit_samples(samples)
     prof = profile(fit)
@@ -413,6 +451,7 @@ def run(
         f"{PREFILL_METRIC} and {ITL_METRICS[0]} histograms",
         "model": f"random-weight Llama, {CALIB_LAYERS} layers, hidden {CALIB_HIDDEN}, "
         f"vocab {CALIB_VOCAB}",
+        "engines": engines,
         "cpu_count": os.cpu_count(),
         "load_avg": [round(x, 2) for x in os.getloadavg()],
         "timing": msgspec.to_builtins(prof),
@@ -435,12 +474,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-tokens", type=int, default=24)
     p.add_argument("--quick", action="store_true", help="half the grid")
+    p.add_argument(
+        "--engines", type=int, default=2, help="engines measured at once (the fleet's 2)"
+    )
     p.add_argument("--workdir", type=Path, default=Path("out/calibrate"))
     p.add_argument("--write", action="store_true", help=f"write {FITTED_PROFILE_PATH.name}")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    res = run(a.repeats, a.decode_tokens, a.workdir, a.quick)
+    res = run(a.repeats, a.decode_tokens, a.workdir, a.quick, a.engines)
     text = json.dumps(res, indent=1)
     if a.write:
         FITTED_PROFILE_PATH.write_text(text + "\n")

@@ -160,3 +160,8 @@ def test_simcheck_against_a_real_fleet(tmp_path: Path) -> None:
     assert real["prefix_hit_rate"] is not None  # the engines' own counters moved
     for k in sc.FIGS:
         assert ratio[k] == pytest.approx(sim[k] / real[k], rel=1e-2), k
+    # the engines' own step clock, read from their histograms, beside the simulated step
+    assert real["engine_itl_mean_ms"] > 0
+    assert out["engine_itl_over_sim_itl"] == pytest.approx(
+        real["engine_itl_mean_ms"] / sim["itl_mean_ms"], rel=1e-2
+    )
