@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+import zmq.asyncio
 
 from dynamo_ext import native
 from dynamo_ext.config import RouterConfig
@@ -424,6 +425,46 @@ def _time_us(fn: Any, reps: int) -> float:
     return percentile(lat, 50)
 
 
+_ECHO = """
+import sys, zmq
+s = zmq.Context().socket(zmq.ROUTER)
+s.bind("tcp://127.0.0.1:0")
+print(s.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
+while True:
+    s.send_multipart(s.recv_multipart())
+"""
+
+
+async def bench_zmq_floor(n: int = 2000) -> dict[str, Any]:
+    """The bare round trip any socket route pays here: an asyncio DEALER in this process to
+    a blocking ROUTER echo in another, no work on either side (``ours_socket_floor`` adds
+    our client's call machinery and the router's control loop to it)."""
+    import subprocess
+    import sys
+
+    echo = subprocess.Popen([sys.executable, "-c", _ECHO], stdout=subprocess.PIPE, text=True)
+    try:
+        assert echo.stdout is not None
+        ep = echo.stdout.readline().strip()
+        ctx = zmq.asyncio.Context()
+        d = ctx.socket(zmq.DEALER)
+        d.connect(ep)
+        await d.send_multipart([b"hi"])
+        await d.recv_multipart()
+        lat = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await d.send_multipart([b"x"])
+            await d.recv_multipart()
+            lat.append((time.perf_counter() - t0) * 1e6)
+        d.close(linger=0)
+        ctx.term()
+    finally:
+        echo.kill()
+        echo.wait()
+    return _stats(lat)
+
+
 def run(
     workers: list[int] | None = None,
     blocks: int = 200_000,
@@ -441,6 +482,7 @@ def run(
     zmq.Context.instance().set(zmq.MAX_SOCKETS, 8192)
     out: dict[str, Any] = {"bench": "route-cost", "block_size": BLOCK}
     out["hash"] = bench_hash(prompt_tokens)
+    out["zmq_asyncio_roundtrip"] = asyncio.run(bench_zmq_floor())
     out["fleets"] = [
         asyncio.run(bench_fleet(w, blocks, queries, prompt_tokens)) for w in workers or [8, 64, 256]
     ]

@@ -1,0 +1,48 @@
+"""``dynamo-ext bench route-cost`` at a small scale: every contender answers every prompt,
+our routers and Dynamo's core see the same fleet (speed is the benchmark's own output,
+never asserted here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dynamo_ext import native
+from dynamo_ext.sim.peers import dynamo_available
+
+
+@pytest.mark.skipif(not (native.available() and dynamo_available()), reason="needs both")
+def test_bench_route_cost_json_fields() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "dynamo_ext.cli", "bench", "route-cost", "--workers", "8",
+         "--blocks", "4096", "--queries", "20", "--ingest-blocks", "4096", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout  # fmt: skip
+    res = json.loads(out.strip().splitlines()[-1])
+    (fleet,) = res["fleets"]
+    assert fleet["workers"] == 8 and fleet["blocks"] == 4096
+    contenders = {"ours_socket", "ours_socket_hashes", "ours_socket_python", "dynamo"}
+    assert contenders | {"ours_inproc", "ours_inproc_python", "ours_socket_floor"} == set(
+        fleet["route"]
+    )
+    for name in contenders:
+        assert 0 < fleet["route"][name]["p50_us"] <= fleet["route"][name]["p99_us"]
+        assert fleet["free"][name]["p50_us"] > 0
+    # Prompts continue one worker's chain: both sides find the same cached prefix on
+    # the worker they pick (the same index state, from the same streams).
+    assert fleet["same_hit_blocks_as_dynamo"] >= 0.9
+    ing = res["ingest"]
+    assert ing["ingest_distinct_blocks"] == ing["heap_distinct_blocks"] > 0
+    assert ing["ours_s"] > 0 and ing["dynamo_s"] > 0
+    assert res["zmq_asyncio_roundtrip"]["p50_us"] > 0
+    assert set(res["targets"]) == {
+        "route_p99_us_8w",
+        "route_p99_x_faster_than_dynamo_8w",
+        "ingest_x_faster_than_dynamo",
+    }
