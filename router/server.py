@@ -292,7 +292,7 @@ class RouterServer:
         sub.connect(reg.kv_events_endpoint)
         resync_ms = int(self.config.resync_interval_s * 1000) or None
         ingest = self.service.ingest
-        drain = zmq.Socket.shadow(sub.underlying)  # the same socket, read synchronously
+        drain: zmq.Socket[bytes] = zmq.Socket.shadow(sub.underlying)  # same socket, sync reads
         try:
             if monitor is not None:
                 # ZMQ's connect returns before the subscription reaches the publisher; a
