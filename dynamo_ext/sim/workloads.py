@@ -147,27 +147,14 @@ def generate(kind: str, n: int, rate: float, seed: int = 0) -> list[TraceRow]:
     return gen(n, rate, seed)
 
 
-def physical_limit_hit_rate(
-    rows: Sequence[TraceRow], block_size: int, capacity_blocks: int = 0
-) -> float:
-    """The hit rate of one infinite cache that sees every request in arrival order: the
-    share of prompt tokens in blocks whose whole prefix an earlier prompt held, counted as
-    an engine counts hits (full blocks only, the last prompt token always computed, the
-    first miss ends the prefix).
-
-    ``capacity_blocks`` > 0: one LRU cache of that many blocks instead (the fleet's whole
-    KV capacity as if it were one engine): what no router of a fleet that size can beat
-    by much, since it must also split the work.
-
-    A block's prefix is named by the trace blocks it spans (a chained key over their ids)
-    and its end offset in the last one, so no token ids are needed; tokens past the ids
-    are unique to their request and never hit."""
+def prefix_hits(rows: Sequence[TraceRow], block_size: int, capacity_blocks: int = 0) -> list[int]:
+    """Per request, the prompt tokens one cache that sees every request in arrival order
+    would hold (``physical_limit_hit_rate``'s walk)."""
     from collections import OrderedDict
 
     seen: OrderedDict[tuple[int, int], None] = OrderedDict()
-    hit = total = 0
+    out: list[int] = []
     for row in rows:
-        total += row.input_length
         chain: list[int] = []
         key = 0
         for hid in row.hash_ids:
@@ -193,8 +180,48 @@ def physical_limit_hit_rate(
                     seen[name] = None
                     if capacity_blocks and len(seen) > capacity_blocks:
                         seen.popitem(last=False)
-        hit += k * block_size
-    return hit / total if total else 0.0
+        out.append(k * block_size)
+    return out
+
+
+def physical_limit_hit_rate(
+    rows: Sequence[TraceRow], block_size: int, capacity_blocks: int = 0
+) -> float:
+    """The hit rate of one infinite cache that sees every request in arrival order: the
+    share of prompt tokens in blocks whose whole prefix an earlier prompt held, counted as
+    an engine counts hits (full blocks only, the last prompt token always computed, the
+    first miss ends the prefix).
+
+    ``capacity_blocks`` > 0: one LRU cache of that many blocks instead (the fleet's whole
+    KV capacity as if it were one engine): what no router of a fleet that size can beat
+    by much, since it must also split the work.
+
+    A block's prefix is named by the trace blocks it spans (a chained key over their ids)
+    and its end offset in the last one, so no token ids are needed; tokens past the ids
+    are unique to their request and never hit."""
+    total = sum(r.input_length for r in rows)
+    return sum(prefix_hits(rows, block_size, capacity_blocks)) / total if total else 0.0
+
+
+def ttft_floor_ms(
+    rows: Sequence[TraceRow],
+    block_size: int,
+    step_seconds: Callable[[int, float, int], float],
+    max_batched_tokens: int,
+) -> list[float]:
+    """Per request, its TTFT alone on an idle engine holding every block an infinite cache
+    would (``prefix_hits``): its own chunked prefill and nothing else, the floor no router
+    goes under. ``step_seconds(tokens, prefill_pairs, decode_ctx)`` is the engine's step
+    model (``TimingModel.step_seconds``)."""
+    out: list[float] = []
+    for row, hit in zip(rows, prefix_hits(rows, block_size), strict=True):
+        done, s = hit, 0.0
+        while done < row.input_length:
+            c = min(max_batched_tokens, row.input_length - done)
+            s += step_seconds(c, c * (c + 1) / 2 + c * done, 0)
+            done += c
+        out.append(s * 1e3)
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

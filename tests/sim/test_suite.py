@@ -28,7 +28,7 @@ def test_sweep_gives_each_side_the_same_budget_defaults_first() -> None:
 
 def test_report_writes_results_tables_and_the_readme(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n{suite.BEGIN}\nold\n{suite.END}\n\ntail\n")
+    readme.write_text(f"# x\n\n{suite.BEGIN}\nSTALE-TABLES\n{suite.END}\n\ntail\n")
     ap = argparse.ArgumentParser()
     suite.add_arguments(ap)
     args = ap.parse_args(
@@ -44,5 +44,5 @@ def test_report_writes_results_tables_and_the_readme(tmp_path: Path) -> None:
         assert isinstance(fig[k], int | float)
     assert res["generated"]["noreuse"]["physical_limit_hit_rate"] == 0.0
     text = readme.read_text()
-    assert "old" not in text and text.endswith("tail\n") and "| round_robin |" in text
+    assert "STALE-TABLES" not in text and text.endswith("tail\n") and "| round_robin |" in text
     assert "**noreuse**" in text

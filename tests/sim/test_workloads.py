@@ -76,3 +76,18 @@ def test_workload_command_writes_a_trace_the_replay_reads(tmp_path, capsys) -> N
     rows = load_trace(out)
     assert len(rows) == info["requests"] == 50
     assert info["physical_limit_hit_rate"] == round(W.physical_limit_hit_rate(rows, 64), 4)
+
+
+def test_ttft_floor_is_the_prompts_own_prefill_past_what_an_infinite_cache_holds() -> None:
+    calls: list[tuple[int, float]] = []
+
+    def step(tokens: int, pairs: float, ctx: int) -> float:
+        calls.append((tokens, pairs))
+        return tokens / 1000  # 1 ms a token
+
+    rows = [_row(0, [1, 2], 1024), _row(1, [1, 2], 1024)]
+    floor = W.ttft_floor_ms(rows, 64, step, max_batched_tokens=512)
+    # first: 1024 tokens in two chunks; second: all but the last block cached (64 left)
+    assert floor == pytest.approx([1024.0, 64.0])
+    assert [c[0] for c in calls] == [512, 512, 64]
+    assert calls[1][1] == 512 * 513 / 2 + 512 * 512  # the second chunk attends to the first
