@@ -217,8 +217,14 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
         from dynamo_ext.benchmarks import vllm_router_bench
 
         print(f"live replay: {args.live} requests, {args.live_workers} workers", file=log)
+        live_trace = trace
+        if args.live_workload != "sample":
+            # a generated workload with reuse (the sample trace's head has almost none)
+            live_trace = out_dir / f"live-{args.live_workload}.jsonl"
+            wrows = workloads.generate(args.live_workload, args.live, 1.0, seed=args.seed)
+            live_trace.write_text("".join(r.raw + "\n" for r in wrows))
         extra["live"] = vllm_router_bench.run(
-            trace=str(trace),
+            trace=str(live_trace),
             workers=args.live_workers,
             limit=args.live,
             speedup=args.live_speedup,
@@ -226,6 +232,7 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
             progress=True,
         )
         extra["live"]["setup"] = {
+            "workload": args.live_workload,
             "requests": args.live,
             "workers": args.live_workers,
             "speedup": args.live_speedup,
@@ -249,6 +256,7 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
             "sample_workers": args.workers,
             "sample_speedup": args.speedup,
             "generated_workers": args.gen_workers,
+            "seed": args.seed,
             "prefill_capacity_tok_s_per_worker": round(cap),
             "slo": {"ttft_ms": SLO_TTFT_MS, "tpot_ms": SLO_TPOT_MS},
             "dynamo_core": "ai-dynamo-runtime SelectionService" if with_dynamo else "absent",
@@ -366,8 +374,13 @@ def markdown(res: dict[str, Any]) -> str:
         tuned = {k: v["best"] for k, v in (live.get("tuning") or {}).items()}
         out += [
             "",
-            f"**Live replay with vLLM's own router** (the sample trace's first {ls['requests']} "
-            f"requests, speedup {ls['speedup']}, {ls['workers']} mocker engines over real "
+            f"**Live replay with vLLM's own router** ({ls['requests']} requests of "
+            + (
+                "the sample trace"
+                if ls.get("workload") == "sample"
+                else f"generated {ls.get('workload')} (seed {res['setup'].get('seed', 0)})"
+            )
+            + f", speedup {ls['speedup']}, {ls['workers']} mocker engines over real "
             "sockets and HTTP, wall-clock time; every arm a fresh fleet; `vllm_router_kv` is "
             "vllm-router 0.1.17 `--policy kv_aware` on the engines' KV events, "
             "`vllm_router_cache` its `cache_aware` tree; "
@@ -426,6 +439,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "requests with vllm-router as a third arm (0: none)",
     )
     p.add_argument("--live-workers", type=int, default=8)
+    p.add_argument(
+        "--live-workload",
+        default="chat",
+        choices=("sample", *workloads.KINDS),
+        help="the live replay's requests: the sample trace's head or a generated workload",
+    )
     p.add_argument("--live-speedup", type=float, default=1.0)
     p.add_argument("--live-budget", type=int, default=1, help="live replays per vllm-router arm")
     p.add_argument(
