@@ -52,6 +52,9 @@ class RouterProc:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RouterProc:
+        # A restart appends to the same log: only what this start writes counts, or the
+        # last life's "router listening" line would return before this one binds.
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dynamo_ext.cli", "router", "--config", str(self.config_path)],
@@ -64,7 +67,7 @@ class RouterProc:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"router exited {self.proc.returncode}:\n{self.log()}")
-            if "router listening" in self.log():
+            if b"router listening" in self.log_path.read_bytes()[offset:]:
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"router did not start:\n{self.log()}")
