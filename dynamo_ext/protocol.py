@@ -205,6 +205,10 @@ class RouteRequest(msgspec.Struct, tag="route", omit_defaults=True):
     # The prompt as uint32 little-endian bytes instead of ``token_ids``: decoding a bin is a
     # copy, decoding a list of ints runs per int, on the router's event loop.
     token_bytes: bytes | None = None
+    # ``block_hashes`` computed by the caller with the router's hashing as it announced it
+    # (``FleetState.hashing``); a router that hashes otherwise refuses them (hash_mismatch)
+    # instead of matching hashes that can never hit.
+    hashed_as: str | None = None
 
 
 def pack_tokens(token_ids: Sequence[int]) -> bytes:
@@ -305,6 +309,9 @@ class WorkerState(msgspec.Struct, omit_defaults=True):
 
 class FleetState(msgspec.Struct, tag="fleet"):
     workers: list[WorkerState]
+    # How the router hashes prompts, "<mode>/<block size>" (``RouteRequest.hashed_as``):
+    # in "tokens/..." a caller can hash the prompt itself, natively, and send the hashes.
+    hashing: str = ""
 
 
 class WorkerIndex(msgspec.Struct, tag="index"):
@@ -330,7 +337,7 @@ class PrefetchRequest(msgspec.Struct, tag="prefetch", omit_defaults=True):
 
 
 class ErrorReply(msgspec.Struct, tag="error"):
-    code: str  # bad_request | no_worker | version | internal
+    code: str  # bad_request | no_worker | version | internal | unavailable | hash_mismatch
     message: str
     request_id: str | None = None
 

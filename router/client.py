@@ -31,7 +31,8 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from dynamo_ext.errors import NoWorkerAvailable, ProtocolError, RouterUnavailable
+from dynamo_ext.errors import DynamoExtError, NoWorkerAvailable, ProtocolError, RouterUnavailable
+from dynamo_ext.hashing import salt_parent, token_block_hashes
 from dynamo_ext.protocol import (
     PROTOCOL_HEADER,
     Ack,
@@ -75,6 +76,7 @@ class RouterClient:
         *,
         notify_timeout_s: float | None = None,
         curve: Curve | None = None,
+        hash_locally: bool = True,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -84,6 +86,11 @@ class RouterClient:
             min(timeout_s, 0.25) if notify_timeout_s is None else notify_timeout_s
         )
         self.dropped_notifications = 0
+        # A router in tokens mode announces it (FleetState.hashing): then prompts are hashed
+        # here, natively (microseconds), and sent as hashes, which spares the router's one
+        # event loop the hashing. None: not asked yet; "": ask nothing, send tokens.
+        self.hash_locally = hash_locally
+        self._hashing: str | None = None if hash_locally else ""
         self._curve = curve  # a CURVE client of the router's key (dynamo_ext.security)
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
@@ -268,6 +275,34 @@ class RouterClient:
         explain: bool = False,
         cache_salt: str | None = None,
     ) -> RouteResponse:
+        if token_ids is not None and block_hashes is None and self._hashing != "":
+            if self._hashing is None:
+                await self._learn_hashing()
+            hashing = self._hashing
+            if hashing and hashing.startswith("tokens/"):
+                hashes = token_block_hashes(
+                    token_ids, int(hashing.partition("/")[2]), salt_parent(cache_salt)
+                )
+                reply = await self.call(
+                    RouteRequest(
+                        request_id=request_id,
+                        role=role,
+                        block_hashes=hashes,
+                        num_tokens=len(token_ids),
+                        exclude_workers=list(exclude_workers),
+                        track=track,
+                        explain=explain,
+                        cache_salt=cache_salt,
+                        hashed_as=hashing,
+                    )
+                )
+                if not (isinstance(reply, ErrorReply) and reply.code == "hash_mismatch"):
+                    self._expect(reply, RouteResponse)
+                    return reply  # type: ignore[return-value]
+                # The router was restarted with another hashing: learn it again next time,
+                # and send this prompt's tokens (nothing is lost but one round trip).
+                log.info("router at %s: %s", self.endpoint, reply.message)
+                self._hashing = None
         packed = token_ids is not None and len(token_ids) >= PACK_TOKENS_FROM
         reply = await self.call(
             RouteRequest(
@@ -286,6 +321,18 @@ class RouterClient:
         )
         self._expect(reply, RouteResponse)
         return reply  # type: ignore[return-value]
+
+    async def _learn_hashing(self) -> None:
+        """Ask the router how it hashes prompts (once; again after a hash_mismatch)."""
+        try:
+            reply = await self.call(RouterQuery())
+        except RouterUnavailable:
+            raise  # the route itself could not go either: fail it now, not after two tries
+        except DynamoExtError as exc:
+            log.debug("router hashing unknown (%s): sending tokens", exc)
+            return
+        # A router that does not say (an older one, or not a FleetState): send tokens.
+        self._hashing = reply.hashing if isinstance(reply, FleetState) else ""
 
     async def register(self, reg: WorkerRegistration) -> Ack:
         reply = await self.call(reg)

@@ -430,9 +430,15 @@ class RouterService:
                 self.metrics.worker_staleness.labels(worker).set(w.hit_error)
         return self._touch(wid)
 
+    @property
+    def hashing(self) -> str:
+        """How this router hashes prompts (``FleetState.hashing``)."""
+        return f"{self.hasher.mode}/{self.config.block_size}"
+
     def fleet_state(self) -> FleetState:
         return FleetState(
-            [
+            hashing=self.hashing,
+            workers=[
                 WorkerState(
                     worker_id=w.worker_id,
                     role=w.reg.role,
@@ -447,7 +453,7 @@ class RouterService:
                     registration=w.reg,
                 )
                 for w in self.workers.values()
-            ]
+            ],
         )
 
     def audit(self, worker_id: str) -> msgspec.Struct:
@@ -488,6 +494,13 @@ class RouterService:
         n = len(toks) if toks is not None else len(req.block_hashes or ())
         if toks is None and req.block_hashes is None:
             return ErrorReply("bad_request", "give token_ids or block_hashes", req.request_id)
+        if req.hashed_as is not None and req.hashed_as != self.hashing:
+            self.metrics.rejected.labels("hash_mismatch").inc()
+            return ErrorReply(
+                "hash_mismatch",
+                f"hashes computed as {req.hashed_as[:32]!r}, this router hashes {self.hashing}",
+                req.request_id,
+            )
         cap = self.config.max_route_tokens
         if toks is not None and n > cap:
             self.metrics.rejected.labels("too_many_tokens").inc()

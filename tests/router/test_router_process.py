@@ -497,3 +497,48 @@ def test_pool_tier_is_shared_and_router_sends_prefetch(router_factory, fleet) ->
         for p in pulls:
             p.close(0)
     assert 'dynamo_ext_router_prefetch_blocks_total{worker="w1"} 6.0' in router.scrape()
+
+
+def test_client_hashes_prompts_itself_for_a_tokens_mode_router(router_factory, fleet) -> None:
+    """A router in tokens mode announces it; the client then sends the prompt's hashes
+    (computed natively) instead of its tokens, with the same answer. A router restarted
+    with other hashing refuses such hashes (hash_mismatch) and the client falls back to
+    tokens for that prompt and learns the new hashing: no misroute, no error."""
+    router = router_factory(block_size=BS, worker_timeout_s=2.0, hash_mode="tokens")
+    sent: list[object] = []
+
+    async def main():
+        async with RouterClient(router.endpoint) as c:
+            orig = c.call
+
+            async def spy(msg, *a, **kw):  # type: ignore[no-untyped-def]
+                sent.append(msg)
+                return await orig(msg, *a, **kw)
+
+            c.call = spy  # type: ignore[method-assign]
+            await register_all(c, fleet)
+            fleet.kv[1].publish([stored(TOKENS, 0, 6)])
+            await wait_for(lambda: indexed(c, "w1"))
+            r = await c.route("r1", TOKENS, explain=True)
+            assert r.worker_id == "w1" and r.chosen.prefix_hit_blocks == {"GPU": 6}
+            routes = [m for m in sent if type(m).__name__ == "RouteRequest"]
+            assert routes[-1].block_hashes is not None and routes[-1].token_ids is None
+            assert routes[-1].hashed_as == f"tokens/{BS}" and routes[-1].num_tokens == len(TOKENS)
+            await c.finished("r1")
+            # what the router would have computed from the tokens: the same hit
+            c.hash_locally, c._hashing = False, ""
+            r2 = await c.route("r2", TOKENS, track=False)
+            assert r2.chosen.prefix_hit_blocks == {"GPU": 6}
+            # a client that believes another hashing is refused, falls back, relearns
+            c._hashing = "tokens/32"
+            r3 = await c.route("r3", TOKENS, track=False)
+            assert r3.worker_id == "w1" and r3.chosen.prefix_hit_blocks == {"GPU": 6}
+            assert c._hashing is None
+            tail = [m for m in sent if type(m).__name__ == "RouteRequest"][-2:]
+            assert tail[0].hashed_as == "tokens/32"
+            assert tail[1].block_hashes is None and tail[1].token_ids == TOKENS
+            await c.route("r4", TOKENS, track=False)
+            assert c._hashing == f"tokens/{BS}"
+            assert 'reason="hash_mismatch"' in router.scrape()
+
+    run(main())
