@@ -100,20 +100,36 @@ def test_dynamo_core_router_over_the_mocker_fleet(tmp_path: Path) -> None:
             assert all(m.reg.block_size == bs for m in rc.mirrored.values())
             prompt = list(range(1000, 1200))  # 12 full blocks
             w1 = fleet.workers["mocker-1"]
-            _, q = w1.submit(list(prompt), 2)
-            while (await q.get())[1] is None:
-                pass
 
-            async def learned() -> bool:
-                return (await rc.core.overlap_blocks(prompt)).get(
+            async def run_on_w1(tokens: list[int]) -> None:
+                _, q = w1.submit(list(tokens), 2)
+                while (await q.get())[1] is None:
+                    pass
+
+            async def learned(tokens: list[int], n: int) -> bool:
+                return (await rc.core.overlap_blocks(tokens)).get(
                     rc.mirrored["mocker-1"].core_id, 0
-                ) == 12
+                ) == n
 
+            # upsert_worker returns before the core's SUB has joined the worker's PUB, and
+            # a batch published in between is lost to it: probe prompts until one is
+            # learned, so the subscription is known to be live before the real one runs.
+            for i in range(40):
+                probe = list(range(20000 + 100 * i, 20000 + 100 * i + 32))  # 2 blocks
+                await run_on_w1(probe)
+                for _ in range(10):
+                    if await learned(probe, 2):
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    continue
+                break
+            await run_on_w1(prompt)
             for _ in range(200):
-                if await learned():
+                if await learned(prompt, 12):
                     break
                 await asyncio.sleep(0.05)
-            assert await learned()
+            assert await learned(prompt, 12)
             d = await rc.route("r1", prompt + [7] * 40)
             assert d.worker_id == "mocker-1" and d.http_endpoint == f"{fleet.http_base}/mocker-1"
             assert d.chosen.prefix_hit_blocks["GPU"] == 12 and d.block_size == bs

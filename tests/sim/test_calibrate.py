@@ -41,6 +41,9 @@ TRUE = {
     "request_s": 0.003,
 }
 
+# the sample trace's head, in the repo: CI has no ../shared
+HEAD = Path(__file__).parent / "fixtures" / "mooncake_synthetic_head200.jsonl"
+
 
 def _synthetic(noise: float, seed: int = 0) -> list[StepSample]:
     rng = random.Random(seed)
@@ -125,7 +128,7 @@ def test_presets_by_name() -> None:
 def test_simcheck_sim_side_and_ratios() -> None:
     from dynamo_ext.benchmarks import simcheck_bench as sc
 
-    rows = sc.derive_trace(sc.DEFAULT_TRACE, 12, 5.0, 8)
+    rows = sc.derive_trace(HEAD, 12, 5.0, 8)
     assert len(rows) == 12 and rows[0].arrival_ms == 0 and rows[-1].arrival_ms == 5000
     assert all(r.input_length <= sc.MAX_INPUT and r.output_length <= 8 for r in rows)
     toks = [sc.prompt_tokens(r) for r in rows]
@@ -150,7 +153,7 @@ def test_simcheck_sim_side_and_ratios() -> None:
 def test_simcheck_against_a_real_fleet(tmp_path: Path) -> None:
     from dynamo_ext.benchmarks import simcheck_bench as sc
 
-    rows = sc.derive_trace(sc.DEFAULT_TRACE, 6, 3.0, 4)
+    rows = sc.derive_trace(HEAD, 6, 3.0, 4)
     try:
         out = sc.sim_vs_real(rows, ["round_robin"], tmp_path, real=True)["round_robin"]
     except DynamoExtError as exc:  # pragma: no cover - a fleet that failed to start
