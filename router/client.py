@@ -275,6 +275,14 @@ class RouterClient:
         explain: bool = False,
         cache_salt: str | None = None,
     ) -> RouteResponse:
+        base = RouteRequest(
+            request_id=request_id,
+            role=role,
+            exclude_workers=list(exclude_workers),
+            track=track,
+            explain=explain,
+            cache_salt=cache_salt,
+        )
         if token_ids is not None and block_hashes is None and self._hashing != "":
             if self._hashing is None:
                 await self._learn_hashing()
@@ -284,16 +292,8 @@ class RouterClient:
                     token_ids, int(hashing.partition("/")[2]), salt_parent(cache_salt)
                 )
                 reply = await self.call(
-                    RouteRequest(
-                        request_id=request_id,
-                        role=role,
-                        block_hashes=hashes,
-                        num_tokens=len(token_ids),
-                        exclude_workers=list(exclude_workers),
-                        track=track,
-                        explain=explain,
-                        cache_salt=cache_salt,
-                        hashed_as=hashing,
+                    msgspec.structs.replace(
+                        base, block_hashes=hashes, num_tokens=len(token_ids), hashed_as=hashing
                     )
                 )
                 if not (isinstance(reply, ErrorReply) and reply.code == "hash_mismatch"):
@@ -305,18 +305,13 @@ class RouterClient:
                 self._hashing = None
         packed = token_ids is not None and len(token_ids) >= PACK_TOKENS_FROM
         reply = await self.call(
-            RouteRequest(
-                request_id=request_id,
-                role=role,
+            msgspec.structs.replace(
+                base,
                 # Long prompts go as packed uint32s: cheap for the router to decode.
                 token_ids=list(token_ids) if token_ids is not None and not packed else None,
                 token_bytes=pack_tokens(token_ids) if packed and token_ids is not None else None,
                 block_hashes=list(block_hashes) if block_hashes is not None else None,
                 num_tokens=num_tokens,
-                exclude_workers=list(exclude_workers),
-                track=track,
-                explain=explain,
-                cache_salt=cache_salt,
             )
         )
         self._expect(reply, RouteResponse)
