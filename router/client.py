@@ -1,7 +1,10 @@
 """Async client of the router's control socket, for any gateway (our frontend, a proxy).
 
 One DEALER socket carries any number of concurrent calls: each is tagged with an 8-byte
-correlation id the router echoes back, and one reader task resolves the matching future.
+correlation id the router echoes back, and the event loop's reader callback on the socket's
+FD resolves the matching future. The socket is a plain one driven from that callback, not
+pyzmq's asyncio wrapper, which costs a future and a dozen enum operations per message: more
+than the router's whole decision.
 Notifications (request finished, prefill done) go out with correlation id zero and get no
 answer, so reporting the end of a request costs the caller one send.
 
@@ -62,9 +65,19 @@ PACK_TOKENS_FROM = 1024
 # Send budget while the last send found no connection: long enough for a reconnect that is
 # already under way (ZMQ retries every 100 ms), short enough that an outage costs nothing.
 _FAST_FAIL_S = 0.05
+_SEND_RETRY_S = 0.001  # a send that found no connection tries again after this
 _HEARTBEAT_IVL_MS = 1000
 _HEARTBEAT_TIMEOUT_MS = 3000
 _MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+
+
+class _Expired(Exception):
+    """A call's deadline passed before its answer came."""
+
+
+def _expire(fut: asyncio.Future[ReplyMessage]) -> None:
+    if not fut.done():
+        fut.set_exception(_Expired())
 
 
 class RouterClient:
@@ -93,10 +106,11 @@ class RouterClient:
         self._hashing: str | None = None if hash_locally else ""
         self._curve = curve  # a CURVE client of the router's key (dynamo_ext.security)
         self._ctx = ctx or zmq.asyncio.Context.instance()
-        self._sock: zmq.asyncio.Socket | None = None
+        self._sock: zmq.Socket | None = None
+        self._fd: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[bytes, asyncio.Future[ReplyMessage]] = {}
         self._ids = itertools.count(1)
-        self._reader: asyncio.Task[None] | None = None
         self._unreachable = False  # no connection: the last one dropped or a send found none
         self._grace_until = 0.0  # loop time until which a refused connection is not "down"
         self._monitor: zmq.asyncio.Socket | None = None
@@ -112,10 +126,9 @@ class RouterClient:
     def connect(self) -> None:
         if self._sock is not None:
             return
-        s = self._ctx.socket(zmq.DEALER)
+        s = zmq.Socket(self._ctx, zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.IMMEDIATE, 1)  # queue on live connections only
-        s.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout_s * 1000)))  # backstop
         s.setsockopt(zmq.HEARTBEAT_IVL, _HEARTBEAT_IVL_MS)
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
         if self._curve is not None:
@@ -123,18 +136,21 @@ class RouterClient:
         self._monitor = s.get_monitor_socket(_MONITORED)
         s.connect(self.endpoint)
         self._sock = s
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._grace_until = loop.time() + self.timeout_s
-        self._reader = loop.create_task(self._read())
+        self._fd = s.getsockopt(zmq.FD)
+        loop.add_reader(self._fd, self._drain)
         self._watcher = loop.create_task(self._watch(self._monitor))
 
     async def close(self) -> None:
-        for task in (self._reader, self._watcher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._reader = self._watcher = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        self._watcher = None
+        if self._fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._fd = None
         if self._sock is not None:
             with contextlib.suppress(zmq.ZMQError):
                 self._sock.disable_monitor()
@@ -166,10 +182,20 @@ class RouterClient:
             elif event == zmq.EVENT_CONNECT_RETRIED:
                 self._unreachable = True
 
-    async def _read(self) -> None:
-        assert self._sock is not None
+    def _drain(self) -> None:
+        """Answers queued on the socket, each to its call. The FD is edge-triggered: read
+        until EAGAIN (also after a send, which can consume the signal of an answer)."""
+        sock = self._sock
+        if sock is None:
+            return
         while True:
-            frames = await self._sock.recv_multipart()
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:  # the socket closed under us
+                log.debug("router client socket: %s", exc)
+                return
             if len(frames) != 3 or frames[0] != PROTOCOL_HEADER:
                 continue  # not an answer we can match to a call
             fut = self._pending.pop(frames[1], None)
@@ -185,37 +211,51 @@ class RouterClient:
         """False while there is no connection to the router."""
         return not self._unreachable
 
+    def _try_send(self, frames: list[bytes]) -> bool:
+        """One non-blocking send: False while no connection can take it (ZMQ_IMMEDIATE)."""
+        assert self._sock is not None
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        finally:
+            # The send may have consumed the FD's signal of an answer that came meanwhile.
+            if self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                assert self._loop is not None
+                self._loop.call_soon(self._drain)
+        return True
+
     async def _send(self, frames: list[bytes], budget_s: float) -> None:
         """Send ``frames`` within ``budget_s`` (``_FAST_FAIL_S`` while there is no
         connection, also when it drops during the wait), or raise ``RouterUnavailable``:
         the message is then not queued anywhere."""
-        assert self._sock is not None
+        # Done at once on a live connection: then nothing is awaited, which is most of a
+        # route's cost on the caller's side.
+        if self._try_send(frames):
+            self._unreachable = False
+            return
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        # Done at once on a live connection (pyzmq tries DONTWAIT first); otherwise
-        # waited for in slices, so a connection found dead meanwhile ends the wait.
-        fut = asyncio.ensure_future(self._sock.send_multipart(frames))
-        try:
-            while not fut.done():
-                now = loop.time()
-                down = self._unreachable and now >= self._grace_until
-                budget = min(budget_s, _FAST_FAIL_S) if down else budget_s
-                left = budget - (now - t0)
-                if left <= 0:
-                    raise TimeoutError
-                await asyncio.wait({fut}, timeout=min(left, _FAST_FAIL_S))
-            fut.result()  # zmq.Again once SNDTIMEO passed
-        except (TimeoutError, zmq.Again) as exc:
-            self._unreachable = True
-            self._grace_until = 0.0
-            raise RouterUnavailable(
-                f"router at {self.endpoint} is not reachable "
-                f"(no connection in {loop.time() - t0:.3g}s)"
-            ) from exc
-        finally:
-            if not fut.done():
-                fut.cancel()  # never sent later, to a router that no longer expects it
-        self._unreachable = False
+        # Otherwise tried again every millisecond (ZMQ reconnects every 100 ms), so a
+        # connection found dead meanwhile ends the wait.
+        while True:
+            now = loop.time()
+            down = self._unreachable and now >= self._grace_until
+            budget = min(budget_s, _FAST_FAIL_S) if down else budget_s
+            if now - t0 >= budget:
+                break
+            await asyncio.sleep(_SEND_RETRY_S)
+            if self._sock is None:
+                break
+            if self._try_send(frames):
+                self._unreachable = False
+                return
+        self._unreachable = True
+        self._grace_until = 0.0
+        raise RouterUnavailable(
+            f"router at {self.endpoint} is not reachable "
+            f"(no connection in {loop.time() - t0:.3g}s)"
+        )
 
     async def call(self, msg: msgspec.Struct) -> ReplyMessage:
         """Send ``msg`` and await the router's answer, all within ``timeout_s``."""
@@ -225,14 +265,18 @@ class RouterClient:
         corr = next(self._ids).to_bytes(8, "big")
         fut: asyncio.Future[ReplyMessage] = loop.create_future()
         self._pending[corr] = fut
+        # A timer, not asyncio.wait_for: that wraps the await in a task of its own, which
+        # costs more than the rest of a route's client side together.
+        timer = loop.call_at(deadline, _expire, fut)
         try:
             await self._send([PROTOCOL_HEADER, corr, encode(msg)], self.timeout_s)
-            return await asyncio.wait_for(fut, max(deadline - loop.time(), 0.0))
-        except TimeoutError as exc:
+            return await fut
+        except _Expired as exc:
             raise RouterUnavailable(
                 f"router at {self.endpoint} did not answer in {self.timeout_s}s"
             ) from exc
         finally:
+            timer.cancel()
             self._pending.pop(corr, None)
             if fut.done() and not fut.cancelled():
                 fut.exception()  # failed while the send was still waiting: retrieved here

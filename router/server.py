@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 _INLINE_BLOCKS = 4 * HASH_CHUNK_BLOCKS
 _MAX_BIG_ROUTES = 8
 _KV_DRAIN_BATCHES = 64
+_CONTROL_BURST = 64  # control messages answered per event-loop turn
 
 
 class RouterServer:
@@ -82,7 +83,9 @@ class RouterServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_sub: zmq.asyncio.Socket | None = None
         self._metrics_endpoints: dict[str, int] = {}  # endpoint -> workers using it
-        self._router: zmq.asyncio.Socket | None = None
+        self._router: zmq.Socket | None = None
+        self._control_done: asyncio.Future[None] | None = None
+        self._draining = False
         self.bound_endpoint: str | None = None
         self.metrics_port: int | None = None
         self._http_server: object = None
@@ -105,8 +108,8 @@ class RouterServer:
     def workers(self) -> dict[str, WorkerEntry]:
         return self.service.workers
 
-    def _socket(self, kind: int) -> zmq.asyncio.Socket:
-        s = self.ctx.socket(kind)
+    def _socket(self, kind: int, sync: bool = False) -> zmq.asyncio.Socket:
+        s = zmq.Socket(self.ctx, kind) if sync else self.ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         s.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -115,7 +118,11 @@ class RouterServer:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        self._router = self._socket(zmq.ROUTER)
+        # The control socket is a plain (blocking-API) socket on the same context, served
+        # from the event loop's reader callback (``_serve_control``): pyzmq's asyncio
+        # wrapper costs a future and a dozen enum operations per message, more than a
+        # route itself.
+        self._router = self._socket(zmq.ROUTER, sync=True)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self._secure_start(self._router)
         self._router.bind(self.config.bind)
@@ -497,61 +504,106 @@ class RouterServer:
 
     # ------------------------------------------------------------------ control plane
     async def _serve_control(self) -> None:
+        """Answer control messages, from the event loop's reader callback on the socket's
+        FD (no task hop between a message's arrival and its answer). The FD is
+        edge-triggered: it signals when the socket's state changes, so each call drains
+        what is queued until EAGAIN; a send can consume the signal of a message that came
+        meanwhile, so ``_reply`` drains again. Up to ``_CONTROL_BURST`` messages per loop
+        turn, then other tasks (KV ingest, metrics) run before the rest."""
         sock = self._router
         assert sock is not None
-        service = self.service
-        secured = self._curve is not None
-        while True:
-            frames: list[bytes]
-            peer: str | None = None
-            if secured:
-                frames, peer = _with_peer(await sock.recv_multipart(copy=False))
-            else:
-                frames = await sock.recv_multipart()
-            ident = frames[0]
-            body = frames[1:]
-            if body and body[0] == b"":  # a REQ peer adds an empty delimiter
-                body = body[1:]
-                ident_frames = [ident, b""]
-            else:
-                ident_frames = [ident]
-            origin = ident.hex()[:32]
-            if len(body) != 3:
-                service.malformed("control", origin, f"{len(body)} frames")
-                continue
-            header, corr, payload = body
-            if header != PROTOCOL_HEADER:
-                service.malformed("control", origin, f"protocol header {header[:32]!r}")
-                reply: msgspec.Struct = ErrorReply(
-                    "version", f"router speaks {PROTOCOL_HEADER.decode()}, got {header[:32]!r}"
-                )
-            else:
+        loop = asyncio.get_running_loop()
+        fd = sock.getsockopt(zmq.FD)
+        done: asyncio.Future[None] = loop.create_future()
+        self._control_done = done
+        loop.add_reader(fd, self._drain_control)
+        loop.call_soon(self._drain_control)  # what came before the reader was added
+        try:
+            await done  # set only by a failure of the drain, which the supervisor restarts
+        finally:
+            loop.remove_reader(fd)
+            self._control_done = None
+
+    def _drain_control(self) -> None:
+        sock = self._router
+        if sock is None or self._draining:
+            return
+        self._draining = True
+        try:
+            for _ in range(_CONTROL_BURST):
                 try:
-                    msg = control_decoder.decode(payload)
-                except DECODE_ERRORS as exc:
-                    service.malformed("control", origin, exc)
-                    reply = ErrorReply("bad_request", f"malformed message: {str(exc)[:200]}")
-                except Exception as exc:  # noqa: BLE001
-                    service.malformed("control", origin, f"{type(exc).__name__}: {exc}")
-                    reply = ErrorReply("bad_request", f"malformed: {type(exc).__name__}")
+                    raw = sock.recv_multipart(zmq.NOBLOCK, copy=self._curve is None)
+                except zmq.Again:
+                    return
+                self._control_message(sock, raw)  # type: ignore[arg-type]
+            asyncio.get_running_loop().call_soon(self._drain_control)  # the rest, next turn
+        except Exception as exc:  # noqa: BLE001 - handed to the supervisor, which logs it
+            if self._control_done is not None and not self._control_done.done():
+                self._control_done.set_exception(exc)
+        finally:
+            self._draining = False
+
+    def _control_message(self, sock: zmq.Socket, raw: list) -> None:  # type: ignore[type-arg]
+        service = self.service
+        frames: list[bytes]
+        peer: str | None = None
+        if self._curve is not None:
+            frames, peer = _with_peer(raw)
+        else:
+            frames = raw
+        ident = frames[0]
+        body = frames[1:]
+        if body and body[0] == b"":  # a REQ peer adds an empty delimiter
+            body = body[1:]
+            ident_frames = [ident, b""]
+        else:
+            ident_frames = [ident]
+        origin = ident.hex()[:32]
+        if len(body) != 3:
+            service.malformed("control", origin, f"{len(body)} frames")
+            return
+        header, corr, payload = body
+        if header != PROTOCOL_HEADER:
+            service.malformed("control", origin, f"protocol header {header[:32]!r}")
+            reply: msgspec.Struct | None = ErrorReply(
+                "version", f"router speaks {PROTOCOL_HEADER.decode()}, got {header[:32]!r}"
+            )
+        else:
+            try:
+                msg = control_decoder.decode(payload)
+            except DECODE_ERRORS as exc:
+                service.malformed("control", origin, exc)
+                reply = ErrorReply("bad_request", f"malformed message: {str(exc)[:200]}")
+            except Exception as exc:  # noqa: BLE001
+                service.malformed("control", origin, f"{type(exc).__name__}: {exc}")
+                reply = ErrorReply("bad_request", f"malformed: {type(exc).__name__}")
+            else:
+                refused = service.authorize(msg, peer)
+                if refused is not None:
+                    reply = refused
+                elif (
+                    type(msg) is RouteRequest
+                    and len(prompt_tokens(msg) or ()) > _INLINE_BLOCKS * self.config.block_size
+                ):
+                    reply = self._route_big(sock, ident_frames, corr, msg)
                 else:
-                    refused = service.authorize(msg, peer)
-                    if refused is not None:
-                        reply = refused
-                    elif (
-                        type(msg) is RouteRequest
-                        and len(prompt_tokens(msg) or ()) > _INLINE_BLOCKS * self.config.block_size
-                    ):
-                        reply = self._route_big(sock, ident_frames, corr, msg)  # type: ignore[assignment]
-                        if reply is None:
-                            continue
-                    else:
-                        reply = service.dispatch(msg, origin)
-            if corr != b"\x00" * 8 and reply is not None:
-                await sock.send_multipart(ident_frames + [PROTOCOL_HEADER, corr, encode(reply)])
+                    reply = service.dispatch(msg, origin)
+        if corr != b"\x00" * 8 and reply is not None:
+            self._reply(sock, ident_frames + [PROTOCOL_HEADER, corr, encode(reply)])
+
+    def _reply(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+        # A ROUTER socket without ROUTER_MANDATORY never blocks: an answer to a peer that
+        # has gone (or whose queue is full) is dropped, as the peer's timeout expects.
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("control reply dropped: %s", exc)
+        # The send may have consumed the FD's signal of a message queued meanwhile.
+        if not self._draining and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            asyncio.get_running_loop().call_soon(self._drain_control)
 
     def _route_big(
-        self, sock: zmq.asyncio.Socket, ident_frames: list[bytes], corr: bytes, req: RouteRequest
+        self, sock: zmq.Socket, ident_frames: list[bytes], corr: bytes, req: RouteRequest
     ) -> msgspec.Struct | None:
         """Start hashing a long prompt in a task of its own; None: it answers itself."""
         bad = self.service.check_request(req)
@@ -570,7 +622,7 @@ class RouterServer:
                     await asyncio.sleep(0)
                 reply = self.service.dispatch_hashed(req, hashes)
                 if corr != b"\x00" * 8:
-                    await sock.send_multipart(ident_frames + [PROTOCOL_HEADER, corr, encode(reply)])
+                    self._reply(sock, ident_frames + [PROTOCOL_HEADER, corr, encode(reply)])
             except Exception:
                 log.exception("route %s", req.request_id[:64])
             finally:
@@ -586,7 +638,7 @@ class RouterServer:
         self.service.register_all(regs)
 
     # ------------------------------------------------------------------ CURVE (security)
-    def _secure_start(self, router: zmq.asyncio.Socket) -> None:
+    def _secure_start(self, router: zmq.Socket) -> None:
         """Security on: ZAP handler, identity guard, the control socket a CURVE server."""
         curve = self._curve
         if curve is None:
