@@ -113,7 +113,7 @@ class RouterClient:
         self._ids = itertools.count(1)
         self._unreachable = False  # no connection: the last one dropped or a send found none
         self._grace_until = 0.0  # loop time until which a refused connection is not "down"
-        self._monitor: zmq.asyncio.Socket | None = None
+        self._monitor: zmq.asyncio.Socket | None = None  # made on the asyncio context
         self._watcher: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> RouterClient:
@@ -133,14 +133,15 @@ class RouterClient:
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, _HEARTBEAT_TIMEOUT_MS)
         if self._curve is not None:
             self._curve.client(s)
-        self._monitor = s.get_monitor_socket(_MONITORED)
+        mon: zmq.asyncio.Socket = s.get_monitor_socket(_MONITORED)  # type: ignore[assignment]
+        self._monitor = mon
         s.connect(self.endpoint)
         self._sock = s
         loop = self._loop = asyncio.get_running_loop()
         self._grace_until = loop.time() + self.timeout_s
-        self._fd = s.getsockopt(zmq.FD)
-        loop.add_reader(self._fd, self._drain)
-        self._watcher = loop.create_task(self._watch(self._monitor))
+        self._fd = fd = int(s.getsockopt(zmq.FD))
+        loop.add_reader(fd, self._drain)
+        self._watcher = loop.create_task(self._watch(mon))
 
     async def close(self) -> None:
         if self._watcher is not None:
@@ -220,7 +221,7 @@ class RouterClient:
             return False
         finally:
             # The send may have consumed the FD's signal of an answer that came meanwhile.
-            if self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if int(self._sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 assert self._loop is not None
                 self._loop.call_soon(self._drain)
         return True

@@ -30,6 +30,7 @@ import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import msgspec
 import zmq
@@ -108,7 +109,9 @@ class RouterServer:
     def workers(self) -> dict[str, WorkerEntry]:
         return self.service.workers
 
-    def _socket(self, kind: int, sync: bool = False) -> zmq.asyncio.Socket:
+    def _socket(self, kind: int, sync: bool = False) -> Any:
+        """A socket on the router's context: pyzmq's asyncio one, or (``sync``) a plain one
+        that the event loop serves from a reader callback (same context: same ZAP)."""
         s = zmq.Socket(self.ctx, kind) if sync else self.ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
@@ -513,7 +516,7 @@ class RouterServer:
         sock = self._router
         assert sock is not None
         loop = asyncio.get_running_loop()
-        fd = sock.getsockopt(zmq.FD)
+        fd = int(sock.getsockopt(zmq.FD))
         done: asyncio.Future[None] = loop.create_future()
         self._control_done = done
         loop.add_reader(fd, self._drain_control)
@@ -599,7 +602,7 @@ class RouterServer:
         except zmq.ZMQError as exc:
             log.warning("control reply dropped: %s", exc)
         # The send may have consumed the FD's signal of a message queued meanwhile.
-        if not self._draining and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if not self._draining and int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             asyncio.get_running_loop().call_soon(self._drain_control)
 
     def _route_big(
@@ -649,7 +652,8 @@ class RouterServer:
         self._zap = start_authenticator(self.ctx, curve, guard.handshake_refused)
         curve.server(router)
         # Peers without CURVE never reach the ZAP handler: count their failed handshakes.
-        mon = router.get_monitor_socket(
+        # (a plain socket's monitor is made on its context: an asyncio one here)
+        mon: zmq.asyncio.Socket = router.get_monitor_socket(  # type: ignore[assignment]
             zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
         )
 
