@@ -1,12 +1,15 @@
 /* dynamo_ext._native: the router's hot loops in C, each equal bit for bit to its Python
  * reference (dynamo_ext.hashing.token_block_hashes, router.indexer.KvIndex.find_matches'
- * GPU walk); tests/router/test_native.py holds them equal with hypothesis.
+ * GPU walk and store, router.ingest.stored_tokens_py); tests/router/test_native.py holds
+ * them equal with hypothesis.
  *
  * Why C: the tokens-mode hash of a 4k-token prompt builds 256 tuples of 16 ints (~0.1 ms in
  * Python) and the index walk pays interpreter dispatch and a big-int AND per block. Here
  * the hash is CPython's own tuple hash (xxHash-style lanes over the items' hashes, see
  * Objects/tupleobject.c) computed without building tuples, and the walk keeps the
- * candidate mask as 64-bit words.
+ * candidate mask as 64-bit words. A tokens-mode BlockStored is hashed from the msgpack
+ * bytes of its token ids (msgspec.Raw): decoding them to a list first cost more than the
+ * rest of its ingest.
  *
  * Plain CPython C API; no third-party build dependency. */
 #define PY_SSIZE_T_CLEAN
@@ -331,11 +334,14 @@ native_store_blocks(PyObject *self, PyObject *args) {
     Py_ssize_t added = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *h = items[i];
-        PyObject *old = PyDict_GetItemWithError(d, h);
+        /* One probe for lookup and insert alike: a block new to the index (the common
+         * case of a stream) is inserted by the lookup itself; the size says which. */
+        Py_ssize_t size = PyDict_GET_SIZE(d);
+        PyObject *old = PyDict_SetDefault(d, h, bit);
         if (old == NULL) {
-            if (PyErr_Occurred() || PyDict_SetItem(d, h, bit) < 0) {
-                goto fail;
-            }
+            goto fail;
+        }
+        if (PyDict_GET_SIZE(d) != size) {
             added++;
             continue;
         }
@@ -377,6 +383,169 @@ fail:
     return NULL;
 }
 
+/* ---- tokens-mode BlockStored straight from its msgpack bytes ------------------------ */
+
+/* hash() of a msgpack int, as CPython's long_hash gives it (x mod 2**61 - 1, sign kept,
+ * -1 is -2). */
+static inline uint64_t mod_mersenne61(uint64_t v) {
+    /* v = hi * 2**61 + lo and 2**61 = 1 (mod 2**61 - 1): no division per token. */
+    uint64_t r = (v & HASH_MODULUS) + (v >> 61);
+    return r >= HASH_MODULUS ? r - HASH_MODULUS : r;
+}
+static inline uint64_t hash_u64(uint64_t v) { return mod_mersenne61(v); }
+static inline uint64_t hash_i64(int64_t v) {
+    if (v >= 0) {
+        return mod_mersenne61((uint64_t)v);
+    }
+    uint64_t mag = (uint64_t)(-(v + 1)) + 1; /* |v| without overflow at INT64_MIN */
+    int64_t h = -(int64_t)mod_mersenne61(mag);
+    return (uint64_t)(h == -1 ? -2 : h);
+}
+
+static inline uint64_t be_read(const unsigned char *p, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) {
+        v = (v << 8) | p[i];
+    }
+    return v;
+}
+
+/* One msgpack int at p (end: one past the buffer) into *h (its Python hash); returns the
+ * bytes it took, 0 when the item is not an int, -1 when the buffer ends inside it. */
+static inline int read_int_hash(const unsigned char *p, const unsigned char *end, uint64_t *h) {
+    unsigned char t = *p;
+    if (t <= 0x7f) {
+        *h = t;
+        return 1;
+    }
+    if (t >= 0xe0) {
+        *h = hash_i64((int8_t)t);
+        return 1;
+    }
+    int n;
+    switch (t) {
+    case 0xcc: case 0xd0: n = 1; break;
+    case 0xcd: case 0xd1: n = 2; break;
+    case 0xce: case 0xd2: n = 4; break;
+    case 0xcf: case 0xd3: n = 8; break;
+    default: return 0;
+    }
+    if (end - p < 1 + n) {
+        return -1;
+    }
+    uint64_t v = be_read(p + 1, n);
+    if (t >= 0xd0) { /* signed: sign-extend from n bytes */
+        int shift = 64 - 8 * n;
+        *h = hash_i64((int64_t)(v << shift) >> shift);
+    } else {
+        *h = hash_u64(v);
+    }
+    return 1 + n;
+}
+
+/* stored_tokens(raw, block_size, parent, hashes, xlat) -> list[int]: a tokens-mode
+ * BlockStored's router hashes, from ``token_ids`` left undecoded (the msgpack bytes of an
+ * array of ints, msgspec.Raw), the chain starting at ``parent``; ``xlat`` (engine hash ->
+ * router hash) gains hashes[i] -> result[i]. Equal to router.ingest.stored_tokens_py:
+ * ValueError, and xlat untouched, when the bytes are not one msgpack array of len(hashes)
+ * * block_size ints. */
+static PyObject *
+native_stored_tokens(PyObject *self, PyObject *args) {
+    PyObject *raw, *parent, *hashes, *xlat;
+    Py_ssize_t bs;
+    if (!PyArg_ParseTuple(args, "OnOOO!", &raw, &bs, &parent, &hashes, &PyDict_Type, &xlat)) {
+        return NULL;
+    }
+    if (bs <= 0) {
+        PyErr_SetString(PyExc_ValueError, "block_size must be > 0");
+        return NULL;
+    }
+    Py_hash_t ph = PyObject_Hash(parent);
+    if (ph == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(hashes, "block hashes must be a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(raw, &view, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    PyObject *out = NULL;
+    Py_ssize_t nblocks = PySequence_Fast_GET_SIZE(seq);
+    const unsigned char *p = (const unsigned char *)view.buf;
+    const unsigned char *end = p + view.len;
+    uint64_t count;
+    if (p == end) {
+        PyErr_SetString(PyExc_ValueError, "token_ids missing");
+        goto done;
+    }
+    if (*p >= 0x90 && *p <= 0x9f) {
+        count = *p & 0x0f;
+        p += 1;
+    } else if (*p == 0xdc && end - p >= 3) {
+        count = be_read(p + 1, 2);
+        p += 3;
+    } else if (*p == 0xdd && end - p >= 5) {
+        count = be_read(p + 1, 4);
+        p += 5;
+    } else {
+        PyErr_SetString(PyExc_ValueError, "token_ids is not an array");
+        goto done;
+    }
+    if (count != (uint64_t)nblocks * (uint64_t)bs) {
+        PyErr_Format(PyExc_ValueError, "%llu token ids for %zd blocks of %zd",
+                     (unsigned long long)count, nblocks, bs);
+        goto done;
+    }
+    out = PyList_New(nblocks);
+    if (out == NULL) {
+        goto done;
+    }
+    uint64_t prev_hash = (uint64_t)ph;
+    for (Py_ssize_t b = 0; b < nblocks; b++) {
+        uint64_t acc = XXPRIME_5;
+        for (Py_ssize_t i = 0; i < bs; i++) {
+            uint64_t th;
+            int took = p < end ? read_int_hash(p, end, &th) : -1;
+            if (took <= 0) {
+                PyErr_SetString(PyExc_ValueError, took == 0 ? "token id is not an int"
+                                                            : "token_ids truncated");
+                goto fail;
+            }
+            p += took;
+            acc = lane(acc, th);
+        }
+        uint64_t h = chain_step(prev_hash, tuple_finish(acc, (uint64_t)bs));
+        PyObject *v = PyLong_FromUnsignedLongLong(h);
+        if (v == NULL) {
+            goto fail;
+        }
+        PyList_SET_ITEM(out, b, v);
+        prev_hash = mod_mersenne61(h);
+    }
+    if (p != end) {
+        PyErr_SetString(PyExc_ValueError, "trailing bytes after token_ids");
+        goto fail;
+    }
+    /* Only a whole valid event reaches xlat. */
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t b = 0; b < nblocks; b++) {
+        if (PyDict_SetItem(xlat, items[b], PyList_GET_ITEM(out, b)) < 0) {
+            goto fail;
+        }
+    }
+    goto done;
+fail:
+    Py_CLEAR(out);
+done:
+    PyBuffer_Release(&view);
+    Py_DECREF(seq);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"store_blocks", native_store_blocks, METH_VARARGS,
      "store_blocks(tier, hashes, bit) -> int: blocks newly marked held by the worker of bit."},
@@ -385,6 +554,9 @@ static PyMethodDef methods[] = {
      "chain of dynamo_ext.hashing, from a uint32 buffer or a sequence of ints."},
     {"gpu_walk", native_gpu_walk, METH_VARARGS,
      "gpu_walk(tier, hashes, alive) -> dict[int, int]: slot -> GPU prefix length."},
+    {"stored_tokens", native_stored_tokens, METH_VARARGS,
+     "stored_tokens(raw, block_size, parent, hashes, xlat) -> list[int]: a tokens-mode "
+     "BlockStored's router hashes from its undecoded token_ids; xlat gains hash -> ours."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -28,8 +28,9 @@ from typing import Final
 
 import msgspec
 
+from dynamo_ext import native
 from dynamo_ext.errors import DynamoExtError
-from dynamo_ext.hashing import BlockHasher, to_external, token_block_hashes
+from dynamo_ext.hashing import BlockHasher, to_external, token_block_hashes, token_block_hashes_py
 from dynamo_ext.protocol import (
     MEDIUM_CPU,
     MEDIUM_DISK,
@@ -141,6 +142,9 @@ class KvIngest:
         self.hash_algo = hash_algo
         self.buffer_batches = buffer_batches
         self.streams: dict[str, StreamState] = {}
+        # Label children looked up once: ``labels()`` per batch costs more than a store.
+        self._blocks_stored = metrics.kv_blocks.labels("stored")
+        self._blocks_removed = metrics.kv_blocks.labels("removed")
 
     # ------------------------------------------------------------------ streams
     def add_stream(self, worker_id: str, slot: int, can_replay: bool) -> StreamState:
@@ -171,9 +175,10 @@ class KvIngest:
     # ------------------------------------------------------------------ decoding
     def decode(self, st: StreamState, payload: bytes) -> Batch:
         """Decode one payload (raises one of ``DECODE_ERRORS``)."""
-        # Token ids are only needed to hash them (tokens mode) or to check once that the
-        # router reproduces the engine's hashes; otherwise skip them while decoding.
-        if self.tokens_mode or not st.hash_checked:
+        # The full decode only to check once that the router reproduces the engine's
+        # hashes; otherwise the lean view: tokens mode hashes the token ids straight from
+        # their msgpack bytes (``_store_tokens``) instead of building a list of ints first.
+        if not self.tokens_mode and not st.hash_checked:
             return kv_batch_decoder.decode(payload)
         return hashes_batch_decoder.decode(payload)
 
@@ -342,12 +347,16 @@ class KvIngest:
         """Apply one decoded batch; an invalid event is counted and skipped."""
         index = self.index
         slot = st.slot
+        tokens_mode = self.tokens_mode
         stored = removed = 0
         for ev in batch.events:
             t = type(ev)
             try:
                 if t is StoredHashes or t is BlockStored:
-                    stored += self._store(st, ev)  # type: ignore[arg-type]
+                    if tokens_mode:
+                        stored += self._store_tokens(st, ev)  # type: ignore[arg-type]
+                    else:
+                        stored += self._store(st, ev)  # type: ignore[arg-type]
                 elif t is BlockRemoved or t is RemovedHashes:
                     tier = self._tier(ev)  # type: ignore[arg-type]
                     hashes = self._hashes(ev.block_hashes)  # type: ignore[union-attr]
@@ -364,9 +373,9 @@ class KvIngest:
                 self.malformed("kv_event", st.worker_id, exc)
         st.events_applied += len(batch.events)
         if stored:
-            self.metrics.kv_blocks.labels("stored").inc(stored)
+            self._blocks_stored.inc(stored)
         if removed:
-            self.metrics.kv_blocks.labels("removed").inc(removed)
+            self._blocks_removed.inc(removed)
 
     def _tier(self, ev: StoredHashes | BlockStored | BlockRemoved | RemovedHashes) -> str:
         if ev.medium not in _KNOWN_MEDIA or ev.locality not in _KNOWN_LOCALITY:
@@ -396,8 +405,6 @@ class KvIngest:
         if ev.block_size == 0 and not n_tokens:
             # vLLM's offloading connector announces a chunk it did not see computed (a
             # placeholder) with no tokens and block_size 0: its hashes are still exact.
-            if self.tokens_mode:
-                return 0  # nothing to re-key from
             return self.index.store(st.slot, hashes, tier)
         if ev.block_size != self.block_size:
             raise InvalidEvent(f"block_size {ev.block_size}, router uses {self.block_size}")
@@ -405,46 +412,76 @@ class KvIngest:
             raise InvalidEvent(
                 f"{n_tokens} token ids for {len(hashes)} blocks of {self.block_size}"
             )
-        if self.tokens_mode:
-            local = self._xlat_stored(st, ev, hashes, tier)  # type: ignore[arg-type]
-            if local is None:
-                return 0
-            hashes = local
-        else:
-            parent = ev.parent_block_hash
-            if parent is not None and hashes:
-                p = self._hashes([parent])[0]
-                if not self.index.holds(st.slot, p):
-                    # Not wrong (the chain is in the hashes), but its prefix is unknown to
-                    # us: a lost batch or an evicted parent. Counted, applied.
-                    self.metrics.orphan_blocks.inc(len(hashes))
-            if not st.hash_checked and tier == MEDIUM_GPU and token_ids is not None:
-                self._check_hash(st, ev, hashes)  # type: ignore[arg-type]
+        parent = ev.parent_block_hash
+        if parent is not None and hashes:
+            p = self._hashes([parent])[0]
+            if not self.index.holds(st.slot, p):
+                # Not wrong (the chain is in the hashes), but its prefix is unknown to
+                # us: a lost batch or an evicted parent. Counted, applied.
+                self.metrics.orphan_blocks.inc(len(hashes))
+        if not st.hash_checked and tier == MEDIUM_GPU and token_ids is not None:
+            self._check_hash(st, ev, hashes)  # type: ignore[arg-type]
         return self.index.store(st.slot, hashes, tier)
 
-    def _xlat_stored(
-        self, st: StreamState, ev: BlockStored, hashes: list[int], tier: str
-    ) -> list[int] | None:
-        x = st.xlat.setdefault(tier, {})
+    def _store_tokens(self, st: StreamState, ev: StoredHashes | BlockStored) -> int:
+        """tokens mode: re-key the blocks from their token ids, chained from the router
+        hash of the engine's parent, and remember engine hash -> ours for later events.
+        The checks (and their order) are ``_store``'s; the token count is checked by
+        ``stored_tokens_py`` (or its C twin) on the way, except where an orphan would hide it."""
+        # The tier and hashes of a stock vLLM GPU event without calls (``_tier``,
+        # ``_hashes`` for anything else): this runs once per event of the stream.
+        medium = ev.medium
+        if (medium is None or medium == MEDIUM_GPU) and ev.locality is None:
+            tier = MEDIUM_GPU
+        else:
+            tier = self._tier(ev)
+        hashes: list[int] = ev.block_hashes  # type: ignore[assignment]
+        if hashes and type(hashes[0]) is not int:
+            hashes = self._hashes(ev.block_hashes)
+        raw = ev.token_ids
+        bs = ev.block_size
+        if bs != self.block_size:
+            if bs == 0 and not _n_tokens(raw):
+                return 0  # an offload placeholder (see ``_store``): nothing to re-key from
+            raise InvalidEvent(f"block_size {bs}, router uses {self.block_size}")
+        xlat = st.xlat
+        x = xlat.get(tier)
+        if x is None:
+            x = xlat[tier] = {}
         parent = ev.parent_block_hash
         if parent is None:
             p = 0
         else:
-            ph = self._hashes([parent])[0]
+            ph = parent if type(parent) is int else self._hashes([parent])[0]
             found = x.get(ph)
             if found is None:
                 # The parent may sit in another tier (offload continues a GPU prefix).
-                for other in st.xlat.values():
+                for other in xlat.values():
                     found = other.get(ph)
                     if found is not None:
                         break
             if found is None:
+                n = _n_tokens(raw)
+                if n is not None and n != len(hashes) * bs:
+                    raise InvalidEvent(f"{n} token ids for {len(hashes)} blocks of {bs}")
                 self.malformed("kv_orphan", st.worker_id, "BlockStored with unknown parent")
-                return None
+                return 0
             p = found
-        local = token_block_hashes(ev.token_ids, ev.block_size, p)
-        x.update(zip(hashes, local, strict=True))
-        return local
+        try:
+            if type(raw) is list:  # a decoded BlockStored (an in-process caller)
+                if len(raw) != len(hashes) * bs:
+                    raise ValueError(f"{len(raw)} token ids for {len(hashes)} blocks of {bs}")
+                local = token_block_hashes(raw, bs, p)
+                x.update(zip(hashes, local, strict=True))
+            else:
+                impl = native.IMPL
+                if impl is not None:
+                    local = impl.stored_tokens(raw, bs, p, hashes, x)
+                else:
+                    local = stored_tokens_py(raw, bs, p, hashes, x)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise InvalidEvent(str(exc)[:200]) from None
+        return self.index.store(st.slot, local, tier)
 
     def _check_hash(self, st: StreamState, ev: BlockStored, hashes: list[int]) -> None:
         """Once per worker: can we reproduce the engine's hash from its tokens?"""
@@ -460,6 +497,36 @@ class KvIngest:
                 st.worker_id,
                 self.hash_algo,
             )
+
+
+_token_ids_decoder: Final = msgspec.msgpack.Decoder(list[int])
+
+
+def stored_tokens_py(
+    raw: msgspec.Raw | bytes, block_size: int, parent: int, hashes: list[int], xlat: dict[int, int]
+) -> list[int]:
+    """A tokens-mode ``BlockStored``'s router hashes from its undecoded ``token_ids`` (the
+    msgpack bytes of the array), chained from ``parent``; ``xlat`` gains engine hash ->
+    router hash for each block. ValueError, ``xlat`` untouched, unless ``raw`` is one
+    msgpack array of ``len(hashes) * block_size`` ints (what msgspec reads as
+    ``list[int]``). The reference of ``dynamo_ext._native.stored_tokens``, which parses the
+    bytes without building the list; tests/router/test_native.py holds them equal."""
+    if block_size <= 0:
+        raise ValueError("block_size must be > 0")
+    try:
+        toks = _token_ids_decoder.decode(raw)
+    except msgspec.DecodeError as exc:  # ValidationError included
+        raise ValueError(f"token_ids: {exc}") from None
+    if len(toks) != len(hashes) * block_size:
+        raise ValueError(f"{len(toks)} token ids for {len(hashes)} blocks of {block_size}")
+    local = token_block_hashes_py(toks, block_size, parent)
+    xlat.update(zip(hashes, local, strict=True))
+    return local
+
+
+def _n_tokens(raw: list[int] | msgspec.Raw | None) -> int | None:
+    """How many token ids an event carries, decoded or not (None: none sent)."""
+    return len(raw) if type(raw) is list else _raw_array_len(raw)  # type: ignore[arg-type]
 
 
 def _raw_array_len(raw: msgspec.Raw | None) -> int | None:

@@ -1,6 +1,8 @@
-"""dynamo_ext._native against its pure-Python references: the tokens-mode hash chain and the
+"""dynamo_ext._native against its pure-Python references: the tokens-mode hash chain, the
 index's GPU walk, on random prompts and random fleets under stores, removals, clears and
-worker churn. Also: a missing or disabled extension falls back to the reference."""
+worker churn, and the tokens-mode ingest of a BlockStored straight from its msgpack bytes
+(``stored_tokens``), on valid and hostile token arrays alike, alone and through the whole
+ingest. Also: a missing or disabled extension falls back to the reference."""
 
 from __future__ import annotations
 
@@ -9,14 +11,27 @@ import sys
 from array import array
 from collections.abc import Iterator
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynamo_ext import native
+from dynamo_ext.config import RouterConfig
 from dynamo_ext.hashing import BlockHasher, token_block_hashes, token_block_hashes_py
-from dynamo_ext.protocol import pack_tokens
+from dynamo_ext.protocol import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEventBatch,
+    WorkerRegistration,
+    encode,
+    pack_tokens,
+    seq_bytes,
+)
 from dynamo_ext.router.indexer import KvIndex
+from dynamo_ext.router.ingest import stored_tokens_py
+from dynamo_ext.router.service import RouterService
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="dynamo_ext._native not built")
 
@@ -212,3 +227,192 @@ def test_the_router_reports_native_on() -> None:
     page = generate_latest(RouterMetrics().registry).decode()
     assert "dynamo_ext_router_native 1.0" in page
     assert token_block_hashes is not token_block_hashes_py
+
+
+# ---- tokens-mode BlockStored from its undecoded token_ids ------------------------------
+MSGPACK_INT = st.one_of(
+    st.integers(0, 2**32 - 1),
+    st.integers(-(2**63), 2**64 - 1),  # every msgpack int width, signed and unsigned
+    st.sampled_from([-1, -2, -32, -33, 127, 128, 2**61 - 1, 2**61, -(2**61), 2**64 - 1]),
+)
+NOT_INT = st.one_of(
+    st.floats(allow_nan=False), st.booleans(), st.none(), st.text(max_size=3), st.binary(max_size=3)
+)
+
+
+def both_stored(raw: bytes, bs: int, parent: int, hashes: list[int]):
+    """``stored_tokens`` natively and by the reference: (result or error class, xlat)."""
+    assert native.IMPL is not None
+    out = []
+    for fn in (native.IMPL.stored_tokens, stored_tokens_py):
+        x = {-5: 9}  # an earlier block's entry, kept whatever happens
+        try:
+            got: object = fn(raw, bs, parent, hashes, x)
+        except Exception as exc:  # noqa: BLE001 - the class is the result
+            got = type(exc)
+        out.append((got, x))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 6), st.integers(0, 5), PARENT, st.data())
+def test_stored_tokens_equals_the_reference(bs: int, nblocks: int, parent: int, data) -> None:
+    toks = data.draw(st.lists(MSGPACK_INT, min_size=bs * nblocks, max_size=bs * nblocks))
+    hashes = data.draw(st.lists(st.integers(0, 2**64 - 1), min_size=nblocks, max_size=nblocks))
+    raw = msgspec.msgpack.encode(toks)
+    (a, xa), (b, xb) = both_stored(raw, bs, parent, hashes)
+    assert a == b == token_block_hashes_py(toks, bs, parent)
+    assert xa == xb == {-5: 9, **dict(zip(hashes, a, strict=True))}  # type: ignore[arg-type]
+    # msgspec.Raw, what the lean decoder hands over, reads the same
+    assert native.IMPL is not None
+    assert native.IMPL.stored_tokens(msgspec.Raw(raw), bs, parent, hashes, {}) == a
+
+
+def _header(n: int, kind: int) -> bytes:
+    """A msgpack array header of ``n`` items, in one of its three widths (kind 1, 2 may be
+    non-minimal, still valid msgpack)."""
+    if kind == 0 and n < 16:
+        return bytes([0x90 | n])
+    if kind <= 1 and n < 2**16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(1, 4), st.integers(0, 4), st.data())
+def test_stored_tokens_refuses_what_the_reference_refuses(bs: int, nblocks: int, data) -> None:
+    """Hostile token arrays: a wrong count, a non-int item, a truncated or padded buffer,
+    another msgpack type, random bytes. Both raise ValueError (the ingest counts it as an
+    InvalidEvent) and leave xlat as it was, or both read the same hashes."""
+    n = bs * nblocks
+    hashes = list(range(100, 100 + nblocks))
+    ints = data.draw(st.lists(MSGPACK_INT, min_size=n, max_size=n))
+    items = [msgspec.msgpack.encode(t) for t in ints]
+    how = data.draw(st.sampled_from(["count", "item", "truncate", "trail", "type", "random"]))
+    if how == "count":
+        m = data.draw(st.integers(0, n + 3).filter(lambda m: m != n))
+        other = data.draw(st.lists(MSGPACK_INT, min_size=m, max_size=m))
+        body = [msgspec.msgpack.encode(t) for t in other]
+        raw = _header(m, data.draw(st.integers(0, 2))) + b"".join(body)
+    elif how == "item" and n:
+        i = data.draw(st.integers(0, n - 1))
+        bad = data.draw(st.one_of(NOT_INT.map(msgspec.msgpack.encode), st.just(b"\x91\x01")))
+        items[i] = bad
+        raw = _header(n, data.draw(st.integers(0, 2))) + b"".join(items)
+    elif how == "truncate":
+        whole = _header(n, data.draw(st.integers(0, 2))) + b"".join(items)
+        raw = whole[: data.draw(st.integers(0, max(len(whole) - 1, 0)))]
+    elif how == "trail":
+        raw = _header(n, data.draw(st.integers(0, 2))) + b"".join(items)
+        raw += data.draw(st.binary(min_size=1, max_size=4))
+    elif how == "type":
+        a_map = st.dictionaries(st.text(max_size=2), MSGPACK_INT, max_size=2)
+        raw = msgspec.msgpack.encode(data.draw(st.one_of(NOT_INT, a_map)))
+    else:
+        raw = data.draw(st.binary(max_size=40))
+    (a, xa), (b, xb) = both_stored(raw, bs, 3, hashes)
+    assert a == b if isinstance(a, list) else (a is b is ValueError), (how, raw, a, b)
+    assert xa == xb
+    if not isinstance(a, list):
+        assert xa == {-5: 9}  # nothing of a refused event reached the map
+
+
+def test_stored_tokens_refuses_bad_arguments() -> None:
+    assert native.IMPL is not None
+    raw = msgspec.msgpack.encode(list(range(4)))
+    for fn in (native.IMPL.stored_tokens, stored_tokens_py):
+        with pytest.raises(ValueError):
+            fn(raw, 0, 0, [], {})
+        with pytest.raises(ValueError):
+            fn(b"", 4, 0, [1], {})  # token_ids absent (msgspec.Raw())
+        with pytest.raises(TypeError):
+            fn(raw, 2, 0, [[1], 2], {})  # an unhashable engine hash
+    with pytest.raises(TypeError):
+        native.IMPL.stored_tokens(raw, 4, 0, [1], [])  # type: ignore[arg-type]
+
+
+# ---- the whole tokens-mode ingest, native and reference --------------------------------
+BS = 4
+TOKEN_IDS = st.one_of(
+    st.lists(st.integers(0, 50), min_size=BS, max_size=3 * BS),  # a small vocabulary: repeats
+    st.lists(st.one_of(st.integers(0, 50), NOT_INT), min_size=1, max_size=2 * BS),
+)
+EVENTS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("store"),
+            st.integers(0, 20),
+            TOKEN_IDS,
+            st.sampled_from([None, "GPU", "CPU"]),
+            st.sampled_from([BS, BS, 0, 8]),  # the router's, a placeholder's, another
+        ),
+        st.tuples(
+            st.just("remove"),
+            st.integers(0, 20),
+            st.lists(st.integers(0, 60), max_size=4),
+            st.sampled_from([None, "CPU"]),
+            st.just(0),
+        ),
+        st.tuples(st.just("clear"), st.just(0), st.just([]), st.just(None), st.just(0)),
+    ),
+    max_size=30,
+)
+
+
+def _batches(events: list, per_batch: int) -> list[bytes]:
+    """Engine hashes are small ints, so that parents, repeats and removals collide."""
+    evs: list = []
+    for op, h, toks, medium, bs in events:
+        if op == "store":
+            n = max(len(toks) // BS, 1)
+            parent = None if h % 3 == 0 else h + 5
+            evs.append(BlockStored(list(range(h, h + n)), parent, toks, bs, None, medium, None))
+        elif op == "remove":
+            evs.append(BlockRemoved(toks, medium))
+        else:
+            evs.append(AllBlocksCleared())
+    return [
+        encode(KVEventBatch(0.0, evs[i : i + per_batch])) for i in range(0, len(evs), per_batch)
+    ]
+
+
+def _ingested(frames: list[bytes], on: bool) -> tuple[dict, dict, dict]:
+    old = native.set_enabled(on)
+    try:
+        s = RouterService(RouterConfig(block_size=BS, metrics_port=None, hash_mode="tokens"))
+        st_ = s.register(WorkerRegistration("w0", block_size=BS), static=True).stream
+        for seq, f in enumerate(frames):
+            s.ingest.on_live(st_, [b"", seq_bytes(seq), f])
+        bad = {
+            smp.labels["source"]: smp.value
+            for m in s.metrics.malformed.collect()
+            for smp in m.samples
+            if smp.name.endswith("_total")
+        }
+        return s.index.worker_blocks("w0"), bad, {t: dict(x) for t, x in st_.xlat.items()}
+    finally:
+        native.set_enabled(old)
+
+
+@settings(max_examples=150, deadline=None)
+@given(EVENTS, st.integers(1, 4))
+def test_tokens_mode_ingest_native_equals_the_reference(events: list, per_batch: int) -> None:
+    """The same frames (stores with good and bad token arrays, orphans, offload tiers,
+    placeholders, removals, clears) leave the same index, the same engine -> router map
+    and the same malformed counts, natively and on the reference."""
+    frames = _batches(events, per_batch)
+    assert _ingested(frames, True) == _ingested(frames, False)
+
+
+def test_tokens_mode_ingest_counts_a_bad_token_array_and_goes_on() -> None:
+    good = BlockStored([1], None, [1, 2, 3, 4], BS, None, None, None)
+    bad = [
+        BlockStored([2], None, [1, 2, 3], BS, None, None, None),  # wrong count
+        BlockStored([3], None, [1, 2.5, 3, 4], BS, None, None, None),  # non-int
+        BlockStored([4], None, [1, 2, "x", 4], BS, None, None, None),
+        BlockStored([5], None, [[1], 2, 3, 4], BS, None, None, None),
+    ]
+    for on in (True, False):
+        blocks, bad_counts, xlat = _ingested([encode(KVEventBatch(0.0, [*bad, good]))], on)
+        assert bad_counts.get("kv_event") == len(bad) and set(xlat["GPU"]) == {1}
+        assert blocks == {"GPU": token_block_hashes_py([1, 2, 3, 4], BS)}
