@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import MutableMapping
 from types import ModuleType
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ def _load() -> ModuleType | None:
             exc,
         )
         return None
+    # The engine hash -> router hash map is a dict in all but layout: say so to isinstance.
+    MutableMapping.register(mod.U64Map)
     return mod
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Final
 
 import msgspec
@@ -104,8 +104,8 @@ class StreamState:
         # Last seq seen on the live stream: a live seq below it is a restarted publisher;
         # one above it but already applied (<= last_seq) came through a replay first.
         self.live_last = -1
-        # tokens mode only: engine hash -> router hash, per tier.
-        self.xlat: dict[str, dict[int, int]] = {}
+        # tokens mode only: engine hash -> router hash, per tier (``new_xlat``).
+        self.xlat: dict[str, MutableMapping[int, int]] = {}
         self.hash_checked = False
         self.events_applied = 0
         self.replaying = False
@@ -447,7 +447,7 @@ class KvIngest:
         xlat = st.xlat
         x = xlat.get(tier)
         if x is None:
-            x = xlat[tier] = {}
+            x = xlat[tier] = new_xlat()
         parent = ev.parent_block_hash
         if parent is None:
             p = 0
@@ -502,8 +502,20 @@ class KvIngest:
 _token_ids_decoder: Final = msgspec.msgpack.Decoder(list[int])
 
 
+def new_xlat() -> MutableMapping[int, int]:
+    """An empty engine hash -> router hash map: the extension's ``U64Map`` (a flat table of
+    64-bit pairs: a third of a dict's memory per block, no key object, fewer cache misses
+    per insert), else a dict. Either works with either path."""
+    impl = native.IMPL
+    return impl.U64Map() if impl is not None else {}  # type: ignore[no-any-return]
+
+
 def stored_tokens_py(
-    raw: msgspec.Raw | bytes, block_size: int, parent: int, hashes: list[int], xlat: dict[int, int]
+    raw: msgspec.Raw | bytes,
+    block_size: int,
+    parent: int,
+    hashes: list[int],
+    xlat: MutableMapping[int, int],
 ) -> list[int]:
     """A tokens-mode ``BlockStored``'s router hashes from its undecoded ``token_ids`` (the
     msgpack bytes of the array), chained from ``parent``; ``xlat`` gains engine hash ->

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from array import array
+from collections import Counter
 from collections.abc import Iterator
 
 import msgspec
@@ -241,17 +242,24 @@ NOT_INT = st.one_of(
 
 
 def both_stored(raw: bytes, bs: int, parent: int, hashes: list[int]):
-    """``stored_tokens`` natively and by the reference: (result or error class, xlat)."""
+    """``stored_tokens`` natively (into a dict and into a U64Map) and by the reference:
+    (result or error class, xlat) of each; the native two must agree with each other."""
     assert native.IMPL is not None
     out = []
-    for fn in (native.IMPL.stored_tokens, stored_tokens_py):
-        x = {-5: 9}  # an earlier block's entry, kept whatever happens
+    for fn, x in (
+        (native.IMPL.stored_tokens, native.IMPL.U64Map()),
+        (native.IMPL.stored_tokens, {}),
+        (stored_tokens_py, {}),
+    ):
+        x[-5] = 9  # an earlier block's entry, kept whatever happens
+        x[2**64 - 1] = 4
         try:
-            got: object = fn(raw, bs, parent, hashes, x)
+            got: object = fn(raw, bs, parent, hashes, x)  # type: ignore[operator]
         except Exception as exc:  # noqa: BLE001 - the class is the result
             got = type(exc)
-        out.append((got, x))
-    return out
+        out.append((got, dict(x)))
+    assert out[0] == out[1]
+    return out[1:]
 
 
 @settings(max_examples=300, deadline=None)
@@ -262,7 +270,8 @@ def test_stored_tokens_equals_the_reference(bs: int, nblocks: int, parent: int, 
     raw = msgspec.msgpack.encode(toks)
     (a, xa), (b, xb) = both_stored(raw, bs, parent, hashes)
     assert a == b == token_block_hashes_py(toks, bs, parent)
-    assert xa == xb == {-5: 9, **dict(zip(hashes, a, strict=True))}  # type: ignore[arg-type]
+    want = {-5: 9, 2**64 - 1: 4, **dict(zip(hashes, a, strict=True))}  # type: ignore[arg-type]
+    assert xa == xb == want
     # msgspec.Raw, what the lean decoder hands over, reads the same
     assert native.IMPL is not None
     assert native.IMPL.stored_tokens(msgspec.Raw(raw), bs, parent, hashes, {}) == a
@@ -314,7 +323,7 @@ def test_stored_tokens_refuses_what_the_reference_refuses(bs: int, nblocks: int,
     assert a == b if isinstance(a, list) else (a is b is ValueError), (how, raw, a, b)
     assert xa == xb
     if not isinstance(a, list):
-        assert xa == {-5: 9}  # nothing of a refused event reached the map
+        assert xa == {-5: 9, 2**64 - 1: 4}  # nothing of a refused event reached the map
 
 
 def test_stored_tokens_refuses_bad_arguments() -> None:
@@ -329,6 +338,114 @@ def test_stored_tokens_refuses_bad_arguments() -> None:
             fn(raw, 2, 0, [[1], 2], {})  # an unhashable engine hash
     with pytest.raises(TypeError):
         native.IMPL.stored_tokens(raw, 4, 0, [1], [])  # type: ignore[arg-type]
+    m = native.IMPL.U64Map()
+    with pytest.raises(TypeError):
+        native.IMPL.stored_tokens(raw, 2, 0, [1, [2]], m)  # type: ignore[list-item]
+    assert len(m) == 0  # refused whole: not even the first block
+
+
+# ---- U64Map, a dict for the engine hash -> router hash map ----------------------------
+MAP_KEYS = st.one_of(
+    st.integers(0, 40),  # a small space: collisions, probe runs, deletions inside them
+    st.integers(0, 2**64 - 1),
+    st.integers(-(2**70), 2**70),
+    st.booleans(),
+    st.binary(max_size=2),
+)
+MAP_VALUES = st.one_of(
+    st.integers(0, 2**64 - 2), st.just(2**64 - 1), st.integers(-(2**70), 2**70), st.text(max_size=2)
+)
+MAP_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("set"), MAP_KEYS, MAP_VALUES),
+        st.tuples(st.just("del"), MAP_KEYS, st.none()),
+        st.tuples(st.just("pop"), MAP_KEYS, st.none()),
+        st.tuples(st.just("pop_default"), MAP_KEYS, MAP_VALUES),
+        st.tuples(st.just("get"), MAP_KEYS, MAP_VALUES),
+        st.tuples(st.just("in"), MAP_KEYS, st.none()),
+        st.tuples(
+            st.just("update"), st.lists(st.tuples(MAP_KEYS, MAP_VALUES), max_size=4), st.none()
+        ),
+        st.tuples(
+            st.just("update_dict"), st.dictionaries(MAP_KEYS, MAP_VALUES, max_size=4), st.none()
+        ),
+        st.tuples(st.just("clear"), st.none(), st.none()),
+    ),
+    max_size=120,
+)
+
+
+def _apply_op(m, op: str, k, v):  # type: ignore[no-untyped-def]
+    try:
+        if op == "set":
+            m[k] = v
+        elif op == "del":
+            del m[k]
+        elif op == "pop":
+            return ("ok", m.pop(k))
+        elif op == "pop_default":
+            return ("ok", m.pop(k, v))
+        elif op == "get":
+            return ("ok", m.get(k), m.get(k, v))
+        elif op == "in":
+            return ("ok", k in m)
+        elif op in ("update", "update_dict"):
+            m.update(k)
+        else:
+            m.clear()
+    except KeyError:
+        return ("KeyError",)
+    return ("ok",)
+
+
+@settings(max_examples=300, deadline=None)
+@given(MAP_OPS)
+def test_u64map_behaves_as_a_dict(ops) -> None:
+    assert native.IMPL is not None
+    m, d = native.IMPL.U64Map(), {}
+    for op, k, v in ops:
+        assert _apply_op(m, op, k, v) == _apply_op(d, op, k, v), (op, k, v)
+        assert len(m) == len(d)
+    assert dict(m) == d and dict(m.items()) == d
+    # (a bool key comes back as the int it equals, as a dict would find it either way)
+    assert set(m) == set(m.keys()) == set(d) and len(list(m)) == len(d)
+    assert Counter(m.values()) == Counter(d.values())
+
+
+def test_u64map_many_keys_grow_and_delete() -> None:
+    """Growth past many resizes, and deletions in the middle of long probe runs."""
+    import random
+
+    assert native.IMPL is not None
+    rng = random.Random(3)
+    m, d = native.IMPL.U64Map(), {}
+    for _ in range(100_000):
+        k = rng.randrange(4000) if rng.random() < 0.7 else rng.getrandbits(64)
+        r = rng.random()
+        if r < 0.55:
+            d[k] = m[k] = rng.getrandbits(63)
+        elif r < 0.85:
+            assert m.pop(k, None) == d.pop(k, None)
+        else:
+            assert m.get(k) == d.get(k)
+    assert dict(m) == d and len(m) == len(d)
+    # A table of 16 slots kept 2/3 full: probe runs that wrap past its end, deleted from.
+    for _ in range(100):  # new keys each round: other slots, other runs
+        keys = [rng.getrandbits(64) for _ in range(11)]
+        small, sd = native.IMPL.U64Map(), {}
+        for _ in range(1000):
+            k = rng.choice(keys)
+            if rng.random() < 0.5:
+                sd[k] = small[k] = 7
+            else:
+                assert small.pop(k, None) == sd.pop(k, None)
+            assert all(small.get(j) == sd.get(j) for j in keys)
+    with pytest.raises(TypeError):
+        m[[1]] = 2  # type: ignore[index]
+    with pytest.raises(TypeError):
+        hash(m)
+    m.clear()
+    assert len(m) == 0 and list(m) == [] and m.get(5) is None
 
 
 # ---- the whole tokens-mode ingest, native and reference --------------------------------
