@@ -47,6 +47,39 @@ class Candidate:
     ext: tuple[int, int, int] | None = None
 
 
+class CostCache:
+    """The request-independent part of ``kv`` cost for one candidate list, kept current by
+    ``touch`` (whoever sets a candidate's ``dirty`` also touches it here): a route then
+    refreshes only the workers touched since the last route, not the whole fleet, and finds
+    the workers whose prompts in flight may continue this prompt from ``first_holders`` (the
+    first block of each request in flight -> its workers) instead of probing every worker.
+    The scorer without a cache computes the same costs from the candidates alone (the
+    reference, ``tests/router/test_scorer.py`` holds them equal)."""
+
+    __slots__ = ("cands", "pos", "base", "full", "busy_flags", "busy", "stale", "first_holders")
+
+    def __init__(
+        self,
+        cands: Sequence[Candidate],
+        pos: dict[str, int],
+        first_holders: dict[int, dict[str, int]] | None = None,
+    ) -> None:
+        n = len(cands)
+        self.cands = cands
+        self.pos = pos
+        self.base = [0.0] * n
+        self.full: set[int] = set()
+        self.busy_flags = [False] * n
+        self.busy = 0
+        self.stale: set[int] = set(range(n))
+        self.first_holders = first_holders
+
+    def touch(self, worker_id: str) -> None:
+        i = self.pos.get(worker_id)
+        if i is not None:
+            self.stale.add(i)
+
+
 class Scorer:
     def __init__(self, config: ScorerConfig, block_size: int) -> None:
         self.config = config
@@ -118,38 +151,76 @@ class Scorer:
         matches: PrefixMatches,
         pos: dict[str, int],
         hashes: Sequence[int] | None = None,
+        cache: CostCache | None = None,
     ) -> list[float]:
         cfg = self.config
         n = matches.num_blocks
-        for c in cands:
-            if c.dirty:
-                self.refresh(c)
+        cached = cache is not None and cache.cands is cands
+        if cached:
+            assert cache is not None
+            if cache.stale:
+                self._refresh_cache(cache)
+            busy = cache.busy
+        else:
+            for c in cands:
+                if c.dirty:
+                    self.refresh(c)
         # A prompt block to compute costs its time (overlap_weight) plus fleet work
         # (miss_weight); queued prefill (in ``base``) costs its time only.
         mw = cfg.miss_weight
         if mw:
             # Scaled by the share of workers with prefill queued: on an idle fleet a
             # recomputed block delays no one, on a saturated one it delays everyone after.
-            mw *= sum(1 for c in cands if c.queued > 0) / len(cands)
+            if not cached:
+                busy = sum(1 for c in cands if c.queued > 0)
+            mw *= busy / len(cands)
         ow = cfg.overlap_weight + mw
         ow_n = ow * n
         full_n = ow_n + cfg.kv_full_penalty * n
-        costs = [c.base + (full_n if c.kv_full else ow_n) for c in cands]
+        if cached:
+            assert cache is not None
+            base = cache.base
+            costs = [b + ow_n for b in base]
+            for f in cache.full:
+                costs[f] = base[f] + full_n
+        else:
+            costs = [c.base + (full_n if c.kv_full else ow_n) for c in cands]
         gpu, off = matches.gpu, matches.offload
         # Only workers with a hit differ from their base: visit those, not the fleet.
         for wid, g in gpu.items():
-            i = pos.get(wid)
-            if i is not None:
-                costs[i] -= ow * g
+            j = pos.get(wid)
+            if j is not None:
+                costs[j] -= ow * g
         for wid, o in off.items():
-            i = pos.get(wid)
-            if i is not None:
-                costs[i] -= ow * self._saved(o)
+            j = pos.get(wid)
+            if j is not None:
+                costs[j] -= ow * self._saved(o)
         if hashes is not None and cfg.inflight_credit:
             # Prompts in flight: blocks that requests routed to a worker and not finished
             # will have computed by the time this one is scheduled there, although the
             # index has not heard of them yet. Credit the continuation of the cached prefix
             # through that worker's active blocks (one probe where there is none).
+            if cached and cache.first_holders is not None:  # type: ignore[union-attr]
+                # Only a worker with a hit, or one running a request that starts with this
+                # prompt's first block (block hashes are chained: a first block is first
+                # wherever it is), can have the continuation active.
+                if not n:
+                    return costs
+                probe = set(gpu)
+                probe.update(cache.first_holders.get(hashes[0], ()))  # type: ignore[union-attr]
+                for wid in probe:
+                    j = pos.get(wid)
+                    if j is None:
+                        continue
+                    refs = cands[j].load.block_refs
+                    if not refs:
+                        continue
+                    k = g = gpu.get(wid, 0)
+                    while k < n and hashes[k] in refs:
+                        k += 1
+                    if k > g:
+                        costs[j] -= ow * (k - g)
+                return costs
             for i, c in enumerate(cands):
                 refs = c.load.block_refs
                 if not refs:
@@ -160,6 +231,22 @@ class Scorer:
                 if k > g:
                     costs[i] -= ow * (k - g)
         return costs
+
+    def _refresh_cache(self, cache: CostCache) -> None:
+        cands, base, full, flags = cache.cands, cache.base, cache.full, cache.busy_flags
+        for i in cache.stale:
+            c = cands[i]
+            self.refresh(c)
+            base[i] = c.base
+            if c.kv_full:
+                full.add(i)
+            else:
+                full.discard(i)
+            q = c.queued > 0
+            if q != flags[i]:
+                flags[i] = q
+                cache.busy += 1 if q else -1
+        cache.stale.clear()
 
     def _dynamo_cost(
         self, c: Candidate, matches: PrefixMatches, n: int, hashes: Sequence[int] | None
@@ -181,9 +268,11 @@ class Scorer:
         pos: dict[str, int] | None = None,
         *,
         hashes: Sequence[int] | None = None,
+        cache: CostCache | None = None,
     ) -> tuple[WorkerScore, list[WorkerScore]]:
         """Pick a worker. ``pos`` maps worker id to its index in ``candidates`` (cacheable);
-        ``hashes`` are the prompt's block hashes (``dynamo`` mode uses them)."""
+        ``hashes`` are the prompt's block hashes (``dynamo`` mode uses them); ``cache`` the
+        ``CostCache`` of this very candidate list (``kv`` mode; same costs, fewer visits)."""
         if not candidates:
             raise ValueError("no candidates")
         n = matches.num_blocks
@@ -192,7 +281,7 @@ class Scorer:
         if mode == "kv":
             if pos is None:
                 pos = {c.worker_id: i for i, c in enumerate(candidates)}
-            costs = self._kv_costs(candidates, matches, pos, hashes)
+            costs = self._kv_costs(candidates, matches, pos, hashes, cache)
             best = self._argmin(costs, candidates)
         elif mode == "dynamo":
             costs = [self._dynamo_cost(c, matches, n, hashes) for c in candidates]

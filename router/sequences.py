@@ -68,6 +68,9 @@ class ActiveSequences:
         # Insertion order == deadline order (one TTL for all), so expiry pops from the front.
         self._seqs: OrderedDict[str, _Seq] = OrderedDict()
         self._load: dict[str, WorkerLoad] = {}
+        # First block hash of each request in flight (added with hashes) -> worker -> count:
+        # the scorer's in-flight credit visits only the workers that may continue a prompt.
+        self.first_holders: dict[int, dict[str, int]] = {}
         self.expired = 0
 
     def load(self, worker_id: str) -> WorkerLoad:
@@ -105,6 +108,8 @@ class ActiveSequences:
             for h in hashes:
                 refs[h] = refs.get(h, 0) + 1
             wl.hashed_blocks += len(hashes)
+            holders = self.first_holders.setdefault(hashes[0], {})
+            holders[worker_id] = holders.get(worker_id, 0) + 1
 
     def prefill_done(self, request_id: str) -> str | None:
         """Returns the request's worker, or None for an unknown request."""
@@ -133,13 +138,28 @@ class ActiveSequences:
                 else:
                     del refs[h]
             wl.hashed_blocks -= len(s.hashes)
+            self._unhold(s)
         return s.worker_id
+
+    def _unhold(self, s: _Seq) -> None:
+        assert s.hashes
+        first = s.hashes[0]
+        holders = self.first_holders[first]
+        c = holders[s.worker_id] - 1
+        if c:
+            holders[s.worker_id] = c
+        else:
+            del holders[s.worker_id]
+            if not holders:
+                del self.first_holders[first]
 
     def drop_worker(self, worker_id: str) -> list[str]:
         """Forget a dead worker's requests; returns their ids (callers may migrate them)."""
         gone = [rid for rid, s in self._seqs.items() if s.worker_id == worker_id]
         for rid in gone:
-            del self._seqs[rid]
+            s = self._seqs.pop(rid)
+            if s.hashes:
+                self._unhold(s)
         # Reset in place: routers keep a reference to the WorkerLoad of each worker.
         wl = self.load(worker_id)
         wl.requests = wl.active_blocks = wl.prefill_tokens = wl.hashed_blocks = 0

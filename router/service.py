@@ -51,7 +51,7 @@ from dynamo_ext.router.identity import IdentityGuard
 from dynamo_ext.router.indexer import IndexFullError, KvIndex
 from dynamo_ext.router.ingest import DECODE_ERRORS, KvIngest, StreamState
 from dynamo_ext.router.metrics import RouterMetrics, remove_label
-from dynamo_ext.router.scorer import Candidate, Scorer
+from dynamo_ext.router.scorer import Candidate, CostCache, Scorer
 from dynamo_ext.router.sequences import ActiveSequences
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,8 @@ class RouterService:
         )
         self.workers: dict[str, WorkerEntry] = {}
         self._cand_cache: dict[tuple[str, str | None], tuple[list[WorkerEntry], int, dict]] = {}
+        # The scorer's cached cost parts of each cached candidate list (same keys).
+        self._cost_caches: dict[tuple[str, str | None], CostCache] = {}
         self._pool_mask: int | None = None  # live workers with a pool tier
         self._warned: set[tuple[str, str]] = set()
         # request id -> (worker, predicted cached tokens), for the finish's hit check
@@ -266,6 +268,7 @@ class RouterService:
 
     def _changed(self) -> None:
         self._cand_cache.clear()
+        self._cost_caches.clear()
         self._pool_mask = None
         n_up = sum(1 for w in self.workers.values() if w.up)
         self.metrics.workers_up.set(n_up)
@@ -307,6 +310,7 @@ class RouterService:
         elif prev is not None and m.heartbeat > prev.heartbeat + 1:
             self.metrics.metrics_gaps.inc(m.heartbeat - prev.heartbeat - 1)
         self.scorer.observe(w, m)
+        self._dirty(w)
         now = time.monotonic()
         w.last_seen = now
         if not w.up and now >= w.failed_until:
@@ -412,7 +416,7 @@ class RouterService:
             return False
         w = self.workers.get(worker_id)
         if w is not None:
-            w.dirty = True
+            self._dirty(w)
         return True
 
     def finish(self, msg: RequestFinished) -> bool:
@@ -484,8 +488,16 @@ class RouterService:
             )
             if len(self._cand_cache) > 256:
                 self._cand_cache.clear()
+                self._cost_caches.clear()
             self._cand_cache[key] = c
+            self._cost_caches[key] = CostCache(ws, c[2], self.sequences.first_holders)  # type: ignore[arg-type]
         return c
+
+    def _dirty(self, w: WorkerEntry) -> None:
+        """The worker's load or metrics changed: its cached scorer cost is stale."""
+        w.dirty = True
+        for cc in self._cost_caches.values():
+            cc.touch(w.worker_id)
 
     def check_request(self, req: RouteRequest) -> ErrorReply | None:
         if req.token_bytes is not None and len(req.token_bytes) % 4:
@@ -569,6 +581,7 @@ class RouterService:
         if num_tokens is None:
             num_tokens = len(hashes) * bs
         cands, mask, pos = self.candidates(req.role, req.model)
+        cache = self._cost_caches.get((req.role, req.model))
         if req.exclude_workers:
             ex = set(req.exclude_workers)
             cands = [w for w in cands if w.worker_id not in ex]
@@ -588,7 +601,14 @@ class RouterService:
         # in flight (inflight_credit): both need the prompt's hashes.
         sc = self.config.scorer
         dyn = hashes if sc.mode == "dynamo" or (sc.mode == "kv" and sc.inflight_credit) else None
-        chosen, scores = self.scorer.select(cands, matches, req.explain, pos, hashes=dyn)  # type: ignore[arg-type]
+        chosen, scores = self.scorer.select(
+            cands,  # type: ignore[arg-type]
+            matches,
+            req.explain,
+            pos,
+            hashes=dyn,
+            cache=cache,  # ignored unless it is this very list's (not after exclude_workers)
+        )
         w = self.workers[chosen.worker_id]
         if req.track:
             cached_tokens = matches.gpu.get(w.worker_id, 0) * bs
@@ -599,7 +619,7 @@ class RouterService:
                 max(0, num_tokens - cached_tokens),
                 hashes=dyn,
             )
-            w.dirty = True
+            self._dirty(w)
             predicted = sum(chosen.prefix_hit_blocks.values()) * bs
             self._predicted[req.request_id] = (w.worker_id, predicted)
         dt = time.perf_counter() - t0

@@ -244,3 +244,104 @@ def test_miss_weight_grows_with_the_share_of_busy_workers() -> None:
     assert pick(c_busy=False) in ("b", "c")
     # two of three: a = 30 + 16 * (1 + 4/3) = 67.3, b = 32 * 2.33 = 74.7
     assert pick(c_busy=True) == "a"
+
+
+# ---- the service's CostCache against the reference (no cache) -----------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from dynamo_ext.config import RouterConfig  # noqa: E402
+from dynamo_ext.hashing import BlockHasher  # noqa: E402
+from dynamo_ext.protocol import (  # noqa: E402
+    BlockStored,
+    KVEventBatch,
+    PrefillFinished,
+    RequestFinished,
+    RouteRequest,
+    WorkerRegistration,
+    encode,
+    seq_bytes,
+)
+from dynamo_ext.router.service import RouterService  # noqa: E402
+
+_BS = 4
+_PREFIXES = [[p * 1000 + i for i in range(_BS * 6)] for p in range(4)]
+_op = st.one_of(
+    st.tuples(st.just("route"), st.integers(0, 3), st.integers(0, 6), st.booleans()),
+    st.tuples(st.just("store"), st.integers(0, 5), st.integers(0, 3), st.integers(1, 6)),
+    st.tuples(st.just("finish"), st.integers(0, 50)),
+    st.tuples(st.just("prefill_done"), st.integers(0, 50)),
+    st.tuples(
+        st.just("metrics"), st.integers(0, 5), st.integers(0, 4), st.integers(0, 40), st.booleans()
+    ),
+    st.tuples(st.just("down"), st.integers(0, 5)),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(_op, max_size=60), miss=st.sampled_from([0.0, 2.0]))
+def test_the_cost_cache_gives_the_reference_costs(ops: list, miss: float) -> None:
+    """The service's routes use a ``CostCache`` (only workers touched since the last route
+    are refreshed; in-flight credit probes only hit workers and first-block holders): after
+    any mix of routes, finishes, metrics, stores and departures its costs equal the
+    reference's, which visits every candidate."""
+    s = RouterService(
+        RouterConfig(
+            block_size=_BS, metrics_port=None, scorer=ScorerConfig(miss_weight=miss, seed=0)
+        )
+    )
+    h = BlockHasher(_BS)
+    ids = [f"w{i}" for i in range(6)]
+    for w in ids:
+        s.register(WorkerRegistration(w, block_size=_BS), static=True)
+    seqs = dict.fromkeys(ids, 0)
+    beats = dict.fromkeys(ids, 0)
+    inflight: list[str] = []
+    checked = 0
+    for n, op in enumerate(ops):
+        kind = op[0]
+        if kind == "store":
+            _, w, p, k = op
+            toks = _PREFIXES[p][: k * _BS]
+            ev = BlockStored(h.hash_tokens(toks), None, toks, _BS, None, None, None)
+            st_ = s.workers[ids[w]].stream
+            s.ingest.on_live(st_, [b"", seq_bytes(seqs[ids[w]]), encode(KVEventBatch(0.0, [ev]))])
+            seqs[ids[w]] += 1
+        elif kind == "finish" and inflight:
+            s.dispatch(RequestFinished(inflight.pop(op[1] % len(inflight))))
+        elif kind == "prefill_done" and inflight:
+            s.dispatch(PrefillFinished(inflight[op[1] % len(inflight)]))
+        elif kind == "metrics":
+            _, w, running, queue, full = op
+            beats[ids[w]] += 1
+            s.on_metrics(
+                WorkerMetrics(
+                    ids[w],
+                    beats[ids[w]],
+                    0.0,
+                    running=running,
+                    kv_used_blocks=99 if full else 10,
+                    kv_total_blocks=100,
+                    prefill_queue_tokens=queue * _BS,
+                )
+            )
+        elif kind == "down":
+            s.report_failure(ids[op[1]], "test")
+        elif kind == "route":
+            _, p, extra, track = op
+            toks = _PREFIXES[p][: 2 * _BS] + [7_000_000 + n * 10 + i for i in range(extra * _BS)]
+            cands, _mask, pos = s.candidates("aggregated", None)
+            if not cands:
+                continue
+            hashes = [x for c in s.hash_chunks(toks) for x in c]
+            matches = s.index.find_matches(hashes, _mask)
+            cache = s._cost_caches[("aggregated", None)]
+            ref = s.scorer._kv_costs(cands, matches, pos, hashes)  # type: ignore[arg-type]
+            got = s.scorer._kv_costs(cands, matches, pos, hashes, cache)  # type: ignore[arg-type]
+            assert got == ref, (n, op)
+            checked += 1
+            rid = f"r{n}"
+            r = s.route(RouteRequest(request_id=rid, token_ids=toks, track=track))
+            if track and hasattr(r, "worker_id"):
+                inflight.append(rid)
+    assert checked == sum(1 for o in ops if o[0] == "route") or any(o[0] == "down" for o in ops)

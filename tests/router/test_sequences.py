@@ -35,3 +35,22 @@ def test_expiry_and_drop_worker() -> None:
     ld = s.load("w0")
     assert s.drop_worker("w0") == ["r3"]
     assert ld.requests == 0 and s.load("w0") is ld  # the same object, reset in place
+
+
+def test_first_block_holders_follow_the_requests_in_flight() -> None:
+    """The scorer's in-flight credit visits the workers in ``first_holders``: a request's
+    first block is held while it runs and released by finish, expiry or its worker's drop."""
+    from dynamo_ext.router.sequences import ActiveSequences
+
+    s = ActiveSequences(ttl_s=60)
+    s.add("a", "w1", 3, 0, hashes=[11, 12, 13])
+    s.add("b", "w1", 2, 0, hashes=[11, 22])
+    s.add("c", "w2", 2, 0, hashes=[11, 32])
+    s.add("d", "w2", 1, 0, hashes=[41])
+    assert s.first_holders == {11: {"w1": 2, "w2": 1}, 41: {"w2": 1}}
+    s.finish("a")
+    assert s.first_holders == {11: {"w1": 1, "w2": 1}, 41: {"w2": 1}}
+    s.drop_worker("w2")
+    assert s.first_holders == {11: {"w1": 1}}
+    s.expire(now=1e18)
+    assert s.first_holders == {}
