@@ -16,6 +16,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
+try:  # Counter.update's C loop: refs[h] = refs.get(h, 0) + 1 for each h, on any dict
+    from collections import _count_elements as _count_into  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - CPython has it since 3.2
+
+    def _count_into(refs: dict[int, int], hashes: Sequence[int]) -> None:
+        for h in hashes:
+            refs[h] = refs.get(h, 0) + 1
+
 
 class _Seq:
     __slots__ = ("worker_id", "blocks", "prefill_tokens", "deadline", "hashes")
@@ -104,9 +112,7 @@ class ActiveSequences:
         wl.active_blocks += blocks
         wl.prefill_tokens += prefill_tokens
         if hashes:
-            refs = wl.block_refs
-            for h in hashes:
-                refs[h] = refs.get(h, 0) + 1
+            _count_into(wl.block_refs, hashes)
             wl.hashed_blocks += len(hashes)
             holders = self.first_holders.setdefault(hashes[0], {})
             holders[worker_id] = holders.get(worker_id, 0) + 1
