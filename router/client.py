@@ -71,6 +71,18 @@ _HEARTBEAT_TIMEOUT_MS = 3000
 _MONITORED = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 
 
+_MAX_BLOCK_SIZE = 1 << 16
+
+
+def _tokens_block_size(hashing: str) -> int | None:
+    """The block size of a "tokens/<n>" hashing, None unless n is a plain 1..65536."""
+    n = hashing.partition("/")[2]
+    if not (n.isascii() and n.isdigit() and len(n) <= 5):
+        return None
+    bs = int(n)
+    return bs if 1 <= bs <= _MAX_BLOCK_SIZE else None
+
+
 class _Expired(Exception):
     """A call's deadline passed before its answer came."""
 
@@ -99,6 +111,7 @@ class RouterClient:
             min(timeout_s, 0.25) if notify_timeout_s is None else notify_timeout_s
         )
         self.dropped_notifications = 0
+        self.bad_hashing = 0  # announcements of a hashing that cannot be (then: tokens)
         # A router in tokens mode announces it (FleetState.hashing): then prompts are hashed
         # here, natively (microseconds), and sent as hashes, which spares the router's one
         # event loop the hashing. None: not asked yet; "": ask nothing, send tokens.
@@ -332,7 +345,7 @@ class RouterClient:
             if self._hashing is None:
                 await self._learn_hashing()
             hashing = self._hashing
-            if hashing and hashing.startswith("tokens/"):
+            if hashing:
                 hashes = token_block_hashes(
                     token_ids, int(hashing.partition("/")[2]), salt_parent(cache_salt)
                 )
@@ -372,7 +385,13 @@ class RouterClient:
             log.debug("router hashing unknown (%s): sending tokens", exc)
             return
         # A router that does not say (an older one, or not a FleetState): send tokens.
-        self._hashing = reply.hashing if isinstance(reply, FleetState) else ""
+        hashing = reply.hashing if isinstance(reply, FleetState) else ""
+        if hashing.startswith("tokens/") and _tokens_block_size(hashing) is None:
+            # Broken or lying: hashing with its block size would fail or mislead every route.
+            self.bad_hashing += 1
+            log.warning("router at %s announced hashing %r: sending tokens", self.endpoint, hashing[:64])
+            hashing = ""
+        self._hashing = hashing if hashing.startswith("tokens/") else ""
 
     async def register(self, reg: WorkerRegistration) -> Ack:
         reply = await self.call(reg)

@@ -236,3 +236,51 @@ def test_a_router_that_dies_then_returns() -> None:
                 await back.stop()
 
     run(main())
+
+
+class LyingRouter(FakeRouter):
+    """Announces a hashing it made up (``FleetState.hashing``), then refuses routes."""
+
+    def __init__(self, endpoint: str, hashing: str) -> None:
+        self.hashing = hashing
+        super().__init__(endpoint)
+
+    async def _serve(self) -> None:
+        from dynamo_ext.protocol import FleetState, RouterQuery
+
+        while True:
+            ident, header, corr, payload = await self.sock.recv_multipart()
+            msg = control_decoder.decode(payload)
+            self.received.append(msg)
+            if isinstance(msg, RouterQuery):
+                reply: object = FleetState([], hashing=self.hashing)
+            else:
+                reply = ErrorReply("no_worker", "none here")
+            await self.sock.send_multipart([ident, PROTOCOL_HEADER, corr, encode(reply)])
+
+
+@pytest.mark.parametrize(
+    "hashing",
+    ["tokens/abc", "tokens/0", "tokens/-16", "tokens/" + "9" * 40, "tokens/16/x", "tokens/"],
+)
+def test_a_router_that_announces_an_impossible_hashing_gets_tokens(hashing: str) -> None:
+    """Was: the client parsed the announced block size with int() and hashed with it, so a
+    lying (or broken) router made every route raise ValueError/ZeroDivisionError in the
+    caller. Now the announcement is refused, counted, and the prompt goes as tokens."""
+
+    async def main() -> None:
+        ep = endpoint()
+        fake = LyingRouter(ep, hashing)
+        try:
+            async with RouterClient(ep, timeout_s=2.0) as c:
+                for i in range(2):
+                    with pytest.raises(NoWorkerAvailable):
+                        await c.route(f"r{i}", list(range(64)))
+                assert c.bad_hashing == 1  # counted once, then tokens without asking again
+        finally:
+            await fake.stop()
+        routes = [m for m in fake.received if isinstance(m, RouteRequest)]
+        assert len(routes) == 2
+        assert all(m.block_hashes is None and m.token_ids == list(range(64)) for m in routes)
+
+    run(main())
