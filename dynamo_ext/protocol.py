@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from array import array
 from collections.abc import Sequence
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -132,21 +132,28 @@ class HashesBatch(msgspec.Struct, array_like=True, gc=False):
 # --------------------------------------------------------------------------------------
 # Worker -> router: load metrics (PUB, same [topic, seq, payload] framing as KV events).
 # --------------------------------------------------------------------------------------
+# A count a worker reports (requests, blocks, tokens): never negative, and bounded, so that
+# no report can make a worker's load look negative or overflow what reads it (Dynamo's core
+# takes kv_total_blocks as an unsigned 64-bit int). Checked at decode: out of range is
+# malformed, counted, dropped.
+Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 48)]
+
+
 class WorkerMetrics(msgspec.Struct, tag="metrics", omit_defaults=True, gc=False):
     worker_id: str
-    heartbeat: int
+    heartbeat: Annotated[int, msgspec.Meta(ge=0)]
     ts: float
     role: Role = "both"
-    running: int = 0
-    waiting: int = 0
-    kv_used_blocks: int = 0
-    kv_total_blocks: int = 0
+    running: Count = 0
+    waiting: Count = 0
+    kv_used_blocks: Count = 0
+    kv_total_blocks: Count = 0
     # Blocks held per offload tier ("CPU", "DISK", "REMOTE", ...).
-    offload_blocks: dict[str, int] = {}
-    prefill_queue_tokens: int = 0
+    offload_blocks: dict[str, Count] = {}
+    prefill_queue_tokens: Count = 0
     # Prefix-cache counters of the engine (monotonic), for hit-rate metrics.
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
+    prefix_cache_queries: Count = 0
+    prefix_cache_hits: Count = 0
 
 
 # --------------------------------------------------------------------------------------

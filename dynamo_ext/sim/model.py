@@ -465,7 +465,7 @@ class MockerCore:
             kv_used_blocks=self._used,
             kv_total_blocks=self.num_blocks,
             offload_blocks={MEDIUM_CPU: len(self._cpu)} if self._cpu is not None else {},
-            prefill_queue_tokens=self.prefill_queue_tokens(),
+            prefill_queue_tokens=max(0, self.prefill_queue_tokens()),
             prefix_cache_queries=self.prefix_queries,
             prefix_cache_hits=self.prefix_hits + self.cpu_hits,
         )

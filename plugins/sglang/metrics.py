@@ -57,20 +57,28 @@ def worker_metrics(
     text: str, worker_id: str, role: Role, page_size: int, heartbeat: int
 ) -> WorkerMetrics:
     v = parse_samples(text)
-    total_blocks = int(v.get(MAX_TOKENS, 0.0)) // max(page_size, 1)
+    total_blocks = _count(v.get(MAX_TOKENS, 0.0)) // max(page_size, 1)
     offload: dict[str, int] = {}
     if HOST_USED_TOKENS in v:
-        offload[MEDIUM_CPU] = int(v[HOST_USED_TOKENS]) // max(page_size, 1)
+        offload[MEDIUM_CPU] = _count(v[HOST_USED_TOKENS]) // max(page_size, 1)
     return WorkerMetrics(
         worker_id=worker_id,
         heartbeat=heartbeat,
         ts=time.time(),
         role=role,
-        running=int(v.get(RUNNING, 0.0)),
-        waiting=int(sum(v.get(n, 0.0) for n in WAITING)),
-        kv_used_blocks=round(v.get(TOKEN_USAGE, 0.0) * total_blocks),
+        running=_count(v.get(RUNNING, 0.0)),
+        waiting=_count(sum(v.get(n, 0.0) for n in WAITING)),
+        kv_used_blocks=_count(v.get(TOKEN_USAGE, 0.0) * total_blocks),
         kv_total_blocks=total_blocks,
         offload_blocks=offload,
-        prefix_cache_queries=int(v.get(PROMPT_TOKENS, 0.0)),
-        prefix_cache_hits=int(v.get(CACHED_TOKENS, 0.0)),
+        prefix_cache_queries=_count(v.get(PROMPT_TOKENS, 0.0)),
+        prefix_cache_hits=_count(v.get(CACHED_TOKENS, 0.0)),
     )
+
+
+def _count(x: float) -> int:
+    """A scraped gauge as a count the router accepts (``protocol.Count``): NaN, negative
+    and absurd values of a broken exporter become 0 or the bound, not a dropped report."""
+    if not x > 0:  # NaN, zero or negative
+        return 0
+    return round(x) if x < 1 << 48 else 1 << 48  # inf too

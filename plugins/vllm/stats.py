@@ -259,13 +259,14 @@ class DynamoExtStatLogger(StatLoggerBase):
                 heartbeat=heartbeat,
                 ts=time.time(),
                 role=self.role,
-                running=self._running,
-                waiting=self._waiting,
-                kv_used_blocks=round(self._usage * total),
-                kv_total_blocks=total,
-                prefill_queue_tokens=self._prefill_queue,
-                prefix_cache_queries=self._queries,
-                prefix_cache_hits=self._hits,
+                # never negative: the router refuses a report with a negative count
+                running=max(0, self._running),
+                waiting=max(0, self._waiting),
+                kv_used_blocks=max(0, round(self._usage * total)),
+                kv_total_blocks=max(0, total),
+                prefill_queue_tokens=max(0, self._prefill_queue),
+                prefix_cache_queries=max(0, self._queries),
+                prefix_cache_hits=max(0, self._hits),
             )
 
     def record(

@@ -41,7 +41,9 @@ def test_bench_route_cost_json_fields() -> None:
     assert ing["ingest_distinct_blocks"] == ing["heap_distinct_blocks"] > 0
     assert ing["ours_s"] > 0 and ing["dynamo_s"] > 0
     assert res["zmq_asyncio_roundtrip"]["p50_us"] > 0
+    assert 0 < res["zmq_blocking_roundtrip"]["p50_us"] <= res["zmq_blocking_roundtrip"]["p99_us"]
     assert set(res["targets"]) == {
+        "transport_floor_p99_us",
         "route_p99_us_8w",
         "route_p99_x_faster_than_dynamo_8w",
         "ingest_x_faster_than_dynamo",

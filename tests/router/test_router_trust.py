@@ -524,3 +524,65 @@ def test_seq_frame_of_the_wrong_size_or_negative_is_malformed(router_factory, wo
 
     run(main())
     assert metric(router.scrape(), "dynamo_ext_router_malformed_messages_total", source="kv") >= 3
+
+
+def test_metrics_out_of_range_are_malformed_and_attract_nothing(router_factory) -> None:
+    """Was: a worker (or anyone on its metrics PUB) reporting negative load (running,
+    waiting, KV blocks, prefill queue all -10**6) had it taken as is: its cost fell far below
+    every honest worker's and it drew every route. Now such metrics fail to decode, are
+    counted as malformed, and the liar's load is what the router reserved there."""
+    router = router_factory(block_size=BS, worker_timeout_s=30.0, resync_interval_s=0)
+    honest, liar = Worker("honest"), Worker("liar")
+    lie = -(10**6)
+
+    async def main():
+        async with RouterClient(router.endpoint) as c:
+            honest.beat()
+            liar.metrics.start(
+                lambda hb: WorkerMetrics(
+                    "liar",
+                    hb,
+                    time.time(),
+                    running=lie,
+                    waiting=lie,
+                    kv_used_blocks=lie,
+                    kv_total_blocks=10,
+                    prefill_queue_tokens=lie,
+                ),
+                0.05,
+            )
+            await c.register(honest.reg())
+            await c.register(liar.reg())
+            await asyncio.sleep(0.5)
+            chosen = [
+                (await c.route(f"r{i}", list(range(1000 * i, 1000 * i + 4 * BS)))).worker_id
+                for i in range(20)
+            ]
+            assert chosen.count("liar") <= 12, chosen
+
+    try:
+        run(main())
+    finally:
+        honest.close()
+        liar.close()
+    assert metric(router.scrape(), "dynamo_ext_router_malformed_messages_total", source="metrics") >= 3
+
+
+def test_metrics_fields_are_bounded_at_decode() -> None:
+    from dynamo_ext.protocol import encode, metrics_decoder
+
+    for field, bad in (
+        ("running", -1),
+        ("waiting", -1),
+        ("kv_used_blocks", -1),
+        ("kv_total_blocks", -1),
+        ("prefill_queue_tokens", -1),
+        ("prefix_cache_hits", -1),
+        ("running", 1 << 62),
+    ):
+        with pytest.raises(msgspec.ValidationError):
+            metrics_decoder.decode(encode(WorkerMetrics("w", 1, 0.0, **{field: bad})))
+    with pytest.raises(msgspec.ValidationError):
+        metrics_decoder.decode(encode(WorkerMetrics("w", 1, 0.0, offload_blocks={"CPU": -3})))
+    ok = WorkerMetrics("w", 1, 0.0, running=3, kv_total_blocks=1 << 30, offload_blocks={"CPU": 2})
+    assert metrics_decoder.decode(encode(ok)) == ok
