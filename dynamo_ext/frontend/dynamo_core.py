@@ -350,15 +350,21 @@ class DynamoCoreRouter(RouterClient):
                 total = w.last_metrics.kv_total_blocks if w.last_metrics else 0
                 cid = next(self._core_ids)
                 assert reg.kv_events_endpoint is not None and reg.http_endpoint is not None
-                await self.core.add_worker(
-                    cid,
-                    kv_events_endpoint=reg.kv_events_endpoint,
-                    replay_endpoint=reg.replay_endpoint,
-                    http_endpoint=reg.http_endpoint,
-                    total_kv_blocks=total or None,
-                    max_num_batched_tokens=self.max_num_batched_tokens,
-                    block_size=reg.block_size,
-                )
+                try:
+                    await self.core.add_worker(
+                        cid,
+                        kv_events_endpoint=reg.kv_events_endpoint,
+                        replay_endpoint=reg.replay_endpoint,
+                        http_endpoint=reg.http_endpoint,
+                        total_kv_blocks=total or None,
+                        max_num_batched_tokens=self.max_num_batched_tokens,
+                        block_size=reg.block_size,
+                    )
+                except Exception as exc:  # noqa: BLE001 - one refused worker must not stop the rest
+                    self.sync_errors += 1
+                    want.pop(w.worker_id, None)
+                    log.warning("dynamo_core: worker %s refused by the core: %s", w.worker_id, exc)
+                    continue
                 self.mirrored[w.worker_id] = _Mirrored(cid, reg.instance_id, reg)
                 self._by_core[cid] = w.worker_id
                 log.info("dynamo_core: worker %s added (core id %d)", w.worker_id, cid)

@@ -267,3 +267,40 @@ def test_dynamo_core_routes_a_real_vllm_fleet(tiny_model: Path, tmp_path: Path) 
         assert third["choices"][0]["text"] is not None
         health = json.loads(urllib.request.urlopen(url + "/health", timeout=5).read())
         assert health["routing_backend"] == "dynamo_core"
+
+
+def test_a_registration_the_core_refuses_does_not_stop_the_others() -> None:
+    """Was: the mirror upserted workers in one loop, so the first registration Dynamo's core
+    refused (here a block size it cannot take, from a router that lies or is broken) raised
+    out of ``sync`` and no worker after it was ever mirrored. The core is Dynamo's real one;
+    the fleet state is handed in (a lying router is what this guards against)."""
+    from dynamo_ext.protocol import FleetState, WorkerRegistration, WorkerState
+
+    async def main() -> None:
+        rc = DynamoCoreRouter("tcp://127.0.0.1:1", 1.0, model="m", refresh_s=60)
+
+        def reg(wid: str, bs: int) -> WorkerRegistration:
+            return WorkerRegistration(
+                wid,
+                kv_events_endpoint="tcp://127.0.0.1:2",
+                http_endpoint="http://127.0.0.1:3",
+                block_size=bs,
+            )
+
+        states = [
+            WorkerState(w, "both", True, "http://127.0.0.1:3", {}, registration=reg(w, bs))
+            for w, bs in (("bad", -1), ("good", 16))
+        ]
+
+        async def workers() -> FleetState:
+            return FleetState(states)
+
+        rc.workers = workers  # type: ignore[method-assign]
+        try:
+            await rc.sync()
+            assert set(rc.mirrored) == {"good"}
+            assert rc.sync_errors == 1
+        finally:
+            rc.core.close()
+
+    asyncio.run(main())
