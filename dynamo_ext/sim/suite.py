@@ -18,6 +18,10 @@ feeding each router; Dynamo's ``SelectionService`` behind its barrier):
 Every table row is TTFT p50/p90/p99, ITL p50/p99, end-to-end p50, goodput under the TTFT and
 TPOT SLOs, throughput, and the hit rate the engines measured beside the workload's physical
 limit (one infinite cache that sees every prompt). ``--quick`` shrinks every size for a test.
+
+``--dynamo-from FILE`` takes Dynamo's side (its tuning and every ``dynamo_core`` row) from
+an earlier report's results of the same setup instead of replaying it: when only our cost
+changes, Dynamo's figures do not, and its replays are most of a report's time.
 """
 
 from __future__ import annotations
@@ -144,16 +148,52 @@ def _run_arms(
     return figs, {name: sorted(xs) for name, xs in ttfts.items()}
 
 
+def _dynamo_rows(prev: dict[str, Any] | None, part: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``dynamo_core`` rows of one table of an earlier report (``--dynamo-from``)."""
+    if prev is None or part is None:
+        return {}
+    return {k: v for k, v in part["policies"].items() if k.startswith("dynamo_core")}
+
+
+def _load_prev(path: str, args: argparse.Namespace, tune_requests: int) -> dict[str, Any]:
+    """An earlier report's results, refused unless its Dynamo rows replay this setup."""
+    prev: dict[str, Any] = json.loads(Path(path).read_text())
+    s = prev["setup"]
+    want = {
+        "sample_trace": str(Path(args.trace)),
+        "block_size": args.block_size,
+        "sample_workers": args.workers,
+        "sample_speedup": args.speedup,
+        "generated_workers": args.gen_workers,
+        "seed": args.seed,
+    }
+    bad = [f"{k} {s.get(k)!r} != {v!r}" for k, v in want.items() if s.get(k) != v]
+    t = prev["tuning"]
+    if (t["trace_requests"], t["budget_per_side"]) != (tune_requests, args.budget):
+        bad.append(f"tuning {t['trace_requests']}x{t['budget_per_side']}")
+    if "trials" not in t.get("dynamo_core", {}):
+        bad.append("no dynamo_core tuning")
+    if bad:
+        raise ConfigError("dynamo_from", f"{path} is another setup: {'; '.join(bad)}")
+    return prev
+
+
 def run_report(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     log = sys.stderr
     trace = Path(args.trace)
     if not trace.exists():
         raise ConfigError("trace", f"{trace} not found")
-    with_dynamo = dynamo_available() and not args.no_dynamo
     mcfg = MockerConfig(block_size=args.block_size)
     quick = args.quick
     tune_rows = load_trace(trace, 150 if quick else args.tune_limit)
+    prev = (
+        _load_prev(args.dynamo_from, args, len(tune_rows))
+        if args.dynamo_from and not args.no_dynamo
+        else None
+    )
+    # Dynamo's side replayed here: not when it is absent, left out or taken from ``prev``.
+    with_dynamo = prev is None and dynamo_available() and not args.no_dynamo
     sides = ("ours", "dynamo_core") if with_dynamo else ("ours",)
     print(f"tuning on {len(tune_rows)} requests of {trace.name}", file=log, flush=True)
     tuned = tune.sweep(
@@ -165,12 +205,18 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
         sides=sides,
         log=log,
     )
-    if not with_dynamo:
+    if prev is not None:
+        tuned["dynamo_core"] = prev["tuning"]["dynamo_core"]
+    elif not with_dynamo:
         tuned["dynamo_core"] = {"best": {}}
     arms = _arms(tuned, with_dynamo)
     rows = load_trace(trace, 150 if quick else args.limit)
     print(f"sample trace: {len(rows)} requests", file=log, flush=True)
     sample, sample_ttft = _run_arms(arms, [rows], mcfg, args.workers, args.speedup, log)
+    if prev is not None:
+        if prev["sample_trace"]["requests"] != len(rows):
+            raise ConfigError("dynamo_from", "its sample trace table has another length")
+        sample.update(_dynamo_rows(prev, prev["sample_trace"]))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / "report-sample-trace.png"
@@ -200,6 +246,11 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
             sp = sum(sps) / len(sps)
             print(f"{kind} {lname} (speedup {sp:.3g})", file=log, flush=True)
             figs, ttft = _run_arms(arms, sets, mcfg, args.gen_workers, sps, log)
+            if prev is not None:
+                pg = prev["generated"].get(kind)
+                if pg is None or (pg["requests"], pg["seeds"]) != (n, seeds):
+                    raise ConfigError("dynamo_from", f"its {kind} table is another workload")
+                figs.update(_dynamo_rows(prev, pg["loads"].get(lname)))
             gen[kind]["loads"][lname] = {"load": frac, "speedup": round(sp, 4), "policies": figs}
             if lname == "medium" or kind == "chat":
                 plot(
@@ -260,7 +311,13 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
             "seed": args.seed,
             "prefill_capacity_tok_s_per_worker": round(cap),
             "slo": {"ttft_ms": SLO_TTFT_MS, "tpot_ms": SLO_TPOT_MS},
-            "dynamo_core": "ai-dynamo-runtime SelectionService" if with_dynamo else "absent",
+            "dynamo_core": (
+                "ai-dynamo-runtime SelectionService"
+                if with_dynamo
+                else f"rows of {args.dynamo_from}"
+                if prev is not None
+                else "absent"
+            ),
         },
         "tuning": {
             "trace_requests": len(tune_rows),
@@ -544,6 +601,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default="out", help="results JSON and plots")
     p.add_argument("--readme", default="", help="README to rewrite between the markers")
     p.add_argument("--no-dynamo", action="store_true", help="leave Dynamo's core out")
+    p.add_argument(
+        "--dynamo-from",
+        default="",
+        help="an earlier report's results JSON of the same setup: Dynamo's tuning and rows "
+        "from it, not replayed (when only our cost changed)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     p.add_argument(
         "--live",
