@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--json", action="store_true", help="one JSON object on one line")
     br.set_defaults(func=_bench_main)
     from dynamo_ext.benchmarks import (
+        engines_report,
         pool_bench,
         prefetch_bench,
         prefill_bench,
@@ -229,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("chaos", chaos, "real router + mocker fleet under seeded faults, invariants checked"),
         ("vllm-router", vllm_router_bench, "live replay: ours, Dynamo's core, vllm-router"),
         ("simcheck", simcheck_bench, "simulator vs real vLLM fleet; round robin vs Dynamo's"),
+        ("engines", engines_report, "serve, prefill, prefetch, pool benchmarks; write README"),
     ):
         bm = bsub.add_parser(name, help=help_)
         mod.add_arguments(bm)
