@@ -143,6 +143,9 @@ def _run(
                 sock.send(encode(req))
             time.sleep(args.lead_ms / 1e3)
             arms[arm].append(_ttft(srv.url, model, t))
+        # The worker logs each load as it happens, from its own threads: give the last
+        # lines time to land before counting them (a loaded machine delays them).
+        time.sleep(1.0)
         log = srv.log_path.read_text(errors="replace")
     sock.close(0)
     staged = sum(int(x) for x in re.findall(r"pool load: \d+ chunks into CPU \((\d+) from", log))
