@@ -8,7 +8,9 @@ Each benchmark runs as its own ``dynamo-ext bench NAME --json`` process, with it
 through the frontend on a 2-worker vLLM fleet), ``prefill`` (the batch prefill scheduler
 against vLLM's stock scheduler), ``prefetch`` (router-driven prefetch of pool-only
 prefixes) and ``pool`` (the KV pool against plain files on the same disk). A benchmark that
-fails is reported as failed, with its exit status, and the others still run.
+fails is reported as failed, with its exit status, and the others still run. ``serve-ab``
+is ``bench serve --routing-backend router,dynamo_core --rounds 3``: one real fleet routed by
+our router and by Dynamo's core in the frontend, judged by the engines' own counters.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 BEGIN, END = "<!-- bench-engines:begin -->", "<!-- bench-engines:end -->"
-BENCHES = ("serve", "prefill", "prefetch", "pool")
+BENCHES = ("serve", "serve-ab", "prefill", "prefetch", "pool")
+# The command line of each (after ``dynamo-ext bench``); --json is added.
+_ARGS = {"serve-ab": ["serve", "--routing-backend", "router,dynamo_core", "--rounds", "3"]}
 
 
 def _last_json(stdout: str) -> dict[str, Any]:
@@ -48,11 +52,12 @@ def _last_json(stdout: str) -> dict[str, Any]:
 
 
 def run_one(name: str, timeout_s: float = 1800.0) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "dynamo_ext.cli", "bench", name, "--json"]
+    argv = [*_ARGS.get(name, [name]), "--json"]
+    cmd = [sys.executable, "-m", "dynamo_ext.cli", "bench", *argv]
     t0 = time.monotonic()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     wall = round(time.monotonic() - t0, 1)
-    res: dict[str, Any] = {"command": f"dynamo-ext bench {name} --json", "wall_s": wall}
+    res: dict[str, Any] = {"command": " ".join(["dynamo-ext bench", *argv]), "wall_s": wall}
     if p.returncode != 0:
         return {**res, "failed": p.returncode, "stderr_tail": p.stderr[-2000:]}
     try:
@@ -79,6 +84,35 @@ def _serve(r: dict[str, Any]) -> list[str]:
             f"Round robin over KV routing: TTFT p50 {r['ttft_p50_ratio_rr_over_kv']}x, p90 "
             f"{r['ttft_p90_ratio_rr_over_kv']}x ({r['workers']} workers, {r['requests']} "
             "requests).",
+        ]
+    return out
+
+
+def _serve_ab(r: dict[str, Any]) -> list[str]:
+    out = [
+        f"{r['workers']} vLLM workers, {r['requests']} requests at concurrency "
+        f"{r['concurrency']}, {r['rounds']} rounds (medians; prefix caches reset between "
+        f"arms); judged by {r['judge']}:",
+        "",
+        "| routing backend | TTFT p50 / p90 (ms) | engine hit rate (per round) | cached token "
+        "share | predicted / reported cached tokens |",
+        "|---|---|---|---|---|",
+    ]
+    for b, m in r["backends"].items():
+        per = " / ".join(str(x["engine_hit_rate"]) for x in m.get("rounds", [])) or str(
+            m["engine_hit_rate"]
+        )
+        out.append(
+            f"| {b} | {m['ttft_p50_ms']} / {m['ttft_p90_ms']} | {per} | "
+            f"{m.get('cached_token_share')} | {m.get('predicted_cached_tokens')} / "
+            f"{m.get('reported_cached_tokens')} |"
+        )
+    if "engine_hit_rate_router_minus_dynamo" in r:
+        out += [
+            "",
+            "Ours minus Dynamo's core, engine hit rate: "
+            f"{r['engine_hit_rate_router_minus_dynamo']:+}; TTFT p50 Dynamo over ours "
+            f"{r['ttft_p50_ratio_dynamo_over_router']}x.",
         ]
     return out
 
@@ -156,9 +190,16 @@ def _pool(r: dict[str, Any]) -> list[str]:
     return out
 
 
-_RENDER = {"serve": _serve, "prefill": _prefill, "prefetch": _prefetch, "pool": _pool}
+_RENDER = {
+    "serve": _serve,
+    "serve-ab": _serve_ab,
+    "prefill": _prefill,
+    "prefetch": _prefetch,
+    "pool": _pool,
+}
 _TITLE = {
     "serve": "Real engines through the frontend",
+    "serve-ab": "Our router against Dynamo's core on one real fleet",
     "prefill": "Batch prefill",
     "prefetch": "Router-driven prefetch",
     "pool": "KV pool backend",
