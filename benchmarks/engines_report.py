@@ -224,16 +224,6 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_readme(path: Path, md: str) -> bool:
-    text = path.read_text()
-    if BEGIN not in text or END not in text:
-        return False
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(head + BEGIN + "\n" + md + END + tail)
-    return True
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", default="", help=f"subset of {','.join(BENCHES)}")
     p.add_argument("--out-dir", default="out", help="results JSON")
@@ -266,7 +256,9 @@ def main(args: argparse.Namespace) -> int:
     }
     results.write_text(json.dumps(res, indent=1))
     md = markdown(res)
-    if args.readme and not write_readme(Path(args.readme), md):
+    from dynamo_ext.sim.suite import write_readme  # one marker-block writer for both reports
+
+    if args.readme and not write_readme(Path(args.readme), md, BEGIN, END):
         print(f"{args.readme} has no {BEGIN} ... {END} markers", file=sys.stderr)
         return 2
     failed = [n for n, b in benches.items() if "failed" in b]

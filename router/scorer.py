@@ -200,6 +200,7 @@ class Scorer:
             # will have computed by the time this one is scheduled there, although the
             # index has not heard of them yet. Credit the continuation of the cached prefix
             # through that worker's active blocks (one probe where there is none).
+            visit: Sequence[int]
             if cached and cache.first_holders is not None:  # type: ignore[union-attr]
                 # Only a worker with a hit, or one running a request that starts with this
                 # prompt's first block (block hashes are chained: a first block is first
@@ -208,20 +209,11 @@ class Scorer:
                     return costs
                 probe = set(gpu)
                 probe.update(cache.first_holders.get(hashes[0], ()))  # type: ignore[union-attr]
-                for wid in probe:
-                    j = pos.get(wid)
-                    if j is None:
-                        continue
-                    refs = cands[j].load.block_refs
-                    if not refs:
-                        continue
-                    k = g = gpu.get(wid, 0)
-                    while k < n and hashes[k] in refs:
-                        k += 1
-                    if k > g:
-                        costs[j] -= ow * (k - g)
-                return costs
-            for i, c in enumerate(cands):
+                visit = [j for wid in probe if (j := pos.get(wid)) is not None]
+            else:
+                visit = range(len(cands))
+            for j in visit:
+                c = cands[j]
                 refs = c.load.block_refs
                 if not refs:
                     continue
@@ -229,7 +221,7 @@ class Scorer:
                 while k < n and hashes[k] in refs:
                     k += 1
                 if k > g:
-                    costs[i] -= ow * (k - g)
+                    costs[j] -= ow * (k - g)
         return costs
 
     def _refresh_cache(self, cache: CostCache) -> None:

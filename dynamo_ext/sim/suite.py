@@ -772,14 +772,14 @@ def _route_cost_markdown(rc: dict[str, Any], rb: dict[str, Any] | None) -> list[
     return out
 
 
-def write_readme(path: Path, md: str) -> bool:
+def write_readme(path: Path, md: str, begin: str = BEGIN, end: str = END) -> bool:
     """Replace the text between the markers; False when the README has no markers."""
     text = path.read_text()
-    if BEGIN not in text or END not in text:
+    if begin not in text or end not in text:
         return False
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(head + BEGIN + "\n" + md + END + tail)
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(head + begin + "\n" + md + end + tail)
     return True
 
 
