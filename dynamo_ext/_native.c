@@ -1037,6 +1037,435 @@ done:
     return out;
 }
 
+/* ---- a whole live KVEventBatch of tokens-mode GPU BlockStored events ---------------- */
+
+/* A cursor over msgpack bytes. The readers return 1 when the next item is of the asked
+ * kind (and consume it), 0 otherwise (nothing consumed): the caller then gives the frame
+ * back to the Python decoder, which is the reference for every frame this path declines. */
+typedef struct {
+    const unsigned char *p, *end;
+} mpcur;
+
+static int mp_nil(mpcur *c) {
+    if (c->p < c->end && *c->p == 0xc0) {
+        c->p++;
+        return 1;
+    }
+    return 0;
+}
+
+static int mp_len(mpcur *c, unsigned char fix_lo, unsigned char fix_hi, unsigned char t16,
+                  uint64_t *n) {
+    if (c->p >= c->end) {
+        return 0;
+    }
+    unsigned char t = *c->p;
+    if (t >= fix_lo && t <= fix_hi) {
+        *n = t & (fix_hi - fix_lo);
+        c->p += 1;
+    } else if (t == t16 && c->end - c->p >= 3) {
+        *n = be_read(c->p + 1, 2);
+        c->p += 3;
+    } else if (t == t16 + 1 && c->end - c->p >= 5) {
+        *n = be_read(c->p + 1, 4);
+        c->p += 5;
+    } else {
+        return 0;
+    }
+    return 1;
+}
+#define mp_array(c, n) mp_len((c), 0x90, 0x9f, 0xdc, (n))
+#define mp_map(c, n) mp_len((c), 0x80, 0x8f, 0xde, (n))
+
+/* Any msgpack int (msgspec's int); *neg says whether it is below 0. */
+static int mp_int(mpcur *c, uint64_t *v, int *neg) {
+    if (c->p >= c->end) {
+        return 0;
+    }
+    unsigned char t = *c->p;
+    *neg = 0;
+    if (t <= 0x7f) {
+        *v = t;
+        c->p += 1;
+        return 1;
+    }
+    if (t >= 0xe0) {
+        *v = (uint64_t)(int64_t)(int8_t)t;
+        *neg = 1;
+        c->p += 1;
+        return 1;
+    }
+    int n;
+    switch (t) {
+    case 0xcc: case 0xd0: n = 1; break;
+    case 0xcd: case 0xd1: n = 2; break;
+    case 0xce: case 0xd2: n = 4; break;
+    case 0xcf: case 0xd3: n = 8; break;
+    default: return 0;
+    }
+    if (c->end - c->p < 1 + n) {
+        return 0;
+    }
+    uint64_t x = be_read(c->p + 1, n);
+    if (t >= 0xd0) {
+        int shift = 64 - 8 * n;
+        int64_t sx = (int64_t)(x << shift) >> shift;
+        *neg = sx < 0;
+        x = (uint64_t)sx;
+    }
+    *v = x;
+    c->p += 1 + n;
+    return 1;
+}
+
+/* A non-negative int below 2**64 (a vLLM int block hash). */
+static int mp_u64(mpcur *c, uint64_t *v) {
+    mpcur save = *c;
+    int neg;
+    if (!mp_int(c, v, &neg)) {
+        return 0;
+    }
+    if (neg) {
+        *c = save;
+        return 0;
+    }
+    return 1;
+}
+
+/* A str whose bytes are all ASCII (so valid UTF-8 whatever msgspec checks). */
+static int mp_ascii(mpcur *c, const unsigned char **s, uint64_t *len) {
+    mpcur save = *c;
+    uint64_t n;
+    if (c->p >= c->end) {
+        return 0;
+    }
+    unsigned char t = *c->p;
+    if (t >= 0xa0 && t <= 0xbf) {
+        n = t & 0x1f;
+        c->p += 1;
+    } else if (t == 0xd9 && c->end - c->p >= 2) {
+        n = c->p[1];
+        c->p += 2;
+    } else if (t == 0xda && c->end - c->p >= 3) {
+        n = be_read(c->p + 1, 2);
+        c->p += 3;
+    } else {
+        return 0;
+    }
+    if ((uint64_t)(c->end - c->p) < n) {
+        *c = save;
+        return 0;
+    }
+    for (uint64_t i = 0; i < n; i++) {
+        if (c->p[i] & 0x80) {
+            *c = save;
+            return 0;
+        }
+    }
+    *s = c->p;
+    *len = n;
+    c->p += n;
+    return 1;
+}
+
+/* Skip a value of a field StoredHashes ignores: nil, bool, int, float, ASCII str, or
+ * arrays and str-keyed maps of those, a few levels deep. Anything else declines. */
+static int mp_skip(mpcur *c, int depth) {
+    if (c->p >= c->end || depth > 4) {
+        return 0;
+    }
+    unsigned char t = *c->p;
+    uint64_t n, v;
+    int neg;
+    const unsigned char *s;
+    if (t == 0xc0 || t == 0xc2 || t == 0xc3) {
+        c->p++;
+        return 1;
+    }
+    if (t == 0xca || t == 0xcb) {
+        int w = t == 0xca ? 5 : 9;
+        if (c->end - c->p < w) {
+            return 0;
+        }
+        c->p += w;
+        return 1;
+    }
+    if (mp_int(c, &v, &neg) || mp_ascii(c, &s, &n)) {
+        return 1;
+    }
+    mpcur save = *c;
+    if (mp_array(c, &n)) {
+        for (uint64_t i = 0; i < n; i++) {
+            if (!mp_skip(c, depth + 1)) {
+                *c = save;
+                return 0;
+            }
+        }
+        return 1;
+    }
+    if (mp_map(c, &n)) {
+        for (uint64_t i = 0; i < n; i++) {
+            if (!mp_ascii(c, &s, &v) || !mp_skip(c, depth + 1)) {
+                *c = save;
+                return 0;
+            }
+        }
+        return 1;
+    }
+    return 0;
+}
+
+#define KEYIS(s, n, lit) ((n) == sizeof(lit) - 1 && memcmp((s), (lit), (n)) == 0)
+#define FAST_EVENTS 64
+
+#define FAST_BLOCKS 2048
+
+typedef struct {
+    uint64_t first;              /* its blocks' index in eng[] and inner[] */
+    uint64_t nblocks;
+    uint64_t parent;
+    int has_parent;
+} fast_event;
+
+/* The router hash of an engine hash held by the stream's maps: GPU first, then every tier
+ * in the order of ``tiers`` (``_store_tokens``' search). */
+static u64slot *find_parent(U64Map *gpu, PyObject *tiers, uint64_t k) {
+    u64slot *s = u64_find(gpu, k);
+    if (s != NULL) {
+        return s;
+    }
+    Py_ssize_t pos = 0;
+    PyObject *key, *val;
+    while (PyDict_Next(tiers, &pos, &key, &val)) {
+        s = u64_find((U64Map *)val, k);
+        if (s != NULL) {
+            return s;
+        }
+    }
+    return NULL;
+}
+
+/* ingest_stored(payload, block_size, tiers) -> (router_hashes, events, orphans) | None.
+ * One live tokens-mode KVEventBatch payload applied to the stream's engine hash -> router
+ * hash maps (``tiers``: the stream's ``xlat``, a "GPU" U64Map among them) in one pass, as
+ * ``KvIngest.decode`` + ``apply`` would: every event a BlockStored of int hashes, of this
+ * block size, on the GPU tier, with ``len(hashes) * block_size`` int token ids. Returns the
+ * router hashes to store (every event's, in order), how many events the batch held, and
+ * how many were orphans (parent unknown: skipped, as ``_store_tokens`` does). None, with
+ * nothing changed, for any payload outside that shape, valid or not: the caller decodes
+ * it in Python, the reference for every frame declined here (and for what is malformed).
+ * Why: msgspec's decode built a Struct, two lists and an int object per block hash before
+ * the maps saw any of it, and the map inserts are cache misses each, which this issues
+ * together (prefetch) instead of one after the other. */
+static PyObject *
+native_ingest_stored(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t bs;
+    PyObject *tiers;
+    if (!PyArg_ParseTuple(args, "y*nO!", &view, &bs, &PyDict_Type, &tiers)) {
+        return NULL;
+    }
+    PyObject *out = NULL, *res = NULL;
+    fast_event evs[FAST_EVENTS];
+    /* per block of the batch: the engine hash and the tuple hash of its tokens */
+    uint64_t eng[FAST_BLOCKS], inner[FAST_BLOCKS];
+    uint64_t top, nev, v, total = 0;
+    int neg;
+    const unsigned char *s;
+    mpcur c = {(const unsigned char *)view.buf, (const unsigned char *)view.buf + view.len};
+    PyObject *gpu_obj = PyDict_GetItemString(tiers, "GPU"); /* borrowed */
+    if (bs <= 0 || gpu_obj == NULL) {
+        goto decline;
+    }
+    {
+        Py_ssize_t pos = 0;
+        PyObject *key, *val;
+        while (PyDict_Next(tiers, &pos, &key, &val)) {
+            /* a map holding a key of another type (``other``) is the Python path's */
+            if (!PyObject_TypeCheck(val, &U64MapType) ||
+                (((U64Map *)val)->other != NULL && PyDict_GET_SIZE(((U64Map *)val)->other))) {
+                goto decline;
+            }
+        }
+    }
+    U64Map *gpu = (U64Map *)gpu_obj;
+    /* ---- parse and check the whole batch; nothing changes before it passes ---- */
+    if (!mp_array(&c, &top) || top < 2 || top > 3) { /* [ts, events(, dp_rank)] */
+        goto decline;
+    }
+    if (c.p < c.end && (*c.p == 0xca || *c.p == 0xcb)) {
+        int w = *c.p == 0xca ? 5 : 9;
+        if (c.end - c.p < w) {
+            goto decline;
+        }
+        c.p += w;
+    } else if (!mp_int(&c, &v, &neg)) {
+        goto decline;
+    }
+    if (!mp_array(&c, &nev) || nev > FAST_EVENTS) {
+        goto decline;
+    }
+    for (uint64_t e = 0; e < nev; e++) {
+        uint64_t nkeys, ntok = 0;
+        fast_event *fe = &evs[e];
+        int seen_type = 0, seen_hashes = 0, seen_parent = 0, seen_bs = 0, seen_tokens = 0;
+        int seen_medium = 0, seen_locality = 0;
+        if (!mp_map(&c, &nkeys)) {
+            goto decline;
+        }
+        for (uint64_t k = 0; k < nkeys; k++) {
+            uint64_t klen;
+            if (!mp_ascii(&c, &s, &klen)) {
+                goto decline;
+            }
+            if (KEYIS(s, klen, "type")) {
+                const unsigned char *tv;
+                uint64_t tl;
+                if (seen_type++ || !mp_ascii(&c, &tv, &tl) || !KEYIS(tv, tl, "BlockStored")) {
+                    goto decline;
+                }
+            } else if (KEYIS(s, klen, "block_hashes")) {
+                if (seen_hashes++ || !mp_array(&c, &fe->nblocks)) {
+                    goto decline;
+                }
+                if (fe->nblocks > FAST_BLOCKS - total) {
+                    goto decline;
+                }
+                for (uint64_t i = 0; i < fe->nblocks; i++) {
+                    if (!mp_u64(&c, &eng[total + i])) {
+                        goto decline;
+                    }
+                }
+            } else if (KEYIS(s, klen, "parent_block_hash")) {
+                if (seen_parent++) {
+                    goto decline;
+                }
+                fe->parent = 0;
+                if (mp_nil(&c)) {
+                    fe->has_parent = 0;
+                } else if (mp_u64(&c, &fe->parent)) {
+                    fe->has_parent = 1;
+                } else {
+                    goto decline;
+                }
+            } else if (KEYIS(s, klen, "block_size")) {
+                if (seen_bs++ || !mp_int(&c, &v, &neg) || neg || v != (uint64_t)bs) {
+                    goto decline;
+                }
+            } else if (KEYIS(s, klen, "token_ids")) {
+                if (seen_tokens++ || !mp_array(&c, &ntok)) {
+                    goto decline;
+                }
+                /* hashed as read: block_hashes comes first in what vLLM sends; a
+                 * batch sending token_ids first, or another count, is declined */
+                if (!seen_hashes || ntok != fe->nblocks * (uint64_t)bs) {
+                    goto decline;
+                }
+                for (uint64_t b = 0; b < fe->nblocks; b++) {
+                    uint64_t acc = XXPRIME_5;
+                    for (Py_ssize_t i = 0; i < bs; i++) {
+                        uint64_t th;
+                        const unsigned char *q = c.p;
+                        if (c.end - q >= 5 && *q == 0xce) { /* uint32: most token ids */
+                            th = be_read(q + 1, 4);
+                            c.p += 5;
+                        } else {
+                            int took = q < c.end ? read_int_hash(q, c.end, &th) : -1;
+                            if (took <= 0) {
+                                goto decline;
+                            }
+                            c.p += took;
+                        }
+                        acc = lane(acc, th);
+                    }
+                    inner[total + b] = tuple_finish(acc, (uint64_t)bs);
+                }
+            } else if (KEYIS(s, klen, "medium")) {
+                const unsigned char *mv;
+                uint64_t ml;
+                if (seen_medium++ ||
+                    (!mp_nil(&c) && !(mp_ascii(&c, &mv, &ml) && KEYIS(mv, ml, "GPU")))) {
+                    goto decline;
+                }
+            } else if (KEYIS(s, klen, "locality")) {
+                if (seen_locality++ || !mp_nil(&c)) {
+                    goto decline;
+                }
+            } else if (!mp_skip(&c, 0)) { /* a BlockStored field StoredHashes ignores */
+                goto decline;
+            }
+        }
+        if (!seen_type || !seen_hashes || !seen_parent || !seen_bs || !seen_tokens ||
+            ntok != fe->nblocks * (uint64_t)bs) {
+            goto decline;
+        }
+        fe->first = total;
+        total += fe->nblocks;
+    }
+    if (top == 3 && !mp_nil(&c) && !mp_int(&c, &v, &neg)) {
+        goto decline;
+    }
+    if (c.p != c.end) {
+        goto decline;
+    }
+    /* ---- apply: chain, map, collect ---- */
+    out = PyList_New((Py_ssize_t)total);
+    if (out == NULL) {
+        goto error;
+    }
+    Py_ssize_t filled = 0, orphans = 0;
+    for (uint64_t e = 0; e < nev; e++) {
+        fast_event *fe = &evs[e];
+        uint64_t nb = fe->nblocks, prev = 0;
+        if (fe->has_parent) {
+            u64slot *ps = find_parent(gpu, tiers, fe->parent);
+            if (ps == NULL) {
+                orphans++;
+                continue;
+            }
+            prev = mod_mersenne61(ps->val); /* hash() of the parent's router hash */
+        }
+        uint64_t *eh = eng + fe->first, *rh = inner + fe->first;
+        while ((size_t)(gpu->used + nb) * 10 > (gpu->mask + 1) * 7 || gpu->slots == NULL) {
+            if (u64_grow(gpu) < 0) {
+                goto error;
+            }
+        }
+        for (uint64_t b = 0; b < nb; b++) {
+            __builtin_prefetch(&gpu->slots[u64_home(gpu, eh[b])], 1);
+        }
+        for (uint64_t b = 0; b < nb; b++) {
+            uint64_t h = chain_step(prev, rh[b]);
+            rh[b] = h;
+            prev = mod_mersenne61(h);
+        }
+        for (uint64_t b = 0; b < nb; b++) {
+            PyObject *o = PyLong_FromUnsignedLongLong(rh[b]);
+            if (o == NULL || u64_put(gpu, eh[b], rh[b]) < 0) {
+                Py_XDECREF(o);
+                goto error;
+            }
+            PyList_SET_ITEM(out, filled++, o);
+        }
+    }
+    if (filled != (Py_ssize_t)total) {
+        PyObject *cut = PyList_GetSlice(out, 0, filled);
+        if (cut == NULL) {
+            goto error;
+        }
+        Py_SETREF(out, cut);
+    }
+    res = Py_BuildValue("(Nnn)", out, (Py_ssize_t)nev, orphans);
+    out = NULL;
+error:
+    Py_XDECREF(out);
+    PyBuffer_Release(&view);
+    return res;
+decline:
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"store_blocks", native_store_blocks, METH_VARARGS,
      "store_blocks(tier, hashes, bit) -> int: blocks newly marked held by the worker of bit."},
@@ -1045,6 +1474,10 @@ static PyMethodDef methods[] = {
      "chain of dynamo_ext.hashing, from a uint32 buffer or a sequence of ints."},
     {"gpu_walk", native_gpu_walk, METH_VARARGS,
      "gpu_walk(tier, hashes, alive) -> dict[int, int]: slot -> GPU prefix length."},
+    {"ingest_stored", native_ingest_stored, METH_VARARGS,
+     "ingest_stored(payload, block_size, tiers) -> (router_hashes, events, orphans) | None: "
+     "a live tokens-mode batch of GPU BlockStored events applied to the stream's maps; "
+     "None (nothing changed) for any other payload."},
     {"stored_tokens", native_stored_tokens, METH_VARARGS,
      "stored_tokens(raw, block_size, parent, hashes, xlat) -> list[int]: a tokens-mode "
      "BlockStored's router hashes from its undecoded token_ids; xlat gains hash -> ours."},

@@ -12,6 +12,9 @@ def stored_tokens(
     hashes: Sequence[int],
     xlat: dict[int, int] | U64Map,
 ) -> list[int]: ...
+def ingest_stored(
+    payload: bytes | memoryview, block_size: int, tiers: dict[str, U64Map]
+) -> tuple[list[int], int, int] | None: ...
 
 class U64Map(MutableMapping[int, int]):
     def __init__(self) -> None: ...

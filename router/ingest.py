@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, MutableMapping, Sequence
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -195,6 +195,18 @@ class KvIngest:
     def on_live(self, st: StreamState, frames: Sequence[bytes]) -> int | None:
         """One live ``[topic, seq, payload]`` message. Returns the seq to replay from when
         the caller should start a replay (and then call ``begin_replay``), else None."""
+        if len(frames) == 3 and not st.replaying and self.tokens_mode:
+            # The stream's common case, the next seq of a batch of GPU BlockStored events,
+            # decoded and applied in one C call; anything else takes the path below.
+            raw = frames[1]
+            impl = native.IMPL
+            if impl is not None and len(raw) == 8 and st.xlat.get(MEDIUM_GPU) is not None:
+                seq = int.from_bytes(raw, "big", signed=True)
+                last = st.last_seq
+                if seq >= st.live_last and seq >= 0 and (seq == last + 1 or last < 0):
+                    if self._apply_native(st, impl, frames[2]):
+                        st.live_last = st.last_seq = seq
+                        return None
         if len(frames) != 3:
             self.malformed("kv", st.worker_id, f"{len(frames)} frames")
             return None
@@ -335,6 +347,27 @@ class KvIngest:
             self._set_stale(st, "rebuilt from partial history")
 
     # ------------------------------------------------------------------ applying
+    def _apply_native(self, st: StreamState, impl: Any, payload: bytes) -> bool:
+        """``decode`` + ``apply`` of one payload by ``ingest_stored`` when it takes it (see
+        there: the same result); False, nothing changed, when the payload is the Python
+        path's."""
+        try:
+            done = impl.ingest_stored(payload, self.block_size, st.xlat)
+        except Exception as exc:  # noqa: BLE001 - counted, as _apply_logged does
+            self.malformed("kv", st.worker_id, f"{type(exc).__name__}: {exc}")
+            return True
+        if done is None:
+            return False
+        local, events, orphans = done
+        for _ in range(orphans):
+            self.malformed("kv_orphan", st.worker_id, "BlockStored with unknown parent")
+        if local:
+            stored = self.index.store(st.slot, local, MEDIUM_GPU)
+            if stored:
+                self._blocks_stored.inc(stored)
+        st.events_applied += events
+        return True
+
     def _apply_logged(self, st: StreamState, batch: Batch | None) -> None:
         if batch is None:
             return
