@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fe.add_argument("--min-remote-prefill-tokens", type=int)
     fe.add_argument("--migration-limit", type=int)
-    fe.add_argument("--routing-backend", choices=("router", "dynamo_core"), help="who picks")
+    fe.add_argument("--routing-backend", choices=("router", "dynamo_core", "embedded"), help="who picks")
     fe.set_defaults(func=_frontend_main)
 
     k = sub.add_parser("keys", help="CURVE key files for the ZeroMQ planes")

@@ -560,7 +560,11 @@ class RouterService:
         if req.block_hashes is not None:
             return self.route_hashed(req, req.block_hashes, req.num_tokens)
         toks = prompt_tokens(req) or ()
-        hashes: list[int] = []
+        if self.hasher.mode == "tokens":  # one native call: chunks only matter to a server
+            bs = self.config.block_size
+            hashes = token_block_hashes(toks, bs, salt_parent(req.cache_salt))
+            return self.route_hashed(req, hashes, len(toks))
+        hashes = []
         for chunk in self.hash_chunks(toks, req.cache_salt):
             hashes += chunk
         return self.route_hashed(req, hashes, len(toks))

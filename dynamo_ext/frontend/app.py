@@ -253,6 +253,10 @@ class Frontend:
                 metrics=self.metrics,
                 curve=curve,
             )
+        elif cfg.routing_backend == "embedded":
+            from dynamo_ext.frontend.embedded import EmbeddedRouter
+
+            self.router = EmbeddedRouter(cfg.embedded_router_config())
         else:
             self.router = auth.TenantRouterClient(cfg.router, cfg.router_timeout_s, curve=curve)
         self.dispatcher = Dispatcher(cfg, self.router, self.metrics)
@@ -355,6 +359,9 @@ class Frontend:
         @asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             self.router.connect()
+            started = getattr(self.router, "started", None)
+            if started is not None:  # the embedded router: a port taken fails the start-up
+                await started()
             log.info(
                 "frontend for %s on http://%s:%d, router %s, routing backend %s",
                 self.cfg.model_name,
@@ -410,9 +417,11 @@ class Frontend:
 
         @app.get("/metrics")
         async def metrics() -> PlainTextResponse:
-            return PlainTextResponse(
-                generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST
-            )
+            text = generate_latest(self.metrics.registry)
+            embedded = getattr(self.router, "service", None)
+            if embedded is not None:  # the embedded router's own counters, as it would serve them
+                text += generate_latest(embedded.metrics.registry)
+            return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
 
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:

@@ -9,7 +9,7 @@ avoids a transfer that costs more than it saves on short or mostly cached prompt
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -50,7 +50,12 @@ class FrontendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # (ai-dynamo-runtime's SelectionService, in this process) over the fleet our router
     # registers, mirrored every dynamo_core_refresh_s (dynamo_ext.frontend.dynamo_core).
     # dynamo_core serves aggregated vLLM workers only: no disaggregation, no tenants.
-    routing_backend: Literal["router", "dynamo_core"] = "router"
+    # "embedded": our router in this process (dynamo_ext.frontend.embedded), bound at
+    # ``router`` for the workers to register with, configured by ``embedded_router``
+    # (RouterConfig's fields); the frontend's routes skip the socket, as Dynamo's frontend
+    # calls its KV router in process.
+    routing_backend: Literal["router", "dynamo_core", "embedded"] = "router"
+    embedded_router: dict[str, Any] = {}
     dynamo_core_refresh_s: float = 1.0
     # KvRouterConfig knobs of Dynamo's core (dynamo_core.DYNAMO_KNOBS); its defaults if empty
     dynamo_core_knobs: dict[str, float] = {}
@@ -80,6 +85,14 @@ class FrontendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ConfigError("router", f"must be a ZMQ endpoint, got {self.router!r}")
         if self.routing_backend == "dynamo_core":
             self._check_dynamo_core()
+        if self.routing_backend == "embedded":
+            self.embedded_router_config()  # its errors now, at load, not at the first request
+
+    def embedded_router_config(self) -> Any:
+        """The embedded router's ``RouterConfig`` (``embedded_router`` bound at ``router``)."""
+        from dynamo_ext.frontend.embedded import router_config
+
+        return router_config(self.router, self.embedded_router)
 
     def _check_dynamo_core(self) -> None:
         from dynamo_ext.frontend import dynamo_core

@@ -680,17 +680,24 @@ def _route_cost_markdown(rc: dict[str, Any], rb: dict[str, Any] | None) -> list[
         "subscribed by `upsert_worker`; every prompt goes to every contender, in a new "
         "seeded order each time, on the same fleet state. Ours through the socket is "
         "`RouterClient.route` as the frontend calls it; Dynamo's `select_and_reserve` runs "
-        "in the caller's process. p50 / p99 in us):",
+        "in the caller's process. Embedded: each router as its frontend embeds it, in a "
+        "process of its own subscribed to the same streams, timed inside that process from "
+        "the prompt's token ids (a list) to the chosen worker, booking included: ours is the "
+        "frontend's `routing_backend: embedded` (`EmbeddedRouter.route`), Dynamo's is "
+        "`select_and_reserve`. p50 / p99 in us):",
         "",
-        "| workers | ours, socket | ours, socket, caller-hashed | ours, socket, pure Python "
-        "| bare query round trip to our router | Dynamo select | ours in process | ours in "
-        "process, pure Python | same cached prefix as Dynamo |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| workers | ours, embedded | Dynamo, embedded | ours, socket "
+        "| ours, socket, caller-hashed | ours, socket, pure Python "
+        "| bare query round trip to our router | Dynamo select in the bench process "
+        "| ours in the bench process | ours in the bench process, pure Python "
+        "| same cached prefix as Dynamo |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in rc["fleets"]:
         r = f["route"]
         out.append(
-            f"| {f['workers']} ({f['blocks']} blocks) | {_us(r.get('ours_socket'))} | "
+            f"| {f['workers']} ({f['blocks']} blocks) | {_us(r.get('ours_embedded'))} | "
+            f"{_us(r.get('dynamo_embedded'))} | {_us(r.get('ours_socket'))} | "
             f"{_us(r.get('ours_socket_hashes'))} | {_us(r.get('ours_socket_python'))} | "
             f"{_us(r.get('ours_socket_floor'))} | {_us(r.get('dynamo'))} | "
             f"{_us(r.get('ours_inproc'))} | {_us(r.get('ours_inproc_python'))} | "
@@ -699,9 +706,12 @@ def _route_cost_markdown(rc: dict[str, Any], rb: dict[str, Any] | None) -> list[
     big = max(rc["fleets"], key=lambda f: f["workers"])
     r = big["route"]
     h = rc["hash"]
+    e = r.get("ours_embedded") or {}
     out += [
         "",
-        f"At {big['workers']} workers ours through the socket is "
+        f"At {big['workers']} workers ours embedded is "
+        f"{e.get('p50_x_faster_than_dynamo_embedded')}x Dynamo's embedded select at p50 and "
+        f"{e.get('p99_x_faster_than_dynamo_embedded')}x at p99. Ours through the socket is "
         f"{r['ours_socket']['p50_x_faster_than_dynamo']}x Dynamo's select at p50 and "
         f"{r['ours_socket']['p99_x_faster_than_dynamo']}x at p99; in process "
         f"{r['ours_inproc']['p50_x_faster_than_dynamo']}x and "
@@ -734,15 +744,22 @@ def _route_cost_markdown(rc: dict[str, Any], rb: dict[str, Any] | None) -> list[
         "",
         "Targets (`targets` in the JSON): "
         + "; ".join(
-            f"{k} {v.get('measured')} against {v.get('target')} "
-            + ("**met**" if v.get("met") else "**not met**")
+            f"{k} {v.get('measured')} against {v.get('target')}"
+            + (f" ({v['path']})" if v.get("path") else "")
+            + (" **met**" if v.get("met") else " **not met**")
+            + (
+                f", through the socket {v['socket_measured']} "
+                + ("**met**" if v.get("socket_met") else "**not met**")
+                if "socket_measured" in v
+                else ""
+            )
             for k, v in rc["targets"].items()
             if "target" in v
         )
         + (
             ". A bare blocking round trip of the same size already costs "
             f"{rc['targets']['transport_floor_p99_us'].get('blocking_roundtrip')} us at p99 "
-            "on this host, above the 100 us target."
+            "on this host, above the 100 us target: through a socket it cannot be met here."
             if rc["targets"].get("transport_floor_p99_us", {}).get("target_below_floor")
             else "."
         ),

@@ -9,6 +9,7 @@ stat-logger plugin (metrics + registration). Everything is stopped on ``stop()``
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -74,7 +75,11 @@ class LocalFleet:
     router_config: dict[str, Any] = field(default_factory=dict)
     frontend_args: list[str] = field(default_factory=list)
     served_model_name: str = "tiny-llama"
+    # True: no router process; the frontend embeds the router (routing_backend embedded)
+    # with router_config, bound where the workers register
+    embedded_router: bool = False
     router: RouterProc | None = None
+    router_endpoint: str = ""
     workers: list[Worker] = field(default_factory=list)
     frontend: subprocess.Popen[bytes] | None = None
 
@@ -90,7 +95,13 @@ class LocalFleet:
             "log_decisions": True,
             **self.router_config,
         }
-        self.router = RouterProc(self.workdir, cfg).start()
+        if self.embedded_router:
+            self.router_endpoint = f"tcp://127.0.0.1:{free_port()}"
+            cfg = {"embedded_router": {**cfg, "metrics_port": None}}
+            (self.workdir / "frontend.json").write_text(json.dumps(cfg))
+        else:
+            self.router = RouterProc(self.workdir, cfg).start()
+            self.router_endpoint = self.router.endpoint
         plan: list[tuple[Role, str]] = (
             [("prefill", f"prefill-{i}") for i in range(self.prefill)]
             + [("decode", f"decode-{i}") for i in range(self.decode)]
@@ -106,9 +117,9 @@ class LocalFleet:
         return self
 
     def add_worker(self, role: Role, worker_id: str, wait: bool = True) -> Worker:
-        assert self.router is not None
+        assert self.router_endpoint
         nixl = free_port() if role in ROLE_TO_KV else None
-        spec = worker_spec(self.model, role, worker_id, self.router.endpoint, nixl)
+        spec = worker_spec(self.model, role, worker_id, self.router_endpoint, nixl)
         w = Worker(worker_id, role, self._server(spec), nixl, spec)
         self.workers.append(w)
         w.server.start()
@@ -144,7 +155,12 @@ class LocalFleet:
         return w
 
     def _spawn_frontend(self) -> None:
-        assert self.router is not None
+        assert self.router_endpoint
+        embedded = (
+            ["--routing-backend", "embedded", "--config", str(self.workdir / "frontend.json")]
+            if self.embedded_router
+            else []
+        )
         self.frontend_port = self.frontend_port or free_port()
         log = open(self.workdir / "frontend.log", "ab")
         self.frontend = subprocess.Popen(
@@ -160,7 +176,8 @@ class LocalFleet:
                 "--port",
                 str(self.frontend_port),
                 "--router",
-                self.router.endpoint,
+                self.router_endpoint,
+                *embedded,
                 *self.frontend_args,
             ],
             stdout=log,
@@ -194,11 +211,10 @@ class LocalFleet:
 
         from dynamo_ext.router.client import RouterClient
 
-        assert self.router is not None
         want = {w.worker_id for w in self.workers if w.server.is_alive()}
 
         async def check() -> bool:
-            async with RouterClient(self.router.endpoint) as c:  # type: ignore[union-attr]
+            async with RouterClient(self.router_endpoint) as c:
                 st = await c.workers()
             up = {w.worker_id for w in st.workers if w.up and w.last_metrics is not None}
             return want <= up

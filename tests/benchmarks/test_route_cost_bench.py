@@ -27,7 +27,8 @@ def test_bench_route_cost_json_fields() -> None:
     res = json.loads(out.strip().splitlines()[-1])
     (fleet,) = res["fleets"]
     assert fleet["workers"] == 8 and fleet["blocks"] == 4096
-    contenders = {"ours_socket", "ours_socket_hashes", "ours_socket_python", "dynamo"}
+    contenders = {"ours_socket", "ours_socket_hashes", "ours_socket_python", "dynamo",
+                  "ours_embedded", "dynamo_embedded"}
     assert contenders | {"ours_inproc", "ours_inproc_python", "ours_socket_floor"} == set(
         fleet["route"]
     )
@@ -37,6 +38,10 @@ def test_bench_route_cost_json_fields() -> None:
     # Prompts continue one worker's chain: both sides find the same cached prefix on
     # the worker they pick (the same index state, from the same streams).
     assert fleet["same_hit_blocks_as_dynamo"] >= 0.9
+    # the embedded pair (each router in a process of its own) sees the same state too
+    assert fleet["same_hit_blocks_embedded"] >= 0.9
+    emb = fleet["route"]["ours_embedded"]
+    assert emb["p99_x_faster_than_dynamo_embedded"] > 0
     ing = res["ingest"]
     assert ing["ingest_distinct_blocks"] == ing["heap_distinct_blocks"] > 0
     assert ing["ours_s"] > 0 and ing["dynamo_s"] > 0
@@ -48,3 +53,11 @@ def test_bench_route_cost_json_fields() -> None:
         "route_p99_x_faster_than_dynamo_8w",
         "ingest_x_faster_than_dynamo",
     }
+    t = res["targets"]["route_p99_us_8w"]
+    assert t["measured"] == emb["p99_us"] and t["socket_measured"] == fleet["route"]["ours_socket"]["p99_us"]
+    # the README block renders from these results, the embedded pair in it
+    from dynamo_ext.sim.suite import _route_cost_markdown
+
+    md = "\n".join(_route_cost_markdown(res, None))
+    assert "ours, embedded" in md and "Dynamo, embedded" in md
+    assert f"{emb['p50_us']:.0f} / {emb['p99_us']:.0f}" in md
