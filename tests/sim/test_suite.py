@@ -48,12 +48,13 @@ def test_report_writes_results_tables_and_the_readme(tmp_path: Path) -> None:
     assert "**noreuse**" in text
 
 
-def _row(p50: float, p99: float, good: float, hit: float = 0.5) -> dict:
+def _row(p50: float, p99: float, good: float, hit: float = 0.5, slo: float = 1.0) -> dict:
     return {
         "ttft_p50_ms": p50,
         "ttft_p99_ms": p99,
         "goodput_req_s": good,
         "hit_rate_of_limit": hit,
+        "slo_attainment": slo,
     }
 
 
@@ -64,9 +65,9 @@ def test_the_verdict_is_computed_from_the_rows_and_names_every_miss() -> None:
         "sample_trace": {
             "policies": {
                 "round_robin": _row(300, 900, 5),
-                "kv": _row(100, 800, 10, 0.9),
+                "kv": _row(100, 800, 10, 0.9, 0.95),
                 "dynamo_core": _row(120, 700, 9),
-                "dynamo_core_tuned": _row(150, 900, 11),
+                "dynamo_core_tuned": _row(150, 900, 11, slo=0.97),
             }
         },
         "generated": {
@@ -78,8 +79,8 @@ def test_the_verdict_is_computed_from_the_rows_and_names_every_miss() -> None:
         },
     }
     text = "\n".join(suite._verdict_markdown(res))
-    assert "| sample trace | -16.7% | +14.3% | -9.1% | **trails** | 0.90 |" in text
-    assert "| chat / low | -9.1% | -4.8% | +0.0% | leads |" in text
+    assert "| sample trace | -16.7% | +14.3% | -9.1% | 95.0% / 100.0% | **trails** | 0.90 |" in text
+    assert "| chat / low | -9.1% | -4.8% | +0.0% | 100.0% / 100.0% | leads |" in text
     assert "3.0x (target 2x, met)" in text
     assert "0.90 (target 0.85, met)" in text
     assert "**not met** on sample trace" in text and "chat / low" not in text.split("not met")[-1]
