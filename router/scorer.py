@@ -15,6 +15,7 @@ over-counts shared prefixes (issue 14). Dynamo's own core runs beside it in the 
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections.abc import Sequence
@@ -56,7 +57,9 @@ class CostCache:
     The scorer without a cache computes the same costs from the candidates alone (the
     reference, ``tests/router/test_scorer.py`` holds them equal)."""
 
-    __slots__ = ("cands", "pos", "base", "full", "busy_flags", "busy", "stale", "first_holders")
+    __slots__ = (
+        "cands", "pos", "base", "full", "busy_flags", "busy", "stale", "first_holders", "order"
+    )
 
     def __init__(
         self,
@@ -73,6 +76,9 @@ class CostCache:
         self.busy = 0
         self.stale: set[int] = set(range(n))
         self.first_holders = first_holders
+        # (base, index) of every candidate, ascending: the cheapest workers without a hit
+        # are its first entries (``Scorer._kv_pick``); kept sorted by ``_refresh_cache``.
+        self.order: list[tuple[float, int]] = []
 
     def touch(self, worker_id: str) -> None:
         i = self.pos.get(worker_id)
@@ -226,9 +232,20 @@ class Scorer:
 
     def _refresh_cache(self, cache: CostCache) -> None:
         cands, base, full, flags = cache.cands, cache.base, cache.full, cache.busy_flags
+        order = cache.order
+        # Few touched (the usual route): move each in the sorted order; many: sort anew.
+        rebuild = not order or 8 * len(cache.stale) > len(cands)
         for i in cache.stale:
             c = cands[i]
             self.refresh(c)
+            if not rebuild:
+                old = (base[i], i)
+                k = bisect.bisect_left(order, old)
+                if k < len(order) and order[k] == old:
+                    del order[k]
+                    bisect.insort(order, (c.base, i))
+                else:  # not where it should be (a NaN base): sort anew
+                    rebuild = True
             base[i] = c.base
             if c.kv_full:
                 full.add(i)
@@ -239,6 +256,8 @@ class Scorer:
                 flags[i] = q
                 cache.busy += 1 if q else -1
         cache.stale.clear()
+        if rebuild:
+            cache.order = sorted((b, i) for i, b in enumerate(base))
 
     def _dynamo_cost(
         self, c: Candidate, matches: PrefixMatches, n: int, hashes: Sequence[int] | None
@@ -273,6 +292,14 @@ class Scorer:
         if mode == "kv":
             if pos is None:
                 pos = {c.worker_id: i for i, c in enumerate(candidates)}
+            if (
+                not explain
+                and cache is not None
+                and cache.cands is candidates
+                and (cache.first_holders is not None or hashes is None)
+            ):
+                best, cost = self._kv_pick(candidates, matches, pos, hashes, cache)
+                return self._score(candidates[best], matches, cost), []
             costs = self._kv_costs(candidates, matches, pos, hashes, cache)
             best = self._argmin(costs, candidates)
         elif mode == "dynamo":
@@ -299,6 +326,85 @@ class Scorer:
             else []
         )
         return chosen, others
+
+    def _kv_pick(
+        self,
+        cands: Sequence[Candidate],
+        matches: PrefixMatches,
+        pos: dict[str, int],
+        hashes: Sequence[int] | None,
+        cache: CostCache,
+    ) -> tuple[int, float]:
+        """``_argmin(_kv_costs(...))`` and the chosen cost, without a cost per worker: only
+        the workers whose cost differs from ``base + overlap * blocks`` (a hit, an offload
+        hit, prompts in flight that continue this one, a full cache) get theirs computed,
+        with the same operations in the same order as ``_kv_costs`` (the same floats); the
+        cheapest of the rest are the first entries of ``cache.order``. Ties are broken as
+        ``_argmin`` breaks them, drawing from the same generator (the test holds the two
+        equal, random state included)."""
+        cfg = self.config
+        n = matches.num_blocks
+        if cache.stale or not cache.order:
+            self._refresh_cache(cache)
+        mw = cfg.miss_weight
+        if mw:
+            mw *= cache.busy / len(cands)
+        ow = cfg.overlap_weight + mw
+        ow_n = ow * n
+        base = cache.base
+        own: dict[int, float] = {}
+        if cache.full:
+            full_n = ow_n + cfg.kv_full_penalty * n
+            for f in cache.full:
+                own[f] = base[f] + full_n
+        gpu, off = matches.gpu, matches.offload
+        for wid, g in gpu.items():
+            j = pos.get(wid)
+            if j is not None:
+                c = own.get(j)
+                own[j] = (base[j] + ow_n if c is None else c) - ow * g
+        for wid, o in off.items():
+            j = pos.get(wid)
+            if j is not None:
+                c = own.get(j)
+                own[j] = (base[j] + ow_n if c is None else c) - ow * self._saved(o)
+        if hashes is not None and cfg.inflight_credit and n:
+            assert cache.first_holders is not None
+            probe = set(gpu)
+            probe.update(cache.first_holders.get(hashes[0], ()))
+            for wid in probe:
+                j = pos.get(wid)
+                if j is None:
+                    continue
+                refs = cands[j].load.block_refs
+                if not refs:
+                    continue
+                k = g = gpu.get(wid, 0)
+                while k < n and hashes[k] in refs:
+                    k += 1
+                if k > g:
+                    c = own.get(j)
+                    own[j] = (base[j] + ow_n if c is None else c) - ow * (k - g)
+        lo = min(own.values()) if own else math.inf
+        rest: list[int] = []
+        for b, j in cache.order:  # ascending base: ascending cost among the rest
+            if j in own:
+                continue
+            x = b + ow_n
+            if x > lo:
+                break
+            if x < lo:
+                lo = x
+                rest = [j]
+            else:
+                rest.append(j)
+        ties = [j for j, c in own.items() if c == lo] + rest
+        if len(ties) == 1:
+            return ties[0], lo
+        ties.sort()
+        fewest = min(cands[i].load.requests for i in ties)
+        ties = [i for i in ties if cands[i].load.requests == fewest]
+        return ties[self._rng.randrange(len(ties))], lo
 
     def _argmin(self, costs: list[float], candidates: Sequence[Candidate]) -> int:
         lo = min(costs)

@@ -339,6 +339,16 @@ def test_the_cost_cache_gives_the_reference_costs(ops: list, miss: float) -> Non
             ref = s.scorer._kv_costs(cands, matches, pos, hashes)  # type: ignore[arg-type]
             got = s.scorer._kv_costs(cands, matches, pos, hashes, cache)  # type: ignore[arg-type]
             assert got == ref, (n, op)
+            # The route's pick without a cost per worker: the reference's choice and cost,
+            # ties drawn from the same generator (its state after, too).
+            rng = s.scorer._rng
+            state = rng.getstate()
+            want = s.scorer._argmin(ref, cands)  # type: ignore[arg-type]
+            after = rng.getstate()
+            rng.setstate(state)
+            pick = s.scorer._kv_pick(cands, matches, pos, hashes, cache)  # type: ignore[arg-type]
+            assert pick == (want, ref[want]), (n, op)
+            assert rng.getstate() == after
             checked += 1
             rid = f"r{n}"
             r = s.route(RouteRequest(request_id=rid, token_ids=toks, track=track))
