@@ -612,6 +612,19 @@ def _versus(ours: dict[str, Any], peers: list[dict[str, Any]]) -> dict[str, floa
     return out
 
 
+def _reach_note(row: dict[str, Any]) -> str:
+    """Whether 0.85 of the infinite-cache limit lies above what one LRU cache of the whole
+    fleet's KV capacity reaches (then no router of that fleet can meet the target)."""
+    phys = row.get("physical_limit_hit_rate")
+    fleet = row.get("fleet_cache_limit_hit_rate")
+    if not phys or fleet is None or 0.85 * phys <= fleet:
+        return ""
+    return (
+        f". 0.85 of the limit is a hit rate of {0.85 * phys:.3f}, above the fleet-cache "
+        f"limit {fleet:.3f}: the fleet's caches cannot hold it, whoever routes"
+    )
+
+
 def _attainment(ours: dict[str, Any], peers: list[dict[str, Any]]) -> str:
     """Share of requests meeting both SLOs: ours / the better peer row."""
     vals = [p["slo_attainment"] for p in peers if p.get("slo_attainment") is not None]
@@ -669,6 +682,7 @@ def _verdict_markdown(res: dict[str, Any]) -> list[str]:
             f"- hit rate of the physical (infinite-cache) limit on the sample trace: {frac:.2f} "
             f"(target 0.85, {'met' if frac >= 0.85 else '**not met**'})"
             + (f"; of the fleet-cache limit {fleet:.2f}" if fleet is not None else "")
+            + _reach_note(st["kv"])
         )
     lines.append(
         "- beats Dynamo's core on TTFT p50, p99 and goodput everywhere: "

@@ -83,4 +83,13 @@ def test_the_verdict_is_computed_from_the_rows_and_names_every_miss() -> None:
     assert "| chat / low | -9.1% | -4.8% | +0.0% | 100.0% / 100.0% | leads |" in text
     assert "3.0x (target 2x, met)" in text
     assert "0.90 (target 0.85, met)" in text
+    assert "whoever routes" not in text  # no limits given: no claim about them
+    res["sample_trace"]["policies"]["kv"].update(
+        hit_rate_of_limit=0.6, physical_limit_hit_rate=0.66, fleet_cache_limit_hit_rate=0.49
+    )
+    text = "\n".join(suite._verdict_markdown(res))
+    assert "0.60 (target 0.85, **not met**)" in text
+    assert "0.561, above the fleet-cache limit 0.490: the fleet's caches cannot hold it" in text
+    res["sample_trace"]["policies"]["kv"]["fleet_cache_limit_hit_rate"] = 0.6
+    assert "whoever routes" not in "\n".join(suite._verdict_markdown(res))
     assert "**not met** on sample trace" in text and "chat / low" not in text.split("not met")[-1]
