@@ -621,7 +621,8 @@ def _reach_note(row: dict[str, Any]) -> str:
         return ""
     return (
         f". 0.85 of the limit is a hit rate of {0.85 * phys:.3f}, above the fleet-cache "
-        f"limit {fleet:.3f}: the fleet's caches cannot hold it, whoever routes"
+        f"limit {fleet:.3f}: the fleet's caches cannot hold it, whoever routes, unless its "
+        "engines' LRU caches, which also hold copies, beat one LRU of their joint size"
     )
 
 
