@@ -1,7 +1,8 @@
 /* dynamo_ext._native: the router's hot loops in C, each equal bit for bit to its Python
  * reference (dynamo_ext.hashing.token_block_hashes, router.indexer.KvIndex.find_matches'
  * GPU walk and store, router.ingest.stored_tokens_py); tests/router/test_native.py holds
- * them equal with hypothesis.
+ * them equal with hypothesis. MaskMap, the index's GPU tier, is held equal to the index
+ * on a dict by tests/router/test_maskmap.py.
  *
  * Why C: the tokens-mode hash of a 4k-token prompt builds 256 tuples of 16 ints (~0.1 ms in
  * Python) and the index walk pays interpreter dispatch and a big-int AND per block. Here
@@ -848,6 +849,1160 @@ static PyTypeObject U64MapType = {
     .tp_new = u64map_new,
 };
 
+/* ---- MaskMap: the GPU tier of KvIndex, block hash -> worker bitmask ----------------- */
+
+/* What a dict[int, int] of hash -> mask cost per block: a dict entry, its index, and a key
+ * int object (~100 bytes), and a resize of the whole dict every doubling. Here a block is
+ * one 16-byte slot of an open-addressing table (linear probing, backward-shift deletion,
+ * as U64Map): the key and the mask, encoded in one word:
+ *   - 0: an empty slot (a mask of no worker is never stored: the key is deleted);
+ *   - top bit 0: the mask itself, for workers of slots 0..62;
+ *   - top bits 10: one worker of slot >= 63, its slot in the low bits;
+ *   - top bits 11: an index into a pool of interned wide masks (refcounted), so that the
+ *     thousands of blocks that the same workers hold share one copy.
+ * The encoding is canonical (equal masks, equal words), which lets the walk skip the AND
+ * of a block whose mask is the previous block's. A key that is not an int in [0, 2**64)
+ * (a signed engine hash) lives in a plain dict beside the table. */
+#define MM_KIND(v) ((v) >> 62)
+#define MM_SINGLE ((uint64_t)2 << 62)
+#define MM_POOL ((uint64_t)3 << 62)
+#define MM_LOW ((((uint64_t)1) << 62) - 1)
+
+typedef struct {
+    uint64_t key;
+    uint64_t val;
+} mmslot;
+
+typedef struct {
+    uint64_t hash;
+    uint64_t *w;
+    uint32_t refs; /* 0: a free pool entry */
+    uint32_t nwords;
+} mmwide;
+
+/* The table is MM_NSEG tables (a block's by the top bits of its mixed hash), each grown on
+ * its own: a doubling rehashes 1/MM_NSEG of the blocks, in cache, instead of stalling the
+ * event loop for all of them (30 ms at 700k blocks for one table). */
+#define MM_SEGBITS 7
+#define MM_NSEG (1 << MM_SEGBITS)
+#define MM_SEG0 8 /* a segment's first capacity */
+
+typedef struct {
+    mmslot *slots;
+    size_t mask; /* capacity - 1; 0 when slots is NULL */
+    size_t used;
+} mmseg;
+
+typedef struct {
+    PyObject_HEAD
+    mmseg seg[MM_NSEG];
+    Py_ssize_t used;
+    mmwide *pool;
+    uint32_t npool, pool_cap;
+    uint32_t *freel;
+    uint32_t nfree, free_cap;
+    uint32_t *itab; /* intern table: pool index + 1, 0 empty */
+    size_t imask;
+    uint32_t iused;
+    PyObject *other; /* dict of the keys outside [0, 2**64), or NULL */
+} MaskMap;
+
+static PyTypeObject MaskMapType;
+
+static inline uint64_t mix64(uint64_t k) {
+    uint64_t z = k ^ u64map_seed;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+static inline mmseg *mm_seg(MaskMap *m, uint64_t z) { return &m->seg[z >> (64 - MM_SEGBITS)]; }
+
+static inline uint32_t trim_words(const uint64_t *w, uint32_t n) {
+    while (n && !w[n - 1]) {
+        n--;
+    }
+    return n;
+}
+
+static uint64_t words_hash(const uint64_t *w, uint32_t n) {
+    uint64_t acc = XXPRIME_5 + n;
+    for (uint32_t i = 0; i < n; i++) {
+        acc = lane(acc, w[i]);
+    }
+    return acc;
+}
+
+/* The pool entry of these words (trimmed, wider than inline, two bits or more), a new
+ * reference to it; -1 on error. */
+static int64_t mm_intern(MaskMap *m, const uint64_t *w, uint32_t n) {
+    uint64_t h = words_hash(w, n);
+    if (m->itab != NULL) {
+        for (size_t i = (size_t)mix64(h) & m->imask;; i = (i + 1) & m->imask) {
+            uint32_t e = m->itab[i];
+            if (e == 0) {
+                break;
+            }
+            mmwide *x = &m->pool[e - 1];
+            if (x->hash == h && x->nwords == n && memcmp(x->w, w, (size_t)n * 8) == 0) {
+                x->refs++;
+                return e - 1;
+            }
+        }
+    }
+    if (m->itab == NULL || (size_t)(m->iused + 1) * 2 > m->imask + 1) {
+        size_t cap = m->itab ? (m->imask + 1) * 2 : 64;
+        uint32_t *nt = PyMem_Calloc(cap, sizeof(uint32_t));
+        if (nt == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        size_t oldcap = m->itab ? m->imask + 1 : 0;
+        for (size_t i = 0; i < oldcap; i++) {
+            uint32_t e = m->itab[i];
+            if (e) {
+                size_t j = (size_t)mix64(m->pool[e - 1].hash) & (cap - 1);
+                while (nt[j]) {
+                    j = (j + 1) & (cap - 1);
+                }
+                nt[j] = e;
+            }
+        }
+        PyMem_Free(m->itab);
+        m->itab = nt;
+        m->imask = cap - 1;
+    }
+    uint64_t *copy = PyMem_Malloc((size_t)n * 8);
+    if (copy == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(copy, w, (size_t)n * 8);
+    uint32_t idx;
+    if (m->nfree) {
+        idx = m->freel[--m->nfree];
+    } else {
+        if (m->npool == m->pool_cap) {
+            uint32_t cap = m->pool_cap ? m->pool_cap * 2 : 16;
+            mmwide *np = PyMem_Realloc(m->pool, (size_t)cap * sizeof(mmwide));
+            if (np == NULL) {
+                PyMem_Free(copy);
+                PyErr_NoMemory();
+                return -1;
+            }
+            m->pool = np;
+            m->pool_cap = cap;
+        }
+        idx = m->npool++;
+    }
+    mmwide *x = &m->pool[idx];
+    x->hash = h;
+    x->w = copy;
+    x->refs = 1;
+    x->nwords = n;
+    size_t i = (size_t)mix64(h) & m->imask;
+    while (m->itab[i]) {
+        i = (i + 1) & m->imask;
+    }
+    m->itab[i] = idx + 1;
+    m->iused++;
+    return idx;
+}
+
+/* Drop one reference to what ``val`` encodes (a pool entry; nothing for the others). */
+static void mm_release(MaskMap *m, uint64_t val) {
+    if (MM_KIND(val) != 3) {
+        return;
+    }
+    uint32_t idx = (uint32_t)(val & MM_LOW);
+    mmwide *x = &m->pool[idx];
+    if (--x->refs) {
+        return;
+    }
+    /* out of the intern table (backward shift), its words freed, the entry reusable */
+    size_t i = (size_t)mix64(x->hash) & m->imask;
+    while (m->itab[i] != idx + 1) {
+        i = (i + 1) & m->imask;
+    }
+    size_t j = i;
+    for (;;) {
+        j = (j + 1) & m->imask;
+        uint32_t e = m->itab[j];
+        if (e == 0) {
+            break;
+        }
+        size_t hj = (size_t)mix64(m->pool[e - 1].hash) & m->imask;
+        int stay = (i <= j) ? (i < hj && hj <= j) : (i < hj || hj <= j);
+        if (!stay) {
+            m->itab[i] = e;
+            i = j;
+        }
+    }
+    m->itab[i] = 0;
+    m->iused--;
+    PyMem_Free(x->w);
+    x->w = NULL;
+    if (m->nfree == m->free_cap) {
+        uint32_t cap = m->free_cap ? m->free_cap * 2 : 16;
+        uint32_t *nf = PyMem_Realloc(m->freel, (size_t)cap * sizeof(uint32_t));
+        if (nf == NULL) {
+            return; /* the entry is only lost for reuse */
+        }
+        m->freel = nf;
+        m->free_cap = cap;
+    }
+    m->freel[m->nfree++] = idx;
+}
+
+/* The canonical word of a mask (n words, any trailing zeros), with a new pool reference
+ * when it is a pool entry; 0 for the empty mask. -1 (all ones) on error. */
+static uint64_t mm_encode(MaskMap *m, const uint64_t *w, uint32_t n) {
+    n = trim_words(w, n);
+    if (n == 0) {
+        return 0;
+    }
+    if (n == 1 && !(w[0] >> 63)) {
+        return w[0];
+    }
+    int bits = 0, at = 0;
+    for (uint32_t i = 0; i < n && bits < 2; i++) {
+        if (w[i]) {
+            bits += __builtin_popcountll(w[i]);
+            at = (int)i * 64 + __builtin_ctzll(w[i]);
+        }
+    }
+    if (bits == 1) {
+        return MM_SINGLE | (uint64_t)at;
+    }
+    int64_t idx = mm_intern(m, w, n);
+    return idx < 0 ? (uint64_t)-1 : (MM_POOL | (uint64_t)idx);
+}
+
+/* The mask of ``val`` as words; returns how many (at most MAX_WORDS, none past them). */
+static inline uint32_t mm_words(const MaskMap *m, uint64_t val, uint64_t *w) {
+    switch (MM_KIND(val)) {
+    case 2: {
+        uint32_t s = (uint32_t)(val & MM_LOW);
+        memset(w, 0, (size_t)(s / 64) * 8);
+        w[s / 64] = (uint64_t)1 << (s % 64);
+        return s / 64 + 1;
+    }
+    case 3: {
+        const mmwide *x = &m->pool[val & MM_LOW];
+        memcpy(w, x->w, (size_t)x->nwords * 8);
+        return x->nwords;
+    }
+    default:
+        w[0] = val;
+        return 1;
+    }
+}
+
+/* The first ``nwords`` words of the mask of ``val`` (zero past its width). */
+static inline void mm_words_n(const MaskMap *m, uint64_t val, uint64_t *w, int nwords) {
+    switch (MM_KIND(val)) {
+    case 2: {
+        uint32_t s = (uint32_t)(val & MM_LOW);
+        memset(w, 0, (size_t)nwords * 8);
+        if ((int)(s / 64) < nwords) {
+            w[s / 64] = (uint64_t)1 << (s % 64);
+        }
+        return;
+    }
+    case 3: {
+        const mmwide *x = &m->pool[val & MM_LOW];
+        int k = (int)x->nwords < nwords ? (int)x->nwords : nwords;
+        memcpy(w, x->w, (size_t)k * 8);
+        if (k < nwords) {
+            memset(w + k, 0, (size_t)(nwords - k) * 8);
+        }
+        return;
+    }
+    default:
+        w[0] = val;
+        if (nwords > 1) {
+            memset(w + 1, 0, (size_t)(nwords - 1) * 8);
+        }
+    }
+}
+
+static inline int mm_has(const MaskMap *m, uint64_t val, uint32_t s) {
+    switch (MM_KIND(val)) {
+    case 2:
+        return (uint32_t)(val & MM_LOW) == s;
+    case 3: {
+        const mmwide *x = &m->pool[val & MM_LOW];
+        return s / 64 < x->nwords && ((x->w[s / 64] >> (s % 64)) & 1);
+    }
+    default:
+        return s < 63 && ((val >> s) & 1);
+    }
+}
+
+/* ``val`` with worker ``s`` added (set 1) or taken out (0): the new word, a new reference;
+ * the caller releases the old one. -1 on error. */
+static uint64_t mm_flip(MaskMap *m, uint64_t val, uint32_t s, int set) {
+    if (MM_KIND(val) < 2 && s < 63) {
+        return set ? (val | ((uint64_t)1 << s)) : (val & ~((uint64_t)1 << s));
+    }
+    if (val == 0) {
+        return MM_SINGLE | s;
+    }
+    uint64_t w[MAX_WORDS];
+    uint32_t n = mm_words(m, val, w);
+    uint32_t need = s / 64 + 1;
+    if (set && need > n) {
+        memset(w + n, 0, (size_t)(need - n) * 8);
+        n = need;
+    }
+    if (s / 64 < n) {
+        if (set) {
+            w[s / 64] |= (uint64_t)1 << (s % 64);
+        } else {
+            w[s / 64] &= ~((uint64_t)1 << (s % 64));
+        }
+    }
+    return mm_encode(m, w, n);
+}
+
+static int mm_grow(mmseg *g) {
+    size_t cap = g->slots ? (g->mask + 1) * 2 : MM_SEG0;
+    mmslot *ns = PyMem_Calloc(cap, sizeof(mmslot));
+    if (ns == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    mmslot *old = g->slots;
+    size_t oldcap = old ? g->mask + 1 : 0;
+    g->slots = ns;
+    g->mask = cap - 1;
+    for (size_t i = 0; i < oldcap; i++) {
+        if (old[i].val) {
+            size_t j = (size_t)mix64(old[i].key) & g->mask;
+            while (ns[j].val) {
+                j = (j + 1) & g->mask;
+            }
+            ns[j] = old[i];
+        }
+    }
+    PyMem_Free(old);
+    return 0;
+}
+
+/* Room in segment ``g`` for one more block (load at most 0.7). */
+static inline int mm_room(mmseg *g) {
+    if (g->slots == NULL || (g->used + 1) * 10 > (g->mask + 1) * 7) {
+        return mm_grow(g);
+    }
+    return 0;
+}
+
+static inline void mm_prefetch(MaskMap *m, uint64_t k, int write) {
+    uint64_t z = mix64(k);
+    mmseg *g = mm_seg(m, z);
+    if (g->slots != NULL) {
+        if (write) {
+            __builtin_prefetch(&g->slots[z & g->mask], 1);
+        } else {
+            __builtin_prefetch(&g->slots[z & g->mask], 0);
+        }
+    }
+}
+
+static inline mmslot *mm_find(MaskMap *m, uint64_t k, mmseg **where) {
+    uint64_t z = mix64(k);
+    mmseg *g = mm_seg(m, z);
+    *where = g;
+    if (g->slots == NULL) {
+        return NULL;
+    }
+    for (size_t i = (size_t)z & g->mask;; i = (i + 1) & g->mask) {
+        mmslot *s = &g->slots[i];
+        if (s->val == 0) {
+            return NULL;
+        }
+        if (s->key == k) {
+            return s;
+        }
+    }
+}
+
+static void mm_erase(MaskMap *m, mmseg *g, mmslot *s) {
+    size_t i = (size_t)(s - g->slots);
+    size_t j = i;
+    for (;;) {
+        j = (j + 1) & g->mask;
+        if (g->slots[j].val == 0) {
+            break;
+        }
+        size_t h = (size_t)mix64(g->slots[j].key) & g->mask;
+        int stay = (i <= j) ? (i < h && h <= j) : (i < h || h <= j);
+        if (!stay) {
+            g->slots[i] = g->slots[j];
+            i = j;
+        }
+    }
+    g->slots[i].val = 0;
+    g->used--;
+    m->used--;
+}
+
+/* A new block ``k`` (absent) with mask word ``val``. */
+static int mm_insert(MaskMap *m, uint64_t k, uint64_t val) {
+    uint64_t z = mix64(k);
+    mmseg *g = mm_seg(m, z);
+    if (mm_room(g) < 0) {
+        return -1;
+    }
+    size_t i = (size_t)z & g->mask;
+    while (g->slots[i].val) {
+        i = (i + 1) & g->mask;
+    }
+    g->slots[i].key = k;
+    g->slots[i].val = val;
+    g->used++;
+    m->used++;
+    return 0;
+}
+
+/* Worker ``s`` holds block ``k`` now: 1 if it did not before, 0 if it did, -1 on error. */
+static inline int mm_set_bit(MaskMap *m, uint64_t k, uint32_t s) {
+    uint64_t z = mix64(k);
+    mmseg *g = mm_seg(m, z);
+    if (mm_room(g) < 0) {
+        return -1;
+    }
+    for (size_t i = (size_t)z & g->mask;; i = (i + 1) & g->mask) {
+        mmslot *e = &g->slots[i];
+        if (e->val == 0) {
+            e->key = k;
+            e->val = s < 63 ? ((uint64_t)1 << s) : (MM_SINGLE | s);
+            g->used++;
+            m->used++;
+            return 1;
+        }
+        if (e->key == k) {
+            if (mm_has(m, e->val, s)) {
+                return 0;
+            }
+            uint64_t nv = mm_flip(m, e->val, s, 1);
+            if (nv == (uint64_t)-1) {
+                return -1;
+            }
+            mm_release(m, e->val);
+            e->val = nv;
+            return 1;
+        }
+    }
+}
+
+/* Worker ``s`` no longer holds the block in ``e`` (of segment ``g``): 1 if it did, 0 if
+ * not, -1 on error. */
+static int mm_clear_bit(MaskMap *m, mmseg *g, mmslot *e, uint32_t s) {
+    if (!mm_has(m, e->val, s)) {
+        return 0;
+    }
+    uint64_t nv = mm_flip(m, e->val, s, 0);
+    if (nv == (uint64_t)-1) {
+        return -1;
+    }
+    mm_release(m, e->val);
+    if (nv == 0) {
+        mm_erase(m, g, e);
+    } else {
+        e->val = nv;
+    }
+    return 1;
+}
+
+static PyObject *mm_to_int(const MaskMap *m, uint64_t val) {
+    if (MM_KIND(val) < 2) {
+        return PyLong_FromUnsignedLongLong(val);
+    }
+    uint64_t w[MAX_WORDS];
+    uint32_t n = mm_words(m, val, w); /* words as little-endian bytes, as mask_words */
+    return _PyLong_FromByteArray((const unsigned char *)w, (size_t)n * 8, 1, 0);
+}
+
+/* A mask given from Python: a positive int of at most MAX_WORDS words. */
+static uint64_t mm_from_int(MaskMap *m, PyObject *v) {
+    if (!PyLong_Check(v) || _PyLong_Sign(v) <= 0) {
+        PyErr_SetString(PyExc_ValueError, "a worker mask is a positive int");
+        return (uint64_t)-1;
+    }
+    uint64_t w[MAX_WORDS];
+    size_t nbits = _PyLong_NumBits(v);
+    int n = (int)((nbits + 63) / 64);
+    if (n > MAX_WORDS) {
+        PyErr_SetString(PyExc_OverflowError, "mask wider than the index's worker slots");
+        return (uint64_t)-1;
+    }
+    if (mask_words(v, w, n) < 0) {
+        return (uint64_t)-1;
+    }
+    return mm_encode(m, w, (uint32_t)n);
+}
+
+static int mm_other_dict(MaskMap *m) {
+    if (m->other == NULL && (m->other = PyDict_New()) == NULL) {
+        return -1;
+    }
+    return 0;
+}
+
+/* The one-bit int of worker ``s``. */
+static PyObject *bit_int(uint32_t s) {
+    PyObject *one = PyLong_FromLong(1), *sh = PyLong_FromUnsignedLong(s);
+    PyObject *b = (one && sh) ? PyNumber_Lshift(one, sh) : NULL;
+    Py_XDECREF(one);
+    Py_XDECREF(sh);
+    return b;
+}
+
+/* set (1) or clear (0) worker ``s``'s bit of ``k``, a key of ``other``: as mm_set_bit /
+ * mm_clear_bit say. */
+static int mm_other_flip(MaskMap *m, PyObject *k, uint32_t s, int set) {
+    if (!set && (m->other == NULL || PyDict_GET_SIZE(m->other) == 0)) {
+        return PyObject_Hash(k) == -1 && PyErr_Occurred() ? -1 : 0;
+    }
+    if (mm_other_dict(m) < 0) {
+        return -1;
+    }
+    PyObject *old = PyDict_GetItemWithError(m->other, k); /* borrowed */
+    if (old == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    PyObject *b = bit_int(s);
+    if (b == NULL) {
+        return -1;
+    }
+    int rc;
+    if (old == NULL) {
+        rc = set ? (PyDict_SetItem(m->other, k, b) < 0 ? -1 : 1) : 0;
+        Py_DECREF(b);
+        return rc;
+    }
+    PyObject *both = PyNumber_And(old, b);
+    int held = both ? PyObject_IsTrue(both) : -1;
+    Py_XDECREF(both);
+    if (held < 0 || held == set) {
+        Py_DECREF(b);
+        return held < 0 ? -1 : 0;
+    }
+    PyObject *nv;
+    if (set) {
+        nv = PyNumber_Or(old, b);
+    } else {
+        nv = PyNumber_Xor(old, b);
+    }
+    Py_DECREF(b);
+    if (nv == NULL) {
+        return -1;
+    }
+    int truthy = PyObject_IsTrue(nv);
+    if (truthy > 0) {
+        rc = PyDict_SetItem(m->other, k, nv);
+    } else {
+        rc = truthy < 0 ? -1 : PyDict_DelItem(m->other, k);
+    }
+    Py_DECREF(nv);
+    return rc < 0 ? -1 : 1;
+}
+
+static int slot_arg(PyObject *o, uint32_t *s) {
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (v < 0 || v >= MAX_WORDS * 64) {
+        PyErr_SetString(PyExc_ValueError, "worker slot out of range");
+        return -1;
+    }
+    *s = (uint32_t)v;
+    return 0;
+}
+
+#define MM_PF 8 /* blocks looked up ahead: their slots' cache lines are fetched meanwhile */
+
+/* store(hashes, slot) -> added: KvIndex.store's unbounded loop, on this table. */
+static PyObject *maskmap_store(MaskMap *m, PyObject *args) {
+    PyObject *hashes, *slot_o;
+    uint32_t s;
+    if (!PyArg_ParseTuple(args, "OO", &hashes, &slot_o) || slot_arg(slot_o, &s) < 0) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(hashes, "hashes must be a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Py_ssize_t added = 0;
+    for (Py_ssize_t i = 0; i < n && i < MM_PF; i++) {
+        uint64_t k;
+        if (as_u64(items[i], &k) == 1) {
+            mm_prefetch(m, k, 1);
+        }
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t k;
+        if (i + MM_PF < n && as_u64(items[i + MM_PF], &k) == 1) {
+            mm_prefetch(m, k, 1);
+        }
+        int rk = as_u64(items[i], &k);
+        int rc = rk < 0 ? -1 : rk ? mm_set_bit(m, k, s) : mm_other_flip(m, items[i], s, 1);
+        if (rc < 0) {
+            goto fail;
+        }
+        added += rc;
+    }
+    Py_DECREF(seq);
+    return PyLong_FromSsize_t(added);
+fail:
+    Py_DECREF(seq);
+    return NULL;
+}
+
+/* remove(hashes, slot) -> removed: KvIndex.remove's loop, on this table. */
+static PyObject *maskmap_remove(MaskMap *m, PyObject *args) {
+    PyObject *hashes, *slot_o;
+    uint32_t s;
+    if (!PyArg_ParseTuple(args, "OO", &hashes, &slot_o) || slot_arg(slot_o, &s) < 0) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(hashes, "hashes must be a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Py_ssize_t removed = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t k;
+        int rk = as_u64(items[i], &k), rc = 0;
+        if (rk < 0) {
+            rc = -1;
+        } else if (rk) {
+            mmseg *g;
+            mmslot *e = mm_find(m, k, &g);
+            rc = e ? mm_clear_bit(m, g, e, s) : 0;
+        } else {
+            rc = mm_other_flip(m, items[i], s, 0);
+        }
+        if (rc < 0) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        removed += rc;
+    }
+    Py_DECREF(seq);
+    return PyLong_FromSsize_t(removed);
+}
+
+/* clear_slot(slot) -> cleared: worker ``slot`` holds nothing any more (O(table)). */
+static PyObject *maskmap_clear_slot(MaskMap *m, PyObject *slot_o) {
+    uint32_t s;
+    if (slot_arg(slot_o, &s) < 0) {
+        return NULL;
+    }
+    Py_ssize_t cleared = 0;
+    for (int gi = 0; gi < MM_NSEG; gi++) {
+        mmseg *g = &m->seg[gi];
+        size_t cap = g->slots ? g->mask + 1 : 0, emptied = 0;
+        for (size_t i = 0; i < cap; i++) {
+            mmslot *e = &g->slots[i];
+            if (e->val == 0 || !mm_has(m, e->val, s)) {
+                continue;
+            }
+            uint64_t nv = mm_flip(m, e->val, s, 0);
+            if (nv == (uint64_t)-1) {
+                return NULL;
+            }
+            mm_release(m, e->val);
+            e->val = nv; /* 0 breaks probe chains: the segment is rebuilt below */
+            cleared++;
+            emptied += nv == 0;
+        }
+        if (emptied) {
+            mmslot *old = g->slots;
+            mmslot *ns = PyMem_Calloc(cap, sizeof(mmslot));
+            if (ns == NULL) {
+                return PyErr_NoMemory();
+            }
+            g->slots = ns;
+            for (size_t i = 0; i < cap; i++) {
+                if (old[i].val) {
+                    size_t j = (size_t)mix64(old[i].key) & g->mask;
+                    while (ns[j].val) {
+                        j = (j + 1) & g->mask;
+                    }
+                    ns[j] = old[i];
+                }
+            }
+            PyMem_Free(old);
+            g->used -= emptied;
+            m->used -= (Py_ssize_t)emptied;
+        }
+    }
+    if (m->other != NULL && PyDict_GET_SIZE(m->other)) {
+        PyObject *keys = PyDict_Keys(m->other);
+        if (keys == NULL) {
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
+            int rc = mm_other_flip(m, PyList_GET_ITEM(keys, i), s, 0);
+            if (rc < 0) {
+                Py_DECREF(keys);
+                return NULL;
+            }
+            cleared += rc;
+        }
+        Py_DECREF(keys);
+    }
+    return PyLong_FromSsize_t(cleared);
+}
+
+/* slot_keys(slot) -> list[int]: every key worker ``slot`` holds (table order). */
+static PyObject *maskmap_slot_keys(MaskMap *m, PyObject *slot_o) {
+    uint32_t s;
+    if (slot_arg(slot_o, &s) < 0) {
+        return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (int gi = 0; gi < MM_NSEG; gi++) {
+        mmseg *g = &m->seg[gi];
+        size_t cap = g->slots ? g->mask + 1 : 0;
+        for (size_t i = 0; i < cap; i++) {
+            mmslot *e = &g->slots[i];
+            if (e->val && mm_has(m, e->val, s)) {
+                PyObject *k = PyLong_FromUnsignedLongLong(e->key);
+                if (k == NULL || PyList_Append(out, k) < 0) {
+                    Py_XDECREF(k);
+                    Py_DECREF(out);
+                    return NULL;
+                }
+                Py_DECREF(k);
+            }
+        }
+    }
+    if (m->other != NULL) {
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        PyObject *b = bit_int(s);
+        if (b == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        while (PyDict_Next(m->other, &pos, &k, &v)) {
+            PyObject *both = PyNumber_And(v, b);
+            int held = both ? PyObject_IsTrue(both) : -1;
+            Py_XDECREF(both);
+            if (held < 0 || (held && PyList_Append(out, k) < 0)) {
+                Py_DECREF(b);
+                Py_DECREF(out);
+                return NULL;
+            }
+        }
+        Py_DECREF(b);
+    }
+    return out;
+}
+
+/* walk(hashes, alive) -> {slot: prefix_len}: gpu_walk on this table. */
+static PyObject *maskmap_walk(MaskMap *m, PyObject *args) {
+    PyObject *hashes, *alive_obj;
+    if (!PyArg_ParseTuple(args, "OO", &hashes, &alive_obj)) {
+        return NULL;
+    }
+    uint64_t alive[MAX_WORDS];
+    uint64_t w[MAX_WORDS];
+    if (!PyLong_Check(alive_obj) || _PyLong_Sign(alive_obj) < 0) {
+        PyErr_SetString(PyExc_ValueError, "alive must be a non-negative int");
+        return NULL;
+    }
+    size_t abits = _PyLong_NumBits(alive_obj);
+    int nwords = (int)((abits + 63) / 64);
+    if (nwords > MAX_WORDS) {
+        PyErr_SetString(PyExc_OverflowError, "mask wider than the index's worker slots");
+        return NULL;
+    }
+    PyObject *out = PyDict_New();
+    if (out == NULL || nwords == 0) {
+        return out;
+    }
+    if (mask_words(alive_obj, alive, nwords) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(hashes, "hashes must be a sequence");
+    if (seq == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    int have_other = m->other != NULL && PyDict_GET_SIZE(m->other) > 0;
+    for (Py_ssize_t i = 0; i < n && i < MM_PF; i++) {
+        uint64_t k;
+        if (as_u64(items[i], &k) == 1) {
+            mm_prefetch(m, k, 0);
+        }
+    }
+    uint64_t last = 0; /* the last mask word whose AND left alive unchanged */
+    Py_ssize_t i = 0;
+    for (; i < n; i++) {
+        uint64_t k, val = 0;
+        if (i + MM_PF < n && as_u64(items[i + MM_PF], &k) == 1) {
+            mm_prefetch(m, k, 0);
+        }
+        int rk = as_u64(items[i], &k);
+        if (rk < 0) {
+            goto fail;
+        }
+        if (rk) {
+            mmseg *g;
+            mmslot *e = mm_find(m, k, &g);
+            val = e ? e->val : 0;
+        } else {
+            PyObject *mo = have_other ? PyDict_GetItemWithError(m->other, items[i]) : NULL;
+            if (mo == NULL && PyErr_Occurred()) {
+                goto fail;
+            }
+            if (mo == NULL && !have_other && PyObject_Hash(items[i]) == -1 && PyErr_Occurred()) {
+                goto fail; /* unhashable, as a dict lookup says */
+            }
+            if (mo != NULL) {
+                if (mask_words(mo, w, nwords) < 0) {
+                    goto fail;
+                }
+                val = (uint64_t)-1; /* not an encoding: never equal to ``last`` */
+            }
+        }
+        if (val == 0) {
+            /* no worker holds it: every alive worker stops here */
+            if (i && record_bits(out, alive, nwords, i) < 0) {
+                goto fail;
+            }
+            memset(alive, 0, (size_t)nwords * 8);
+            break;
+        }
+        if (val == last) {
+            continue;
+        }
+        if (val != (uint64_t)-1) {
+            mm_words_n(m, val, w, nwords);
+        }
+        uint64_t any = 0, changed = 0;
+        for (int wi = 0; wi < nwords; wi++) {
+            uint64_t nw = w[wi] & alive[wi];
+            changed |= nw ^ alive[wi];
+            w[wi] = alive[wi] ^ nw; /* dropped */
+            alive[wi] = nw;
+            any |= nw;
+        }
+        if (changed) {
+            if (i && record_bits(out, w, nwords, i) < 0) {
+                goto fail;
+            }
+            last = 0;
+            if (!any) {
+                break;
+            }
+        } else {
+            last = val == (uint64_t)-1 ? 0 : val; /* a mask from ``other``: never skipped */
+        }
+    }
+    if (i == n && record_bits(out, alive, nwords, n) < 0) {
+        goto fail;
+    }
+    Py_DECREF(seq);
+    return out;
+fail:
+    Py_DECREF(seq);
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* ---- MaskMap as a dict[int, int] (the Python paths: bounded stores, references) ---- */
+
+static PyObject *maskmap_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    if (!_PyArg_NoKeywords("MaskMap", kwds) || !PyArg_ParseTuple(args, ":MaskMap")) {
+        return NULL;
+    }
+    MaskMap *m = (MaskMap *)type->tp_alloc(type, 0); /* zeroed */
+    return (PyObject *)m;
+}
+
+static int maskmap_traverse(MaskMap *m, visitproc visit, void *arg) {
+    Py_VISIT(m->other);
+    return 0;
+}
+
+static int maskmap_clear_refs(MaskMap *m) {
+    Py_CLEAR(m->other);
+    return 0;
+}
+
+static void maskmap_free_all(MaskMap *m) {
+    for (uint32_t i = 0; i < m->npool; i++) {
+        PyMem_Free(m->pool[i].w);
+    }
+    PyMem_Free(m->pool);
+    PyMem_Free(m->freel);
+    PyMem_Free(m->itab);
+    for (int gi = 0; gi < MM_NSEG; gi++) {
+        PyMem_Free(m->seg[gi].slots);
+    }
+    memset(m->seg, 0, sizeof(m->seg));
+    m->pool = NULL;
+    m->freel = NULL;
+    m->itab = NULL;
+    m->npool = m->pool_cap = m->nfree = m->free_cap = m->iused = 0;
+    m->imask = 0;
+    m->used = 0;
+}
+
+static void maskmap_dealloc(MaskMap *m) {
+    PyObject_GC_UnTrack(m);
+    Py_CLEAR(m->other);
+    maskmap_free_all(m);
+    Py_TYPE(m)->tp_free((PyObject *)m);
+}
+
+static Py_ssize_t maskmap_len(MaskMap *m) {
+    return m->used + (m->other ? PyDict_GET_SIZE(m->other) : 0);
+}
+
+/* The mask of ``k`` as a new int; NULL without an error when absent. */
+static PyObject *maskmap_lookup(MaskMap *m, PyObject *k, mmslot **where) {
+    uint64_t kk;
+    int rk = as_u64(k, &kk);
+    *where = NULL;
+    if (rk < 0) {
+        return NULL;
+    }
+    if (rk) {
+        mmseg *g;
+        mmslot *e = mm_find(m, kk, &g);
+        if (e == NULL) {
+            return NULL;
+        }
+        *where = e;
+        return mm_to_int(m, e->val);
+    }
+    if (PyObject_Hash(k) == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (m->other == NULL) {
+        return NULL;
+    }
+    PyObject *v = PyDict_GetItemWithError(m->other, k);
+    Py_XINCREF(v);
+    return v;
+}
+
+static PyObject *maskmap_getitem(MaskMap *m, PyObject *k) {
+    mmslot *e;
+    PyObject *v = maskmap_lookup(m, k, &e);
+    if (v == NULL && !PyErr_Occurred()) {
+        _PyErr_SetKeyError(k);
+    }
+    return v;
+}
+
+static int maskmap_ass(MaskMap *m, PyObject *k, PyObject *v) {
+    uint64_t kk;
+    int rk = as_u64(k, &kk);
+    if (rk < 0) {
+        return -1;
+    }
+    if (v == NULL) {
+        if (rk) {
+            mmseg *g;
+            mmslot *e = mm_find(m, kk, &g);
+            if (e == NULL) {
+                _PyErr_SetKeyError(k);
+                return -1;
+            }
+            mm_release(m, e->val);
+            mm_erase(m, g, e);
+            return 0;
+        }
+        if (m->other == NULL) {
+            if (PyObject_Hash(k) != -1 || !PyErr_Occurred()) {
+                _PyErr_SetKeyError(k);
+            }
+            return -1;
+        }
+        return PyDict_DelItem(m->other, k);
+    }
+    if (!rk) {
+        if (!PyLong_Check(v) || _PyLong_Sign(v) <= 0) {
+            PyErr_SetString(PyExc_ValueError, "a worker mask is a positive int");
+            return -1;
+        }
+        return mm_other_dict(m) < 0 ? -1 : PyDict_SetItem(m->other, k, v);
+    }
+    uint64_t nv = mm_from_int(m, v);
+    if (nv == (uint64_t)-1) {
+        return -1;
+    }
+    mmseg *g;
+    mmslot *e = mm_find(m, kk, &g);
+    if (e != NULL) {
+        mm_release(m, e->val);
+        e->val = nv;
+        return 0;
+    }
+    if (mm_insert(m, kk, nv) < 0) {
+        mm_release(m, nv);
+        return -1;
+    }
+    return 0;
+}
+
+static int maskmap_contains(MaskMap *m, PyObject *k) {
+    mmslot *e;
+    PyObject *v = maskmap_lookup(m, k, &e);
+    if (v == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    Py_DECREF(v);
+    return 1;
+}
+
+static PyObject *maskmap_get(MaskMap *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "get(key, default=None)");
+        return NULL;
+    }
+    mmslot *e;
+    PyObject *v = maskmap_lookup(m, args[0], &e);
+    if (v == NULL && !PyErr_Occurred()) {
+        v = nargs == 2 ? args[1] : Py_None;
+        Py_INCREF(v);
+    }
+    return v;
+}
+
+static PyObject *maskmap_clear(MaskMap *m, PyObject *unused) {
+    maskmap_free_all(m);
+    Py_CLEAR(m->other);
+    Py_RETURN_NONE;
+}
+
+/* kind 0: keys, 1: values, 2: items, as a new list (a snapshot). */
+static PyObject *maskmap_list(MaskMap *m, int kind) {
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (int gi = 0; gi < MM_NSEG; gi++) {
+        mmseg *g = &m->seg[gi];
+        size_t cap = g->slots ? g->mask + 1 : 0;
+        for (size_t i = 0; i < cap; i++) {
+            mmslot *s = &g->slots[i];
+            if (s->val == 0) {
+                continue;
+            }
+            PyObject *k = kind != 1 ? PyLong_FromUnsignedLongLong(s->key) : NULL;
+            PyObject *v = kind != 0 ? mm_to_int(m, s->val) : NULL;
+            PyObject *e = kind == 0 ? (Py_XINCREF(k), k) : kind == 1 ? (Py_XINCREF(v), v)
+                                                                     : (k && v ? PyTuple_Pack(2, k, v) : NULL);
+            Py_XDECREF(k);
+            Py_XDECREF(v);
+            if (e == NULL || PyList_Append(out, e) < 0) {
+                Py_XDECREF(e);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(e);
+        }
+    }
+    if (m->other != NULL) {
+        PyObject *rest = kind == 0 ? PyDict_Keys(m->other)
+                         : kind == 1 ? PyDict_Values(m->other) : PyDict_Items(m->other);
+        if (rest == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_ssize_t n = PyList_GET_SIZE(out);
+        int rc = PyList_SetSlice(out, n, n, rest);
+        Py_DECREF(rest);
+        if (rc < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+static PyObject *maskmap_keys(MaskMap *m, PyObject *unused) { return maskmap_list(m, 0); }
+static PyObject *maskmap_values(MaskMap *m, PyObject *unused) { return maskmap_list(m, 1); }
+static PyObject *maskmap_items(MaskMap *m, PyObject *unused) { return maskmap_list(m, 2); }
+
+static PyObject *maskmap_iter(MaskMap *m) {
+    PyObject *keys = maskmap_list(m, 0);
+    if (keys == NULL) {
+        return NULL;
+    }
+    PyObject *it = PyObject_GetIter(keys);
+    Py_DECREF(keys);
+    return it;
+}
+
+static PyObject *maskmap_wide_masks(MaskMap *m, PyObject *unused) {
+    return PyLong_FromUnsignedLong(m->iused);
+}
+
+static PyMethodDef maskmap_methods[] = {
+    {"store", (PyCFunction)maskmap_store, METH_VARARGS,
+     "store(hashes, slot) -> int: blocks newly marked held by worker slot."},
+    {"remove", (PyCFunction)maskmap_remove, METH_VARARGS,
+     "remove(hashes, slot) -> int: blocks worker slot held and no longer does."},
+    {"clear_slot", (PyCFunction)maskmap_clear_slot, METH_O,
+     "clear_slot(slot) -> int: worker slot holds nothing; how many it held."},
+    {"slot_keys", (PyCFunction)maskmap_slot_keys, METH_O,
+     "slot_keys(slot) -> list[int]: the keys worker slot holds."},
+    {"walk", (PyCFunction)maskmap_walk, METH_VARARGS,
+     "walk(hashes, alive) -> dict[int, int]: slot -> prefix length (gpu_walk)."},
+    {"wide_masks", (PyCFunction)maskmap_wide_masks, METH_NOARGS,
+     "wide_masks() -> int: distinct interned masks of two or more workers past slot 62."},
+    {"get", (PyCFunction)(void (*)(void))maskmap_get, METH_FASTCALL, "get(key, default=None)"},
+    {"clear", (PyCFunction)maskmap_clear, METH_NOARGS, "Remove every entry."},
+    {"keys", (PyCFunction)maskmap_keys, METH_NOARGS, "The keys, as a list."},
+    {"values", (PyCFunction)maskmap_values, METH_NOARGS, "The masks, as a list."},
+    {"items", (PyCFunction)maskmap_items, METH_NOARGS, "The (key, mask) pairs, as a list."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMappingMethods maskmap_as_mapping = {
+    (lenfunc)maskmap_len, (binaryfunc)maskmap_getitem, (objobjargproc)maskmap_ass,
+};
+
+static PySequenceMethods maskmap_as_sequence = {
+    .sq_contains = (objobjproc)maskmap_contains,
+};
+
+static PyTypeObject MaskMapType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dynamo_ext._native.MaskMap",
+    .tp_basicsize = sizeof(MaskMap),
+    .tp_dealloc = (destructor)maskmap_dealloc,
+    .tp_as_sequence = &maskmap_as_sequence,
+    .tp_as_mapping = &maskmap_as_mapping,
+    .tp_hash = PyObject_HashNotImplemented,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "MaskMap(): dict[int, int] of block hash -> worker mask in a flat table.",
+    .tp_traverse = (traverseproc)maskmap_traverse,
+    .tp_clear = (inquiry)maskmap_clear_refs,
+    .tp_iter = (getiterfunc)maskmap_iter,
+    .tp_methods = maskmap_methods,
+    .tp_new = maskmap_new,
+};
+
 /* ---- tokens-mode BlockStored straight from its msgpack bytes ------------------------ */
 
 /* hash() of a msgpack int, as CPython's long_hash gives it (x mod 2**61 - 1, sign kept,
@@ -1245,7 +2400,8 @@ static u64slot *find_parent(U64Map *gpu, PyObject *tiers, uint64_t k) {
     return NULL;
 }
 
-/* ingest_stored(payload, block_size, tiers) -> (router_hashes, events, orphans) | None.
+/* ingest_stored(payload, block_size, tiers[, table, slot]) -> (router_hashes, events,
+ * orphans) | None.
  * One live tokens-mode KVEventBatch payload applied to the stream's engine hash -> router
  * hash maps (``tiers``: the stream's ``xlat``, a "GPU" U64Map among them) in one pass, as
  * ``KvIngest.decode`` + ``apply`` would: every event a BlockStored of int hashes, of this
@@ -1254,6 +2410,9 @@ static u64slot *find_parent(U64Map *gpu, PyObject *tiers, uint64_t k) {
  * how many were orphans (parent unknown: skipped, as ``_store_tokens`` does). None, with
  * nothing changed, for any payload outside that shape, valid or not: the caller decodes
  * it in Python, the reference for every frame declined here (and for what is malformed).
+ * With ``table`` (the index's GPU MaskMap, from KvIndex.ingest_table) the router hashes
+ * are stored there as held by worker ``slot`` instead, as KvIndex.store would, and the
+ * first item is how many blocks were new to the worker (no int object per block).
  * Why: msgspec's decode built a Struct, two lists and an int object per block hash before
  * the maps saw any of it, and the map inserts are cache misses each, which this issues
  * together (prefetch) instead of one after the other. */
@@ -1261,11 +2420,26 @@ static PyObject *
 native_ingest_stored(PyObject *self, PyObject *args) {
     Py_buffer view;
     Py_ssize_t bs;
-    PyObject *tiers;
-    if (!PyArg_ParseTuple(args, "y*nO!", &view, &bs, &PyDict_Type, &tiers)) {
+    PyObject *tiers, *table_o = NULL, *slot_o = NULL;
+    MaskMap *table = NULL;
+    uint32_t wslot = 0;
+    if (!PyArg_ParseTuple(args, "y*nO!|OO", &view, &bs, &PyDict_Type, &tiers, &table_o, &slot_o)) {
         return NULL;
     }
+    if (table_o != NULL && table_o != Py_None) {
+        if (!PyObject_TypeCheck(table_o, &MaskMapType) || slot_o == NULL) {
+            PyBuffer_Release(&view);
+            PyErr_SetString(PyExc_TypeError, "ingest_stored: index tier must be a MaskMap, with a slot");
+            return NULL;
+        }
+        if (slot_arg(slot_o, &wslot) < 0) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        table = (MaskMap *)table_o;
+    }
     PyObject *out = NULL, *res = NULL;
+    Py_ssize_t added = 0;
     fast_event evs[FAST_EVENTS];
     /* per block of the batch: the engine hash and the tuple hash of its tokens */
     uint64_t eng[FAST_BLOCKS], inner[FAST_BLOCKS];
@@ -1408,10 +2582,12 @@ native_ingest_stored(PyObject *self, PyObject *args) {
     if (c.p != c.end) {
         goto decline;
     }
-    /* ---- apply: chain, map, collect ---- */
-    out = PyList_New((Py_ssize_t)total);
-    if (out == NULL) {
-        goto error;
+    /* ---- apply: chain, map, then store into the index tier (or collect) ---- */
+    if (table == NULL) {
+        out = PyList_New((Py_ssize_t)total);
+        if (out == NULL) {
+            goto error;
+        }
     }
     Py_ssize_t filled = 0, orphans = 0;
     for (uint64_t e = 0; e < nev; e++) {
@@ -1438,6 +2614,27 @@ native_ingest_stored(PyObject *self, PyObject *args) {
             uint64_t h = chain_step(prev, rh[b]);
             rh[b] = h;
             prev = mod_mersenne61(h);
+            if (table != NULL) {
+                mm_prefetch(table, h, 1);
+            }
+        }
+        if (table != NULL) {
+            /* KvIndex.store of these router hashes, without an int object for any; the
+             * map inserts first, while the table's lines arrive */
+            for (uint64_t b = 0; b < nb; b++) {
+                if (u64_put(gpu, eh[b], rh[b]) < 0) {
+                    goto error;
+                }
+            }
+            for (uint64_t b = 0; b < nb; b++) {
+                int rc = mm_set_bit(table, rh[b], wslot);
+                if (rc < 0) {
+                    goto error;
+                }
+                added += rc;
+            }
+            filled += (Py_ssize_t)nb;
+            continue;
         }
         for (uint64_t b = 0; b < nb; b++) {
             PyObject *o = PyLong_FromUnsignedLongLong(rh[b]);
@@ -1448,6 +2645,10 @@ native_ingest_stored(PyObject *self, PyObject *args) {
             PyList_SET_ITEM(out, filled++, o);
         }
     }
+    if (table != NULL) {
+        res = Py_BuildValue("(nnn)", added, (Py_ssize_t)nev, orphans);
+        goto error; /* not one: the common exit */
+    }
     if (filled != (Py_ssize_t)total) {
         PyObject *cut = PyList_GetSlice(out, 0, filled);
         if (cut == NULL) {
@@ -1457,7 +2658,7 @@ native_ingest_stored(PyObject *self, PyObject *args) {
     }
     res = Py_BuildValue("(Nnn)", out, (Py_ssize_t)nev, orphans);
     out = NULL;
-error:
+error: /* and the exit of every call that changed something */
     Py_XDECREF(out);
     PyBuffer_Release(&view);
     return res;
@@ -1475,9 +2676,11 @@ static PyMethodDef methods[] = {
     {"gpu_walk", native_gpu_walk, METH_VARARGS,
      "gpu_walk(tier, hashes, alive) -> dict[int, int]: slot -> GPU prefix length."},
     {"ingest_stored", native_ingest_stored, METH_VARARGS,
-     "ingest_stored(payload, block_size, tiers) -> (router_hashes, events, orphans) | None: "
-     "a live tokens-mode batch of GPU BlockStored events applied to the stream's maps; "
-     "None (nothing changed) for any other payload."},
+     "ingest_stored(payload, block_size, tiers, table=None, slot=0) -> (router_hashes, "
+     "events, orphans) | None: a live tokens-mode batch of GPU BlockStored events applied "
+     "to the stream's maps; with an index tier (MaskMap) its blocks are stored there as "
+     "held by worker slot and the first item is how many were new. None (nothing changed) "
+     "for any other payload."},
     {"stored_tokens", native_stored_tokens, METH_VARARGS,
      "stored_tokens(raw, block_size, parent, hashes, xlat) -> list[int]: a tokens-mode "
      "BlockStored's router hashes from its undecoded token_ids; xlat gains hash -> ours."},
@@ -1489,7 +2692,7 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__native(void) {
-    if (PyType_Ready(&U64MapType) < 0) {
+    if (PyType_Ready(&U64MapType) < 0 || PyType_Ready(&MaskMapType) < 0) {
         return NULL;
     }
     /* U64Map's probe seed: per process, so a publisher cannot aim hashes at one slot. */
@@ -1502,6 +2705,12 @@ PyMODINIT_FUNC PyInit__native(void) {
     Py_INCREF(&U64MapType);
     if (PyModule_AddObject(mod, "U64Map", (PyObject *)&U64MapType) < 0) {
         Py_DECREF(&U64MapType);
+        Py_DECREF(mod);
+        return NULL;
+    }
+    Py_INCREF(&MaskMapType);
+    if (PyModule_AddObject(mod, "MaskMap", (PyObject *)&MaskMapType) < 0) {
+        Py_DECREF(&MaskMapType);
         Py_DECREF(mod);
         return NULL;
     }

@@ -28,8 +28,10 @@ def _load() -> ModuleType | None:
             exc,
         )
         return None
-    # The engine hash -> router hash map is a dict in all but layout: say so to isinstance.
+    # The engine hash -> router hash map and the index's GPU tier are dicts in all but
+    # layout: say so to isinstance.
     MutableMapping.register(mod.U64Map)
+    MutableMapping.register(mod.MaskMap)
     return mod
 
 

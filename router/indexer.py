@@ -1,7 +1,9 @@
 """Global prefix index: which worker caches which block, per storage tier.
 
-Layout: one dict per tier mapping a block hash to a bitmask of the workers holding it (bit =
-the worker's slot). Because block hashes are chained (a block's hash covers its whole
+Layout: one map per tier from a block hash to a bitmask of the workers holding it (bit =
+the worker's slot): a dict, and for the GPU tier, where every request walks and most events
+land, the extension's ``MaskMap`` (a flat table of 16 bytes a block; see _native.c).
+Because block hashes are chained (a block's hash covers its whole
 prefix), a prompt's blocks match a worker up to the first block it lacks, so
 ``find_matches`` walks the prompt's hashes once, AND-ing masks, and stops as soon as no
 candidate is left: one dict lookup and a few int ops per block, whatever the fleet size.
@@ -10,12 +12,15 @@ Why not a radix tree of nodes as Dynamo's Rust indexer: in Python every node is 
 ~100+ bytes and every step a pointer chase through attribute dicts; a flat dict keyed by the
 chained hash is the same tree, addressed by path hash, at ~80 bytes per block. The price is
 that clearing one worker scans its tiers (O(blocks)); that happens on a worker restart,
-not per request.
+not per request. Why a C table for the GPU tier: the dict's entry, index slot and key int
+cost ~100 bytes a block, each store paid the dict's probe through the C API, and the dict's
+resize at ~700k blocks stalled the event loop for tens of ms.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
+from typing import Any
 
 from dynamo_ext import native
 from dynamo_ext.errors import DynamoExtError
@@ -61,11 +66,23 @@ class PrefixMatches:
         return out
 
 
+def _new_gpu_tier() -> MutableMapping[int, int]:
+    impl = native.IMPL
+    return impl.MaskMap() if impl is not None else {}  # type: ignore[no-any-return]
+
+
+def _native_table(d: MutableMapping[int, int]) -> Any:
+    """``d`` when it is a ``MaskMap`` and the hot loops run native, else None (the Python
+    loops below, the reference, work on either map)."""
+    impl = native.IMPL
+    return d if impl is not None and type(d) is impl.MaskMap else None
+
+
 class KvIndex:
     """In-memory global index. Not thread-safe: one event loop owns it."""
 
     def __init__(self, max_blocks_per_worker: int = 0) -> None:
-        self._tiers: dict[str, dict[int, int]] = {MEDIUM_GPU: {}}
+        self._tiers: dict[str, MutableMapping[int, int]] = {MEDIUM_GPU: _new_gpu_tier()}
         self._tier_rank: dict[str, int] = {t: i for i, t in enumerate(TIER_ORDER)}
         self._slots: dict[str, int] = {}
         self._ids: list[str | None] = []
@@ -122,6 +139,12 @@ class KvIndex:
         for t, d in self._tiers.items():
             if tier is not None and t != tier:
                 continue
+            self._counts[slot].pop(t, None)
+            self._lru[slot].pop(t, None)
+            table = _native_table(d)
+            if table is not None:
+                table.clear_slot(slot)
+                continue
             hit = [(h, m) for h, m in d.items() if m & b]
             for h, m in hit:
                 m &= nb
@@ -129,8 +152,6 @@ class KvIndex:
                     d[h] = m
                 else:
                     del d[h]
-            self._counts[slot].pop(t, None)
-            self._lru[slot].pop(t, None)
 
     def workers(self) -> list[str]:
         return list(self._slots)
@@ -161,13 +182,18 @@ class KvIndex:
         return any(d.get(h, 0) & b for d in self._tiers.values())
 
     def worker_blocks(self, worker_id: str) -> dict[str, list[int]]:
-        """Every block hash the worker holds, per tier (the audit view; O(index))."""
+        """Every block hash the worker holds, per tier, sorted (the audit view; O(index))."""
         slot = self._slots.get(worker_id)
         if slot is None:
             return {}
         b = self._bits[slot]
-        out = {t: [h for h, m in d.items() if m & b] for t, d in self._tiers.items()}
-        return {t: hs for t, hs in out.items() if hs}
+        out = {}
+        for t, d in self._tiers.items():
+            table = _native_table(d)
+            hs = table.slot_keys(slot) if table is not None else [h for h, m in d.items() if m & b]
+            if hs:
+                out[t] = sorted(hs)
+        return out
 
     def num_entries(self) -> int:
         """Distinct (tier, block) keys held: the unit of ``bytes_per_block``."""
@@ -188,7 +214,10 @@ class KvIndex:
         if cap:
             return self._store_bounded(slot, hashes, tier, d, cap)
         impl = native.IMPL
-        if impl is not None:
+        table = _native_table(d)
+        if table is not None:
+            added = table.store(hashes, slot)
+        elif impl is not None and type(d) is dict:
             added = impl.store_blocks(d, hashes, b)
         else:
             for h in hashes:
@@ -201,8 +230,20 @@ class KvIndex:
             counts[tier] = counts.get(tier, 0) + added
         return added
 
+    def ingest_table(self) -> Any:
+        """The GPU tier's ``MaskMap`` when a native ingest may store into it directly (the
+        hot loops run native, no capacity bound: ``store`` would call its ``store``), else
+        None. Whoever stores there reports the blocks it added with ``count_stored``."""
+        return None if self.max_blocks_per_worker else _native_table(self._tiers[MEDIUM_GPU])
+
+    def count_stored(self, slot: int, added: int, tier: str = MEDIUM_GPU) -> None:
+        """``added`` blocks of ``tier`` newly held by ``slot``, stored past ``store``."""
+        if added:
+            counts = self._counts[slot]
+            counts[tier] = counts.get(tier, 0) + added
+
     def _store_bounded(
-        self, slot: int, hashes: Sequence[int], tier: str, d: dict[int, int], cap: int
+        self, slot: int, hashes: Sequence[int], tier: str, d: MutableMapping[int, int], cap: int
     ) -> int:
         lru = self._lru[slot].setdefault(tier, {})
         b = self._bits[slot]
@@ -236,6 +277,19 @@ class KvIndex:
         d = self._tiers.get(tier)
         if d is None:
             return 0
+        table = None if self.max_blocks_per_worker else _native_table(d)
+        if table is not None:
+            removed = table.remove(hashes, slot)
+        else:
+            removed = self._remove_py(slot, hashes, tier, d)
+        if removed:
+            counts = self._counts[slot]
+            counts[tier] = counts.get(tier, 0) - removed
+        return removed
+
+    def _remove_py(
+        self, slot: int, hashes: Iterable[int], tier: str, d: MutableMapping[int, int]
+    ) -> int:
         b = self._bits[slot]
         nb = ~b
         get = d.get
@@ -251,9 +305,6 @@ class KvIndex:
                 removed += 1
                 if self.max_blocks_per_worker:
                     self._lru[slot].get(tier, {}).pop(h, None)
-        if removed:
-            counts = self._counts[slot]
-            counts[tier] = counts.get(tier, 0) - removed
         return removed
 
     # ---- queries (hot path) ----------------------------------------------------------
@@ -287,8 +338,12 @@ class KvIndex:
         alive = self._all_mask if candidates is None else candidates & self._all_mask
         ids = self._ids
         impl = native.IMPL
-        if impl is not None:
-            gpu_len = impl.gpu_walk(self._tiers[MEDIUM_GPU], hashes, alive)
+        d = self._tiers[MEDIUM_GPU]
+        table = _native_table(d)
+        if table is not None:
+            gpu_len = table.walk(hashes, alive)
+        elif impl is not None and type(d) is dict:
+            gpu_len = impl.gpu_walk(d, hashes, alive)
         else:
             gpu_len = self.gpu_walk_py(hashes, alive)
         gpu: dict[str, int] = {ids[s]: ln for s, ln in gpu_len.items()}  # type: ignore[misc]
@@ -337,7 +392,7 @@ class KvIndex:
         hashes: Sequence[int],
         cand: int,
         gpu_len: dict[int, int],
-        tiers: list[tuple[str, dict[int, int]]],
+        tiers: list[tuple[str, MutableMapping[int, int]]],
         out: dict[str, dict[str, int]],
         shared: dict[str, int],
     ) -> None:

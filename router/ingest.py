@@ -351,8 +351,14 @@ class KvIngest:
         """``decode`` + ``apply`` of one payload by ``ingest_stored`` when it takes it (see
         there: the same result); False, nothing changed, when the payload is the Python
         path's."""
+        # Where the index allows it, the C call also stores the blocks into its GPU table
+        # (no int object per block, no second pass); else it returns them for ``store``.
+        table = self.index.ingest_table()
         try:
-            done = impl.ingest_stored(payload, self.block_size, st.xlat)
+            if table is not None:
+                done = impl.ingest_stored(payload, self.block_size, st.xlat, table, st.slot)
+            else:
+                done = impl.ingest_stored(payload, self.block_size, st.xlat)
         except Exception as exc:  # noqa: BLE001 - counted, as _apply_logged does
             self.malformed("kv", st.worker_id, f"{type(exc).__name__}: {exc}")
             return True
@@ -361,10 +367,13 @@ class KvIngest:
         local, events, orphans = done
         for _ in range(orphans):
             self.malformed("kv_orphan", st.worker_id, "BlockStored with unknown parent")
-        if local:
-            stored = self.index.store(st.slot, local, MEDIUM_GPU)
-            if stored:
-                self._blocks_stored.inc(stored)
+        if table is not None:
+            stored = local
+            self.index.count_stored(st.slot, stored, MEDIUM_GPU)
+        else:
+            stored = self.index.store(st.slot, local, MEDIUM_GPU) if local else 0
+        if stored:
+            self._blocks_stored.inc(stored)
         st.events_applied += events
         return True
 
