@@ -256,3 +256,21 @@ def test_ingest_into_the_table_equals_ingest_then_store(batches: list, slot: int
         assert got == (split.store(hashes, slot), events, orphans)
     assert sorted(fused.items()) == sorted(split.items())
     assert sorted(xf["GPU"].items()) == sorted(xs["GPU"].items())
+
+
+@pytest.mark.parametrize("bs,n", [(4, 1500), (16, 257), (7, 3), (4096, 1), (5000, 1)])
+def test_long_events_hash_as_the_reference(bs: int, n: int) -> None:
+    """Token ids are read in chunks and hashed four blocks at a time: every chunk and
+    remainder gives token_block_hashes' chain; a block longer than a chunk is declined."""
+    from dynamo_ext.hashing import token_block_hashes_py
+    from dynamo_ext.protocol import BlockStored, KVEventBatch, encode
+
+    mod = native._MODULE
+    assert mod is not None
+    toks = [(i * 2654435761) % (1 << 31) if i % 3 else i % 200 for i in range(n * bs)]
+    ev = BlockStored(list(range(n)), None, toks, bs, None, "GPU", None)  # type: ignore[arg-type]
+    got = mod.ingest_stored(encode(KVEventBatch(0.0, [ev])), bs, {"GPU": mod.U64Map()})
+    if bs > 4096:
+        assert got is None
+    else:
+        assert got is not None and got[0] == token_block_hashes_py(toks, bs, 0)
