@@ -387,6 +387,48 @@ fail:
     return NULL;
 }
 
+/* ---- big tables' memory ---------------------------------------------------------- */
+
+/* A table's memory, zeroed. A big one is pages of its own (mmap), faulted in by the one
+ * call (MAP_POPULATE): touched one by one, read before written as a probe does, each page
+ * cost two faults, 4x the time; and freed, they go back to the system, where on the heap
+ * the halves a doubling leaves behind, between the frames' buffers, stayed resident.
+ * tracemalloc counts them as the heap they replace (bench heap, memory tests). */
+#define TABLE_MMAP_BYTES (64 * 1024)
+#define TABLE_TRACE_DOMAIN 0x6d6d
+#if defined(MAP_ANONYMOUS) && defined(MAP_POPULATE)
+#define TABLE_MMAP 1
+#endif
+
+static void *table_alloc(size_t bytes) {
+#ifdef TABLE_MMAP
+    if (bytes >= TABLE_MMAP_BYTES) {
+        void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+        if (p == MAP_FAILED) {
+            return NULL;
+        }
+        PyTraceMalloc_Track(TABLE_TRACE_DOMAIN, (uintptr_t)p, bytes);
+        return p;
+    }
+#endif
+    return PyMem_Calloc(1, bytes);
+}
+
+static void table_free(void *p, size_t bytes) {
+    if (p == NULL) {
+        return;
+    }
+#ifdef TABLE_MMAP
+    if (bytes >= TABLE_MMAP_BYTES) {
+        PyTraceMalloc_Untrack(TABLE_TRACE_DOMAIN, (uintptr_t)p);
+        munmap(p, bytes);
+        return;
+    }
+#endif
+    PyMem_Free(p);
+}
+
 /* ---- U64Map: the tokens-mode engine hash -> router hash map ------------------------- */
 
 /* A dict[int, int] for the keys and values a KV stream has: ints in [0, 2**64), in an
@@ -455,7 +497,7 @@ static inline u64slot *u64_find(const U64Map *m, uint64_t k) {
 
 static int u64_grow(U64Map *m) {
     size_t cap = m->slots ? (m->mask + 1) * 2 : 16;
-    u64slot *ns = PyMem_Malloc(cap * sizeof(u64slot));
+    u64slot *ns = table_alloc(cap * sizeof(u64slot));
     if (ns == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -476,7 +518,7 @@ static int u64_grow(U64Map *m) {
             ns[j] = old[i];
         }
     }
-    PyMem_Free(old);
+    table_free(old, oldcap * sizeof(u64slot));
     return 0;
 }
 
@@ -616,7 +658,7 @@ static int u64map_clear_refs(U64Map *m) {
 static void u64map_dealloc(U64Map *m) {
     PyObject_GC_UnTrack(m);
     Py_CLEAR(m->other);
-    PyMem_Free(m->slots);
+    table_free(m->slots, m->slots ? (m->mask + 1) * sizeof(u64slot) : 0);
     Py_TYPE(m)->tp_free((PyObject *)m);
 }
 
@@ -705,7 +747,7 @@ static PyObject *u64map_pop(U64Map *m, PyObject *const *args, Py_ssize_t nargs) 
 }
 
 static PyObject *u64map_clear(U64Map *m, PyObject *unused) {
-    PyMem_Free(m->slots);
+    table_free(m->slots, m->slots ? (m->mask + 1) * sizeof(u64slot) : 0);
     m->slots = NULL;
     m->mask = 0;
     m->used = 0;
@@ -1168,40 +1210,8 @@ static uint64_t mm_flip(MaskMap *m, uint64_t val, uint32_t s, int set) {
     return mm_encode(m, w, n);
 }
 
-/* A segment's slots, zeroed. Big ones are pages of their own (mmap): freed, they go back to
- * the system, where on the heap the halves a doubling leaves behind, between the frames'
- * buffers, stayed resident. */
-#define MM_MMAP_BYTES (64 * 1024)
-#define MM_TRACE_DOMAIN 0x6d6d /* tracemalloc's domain for them */
-static mmslot *mm_alloc(size_t cap) {
-#ifdef MAP_ANONYMOUS
-    size_t bytes = cap * sizeof(mmslot);
-    if (bytes >= MM_MMAP_BYTES) {
-        void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (p == MAP_FAILED) {
-            return NULL;
-        }
-        /* counted by tracemalloc as the heap it replaces (bench heap, memory tests) */
-        PyTraceMalloc_Track(MM_TRACE_DOMAIN, (uintptr_t)p, bytes);
-        return (mmslot *)p;
-    }
-#endif
-    return PyMem_Calloc(cap, sizeof(mmslot));
-}
-
-static void mm_free(mmslot *p, size_t cap) {
-    if (p == NULL) {
-        return;
-    }
-#ifdef MAP_ANONYMOUS
-    if (cap * sizeof(mmslot) >= MM_MMAP_BYTES) {
-        PyTraceMalloc_Untrack(MM_TRACE_DOMAIN, (uintptr_t)p);
-        munmap(p, cap * sizeof(mmslot));
-        return;
-    }
-#endif
-    PyMem_Free(p);
-}
+static inline mmslot *mm_alloc(size_t cap) { return table_alloc(cap * sizeof(mmslot)); }
+static inline void mm_free(mmslot *p, size_t cap) { table_free(p, cap * sizeof(mmslot)); }
 
 static int mm_grow(mmseg *g) {
     size_t cap = g->slots ? (g->mask + 1) * 2 : MM_SEG0;
