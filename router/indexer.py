@@ -2,19 +2,20 @@
 
 Layout: one map per tier from a block hash to a bitmask of the workers holding it (bit =
 the worker's slot): a dict, and for the GPU tier, where every request walks and most events
-land, the extension's ``MaskMap`` (a flat table of 16 bytes a block; see _native.c).
-Because block hashes are chained (a block's hash covers its whole
-prefix), a prompt's blocks match a worker up to the first block it lacks, so
-``find_matches`` walks the prompt's hashes once, AND-ing masks, and stops as soon as no
-candidate is left: one dict lookup and a few int ops per block, whatever the fleet size.
+land, the extension's ``MaskMap`` (see _native.c; a dict where it is not built). Because
+block hashes are chained (a block's hash covers its whole prefix), a prompt's blocks match
+a worker up to the first block it lacks, so ``find_matches`` walks the prompt's hashes
+once, AND-ing masks, and stops as soon as no candidate is left: one lookup and a few int
+ops per block, whatever the fleet size.
 
 Why not a radix tree of nodes as Dynamo's Rust indexer: in Python every node is an object of
-~100+ bytes and every step a pointer chase through attribute dicts; a flat dict keyed by the
-chained hash is the same tree, addressed by path hash, at ~80 bytes per block. The price is
-that clearing one worker scans its tiers (O(blocks)); that happens on a worker restart,
-not per request. Why a C table for the GPU tier: the dict's entry, index slot and key int
-cost ~100 bytes a block, each store paid the dict's probe through the C API, and the dict's
-resize at ~700k blocks stalled the event loop for tens of ms.
+~100+ bytes and every step a pointer chase through attribute dicts; a flat map keyed by the
+chained hash is the same tree, addressed by path hash. The price is that clearing one
+worker scans its tiers (O(blocks)); that happens on a worker restart, not per request.
+Why a C table for the GPU tier: a dict's entry, index slot and key int cost ~100 bytes a
+block (the table: 16 bytes a slot), each store paid the dict's probe through the C API,
+and its resize at ~700k blocks stalled the event loop for tens of ms (the table grows in
+128 segments, one at a time).
 """
 
 from __future__ import annotations
@@ -234,7 +235,11 @@ class KvIndex:
         """The GPU tier's ``MaskMap`` when a native ingest may store into it directly (the
         hot loops run native, no capacity bound: ``store`` would call its ``store``), else
         None. Whoever stores there reports the blocks it added with ``count_stored``."""
-        return None if self.max_blocks_per_worker else _native_table(self._tiers[MEDIUM_GPU])
+        impl = native.IMPL  # _native_table's test, inline: this runs once per KV batch
+        d = self._tiers[MEDIUM_GPU]
+        if impl is None or self.max_blocks_per_worker or type(d) is not impl.MaskMap:
+            return None
+        return d
 
     def count_stored(self, slot: int, added: int, tier: str = MEDIUM_GPU) -> None:
         """``added`` blocks of ``tier`` newly held by ``slot``, stored past ``store``."""

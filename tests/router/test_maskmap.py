@@ -3,7 +3,8 @@ against the pure-Python index on a dict: random fleets of up to 140 workers (mas
 of one wide worker, and interned across several words) under stores, removals, tier and
 worker clears, worker churn, eviction by ``max_blocks_per_worker`` and several tiers must
 leave every public view equal, and every query answer the same. Also the table alone
-against a dict, and the one-call ingest storing into it against ``store``."""
+against a dict, the one-call ingest storing into it against ``store``, and the engine hash
+map (``U64Map``, segmented the same way) through its growth."""
 
 from __future__ import annotations
 
@@ -274,3 +275,21 @@ def test_long_events_hash_as_the_reference(bs: int, n: int) -> None:
         assert got is None
     else:
         assert got is not None and got[0] == token_block_hashes_py(toks, bs, 0)
+
+
+def test_engine_map_survives_its_growth_and_deletions() -> None:
+    """U64Map (the engine -> router hash map), grown segment by segment past 100k keys,
+    with deletions inside probe runs on the way: a dict's items, a dict's answers."""
+    mod = native._MODULE
+    assert mod is not None
+    m, d = mod.U64Map(), {}
+    for i in range(120_000):
+        k = (i * 0x9E3779B97F4A7C15) % 2**64
+        m[k] = d[k] = i
+        if i % 3 == 0:
+            gone = ((i // 2) * 0x9E3779B97F4A7C15) % 2**64
+            assert m.pop(gone, None) == d.pop(gone, None)
+    assert len(m) == len(d) and sorted(m.items()) == sorted(d.items())
+    assert all(m.get(k) == v for k, v in d.items())
+    m.clear()
+    assert len(m) == 0 and m.get(next(iter(d))) is None
