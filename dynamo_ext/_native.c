@@ -2449,6 +2449,7 @@ static int mp_skip(mpcur *c, int depth) {
 #define FAST_EVENTS 64
 
 #define FAST_BLOCKS 2048
+static PyObject *str_GPU; /* the GPU tier's key in a stream's maps (interned) */
 #define FAST_TOKENS 4096 /* token ids read ahead of hashing (ingest_stored's stack) */
 
 /* The tuple hash of each of ``nb`` blocks of ``bs`` token hashes (``th``, block after
@@ -2521,13 +2522,29 @@ static u64slot *find_parent(U64Map *gpu, PyObject *tiers, uint64_t k) {
  * the maps saw any of it, and the map inserts are cache misses each, which this issues
  * together (prefetch) instead of one after the other. */
 static PyObject *
-native_ingest_stored(PyObject *self, PyObject *args) {
+native_ingest_stored(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_buffer view;
     Py_ssize_t bs;
     PyObject *tiers, *table_o = NULL, *slot_o = NULL;
     MaskMap *table = NULL;
     uint32_t wslot = 0;
-    if (!PyArg_ParseTuple(args, "y*nO!|OO", &view, &bs, &PyDict_Type, &tiers, &table_o, &slot_o)) {
+    /* fastcall, parsed by hand: this runs once per KV batch of the stream */
+    if (nargs < 3 || nargs > 5) {
+        PyErr_SetString(PyExc_TypeError, "ingest_stored(payload, block_size, tiers[, table, slot])");
+        return NULL;
+    }
+    bs = PyLong_AsSsize_t(args[1]);
+    if (bs == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    tiers = args[2];
+    if (!PyDict_Check(tiers)) {
+        PyErr_SetString(PyExc_TypeError, "ingest_stored: tiers must be a dict");
+        return NULL;
+    }
+    table_o = nargs > 3 ? args[3] : NULL;
+    slot_o = nargs > 4 ? args[4] : NULL;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
         return NULL;
     }
     if (table_o != NULL && table_o != Py_None) {
@@ -2551,7 +2568,11 @@ native_ingest_stored(PyObject *self, PyObject *args) {
     int neg;
     const unsigned char *s;
     mpcur c = {(const unsigned char *)view.buf, (const unsigned char *)view.buf + view.len};
-    PyObject *gpu_obj = PyDict_GetItemString(tiers, "GPU"); /* borrowed */
+    PyObject *gpu_obj = PyDict_GetItemWithError(tiers, str_GPU); /* borrowed */
+    if (gpu_obj == NULL && PyErr_Occurred()) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
     if (bs <= 0 || gpu_obj == NULL) {
         goto decline;
     }
@@ -2751,7 +2772,21 @@ native_ingest_stored(PyObject *self, PyObject *args) {
         }
     }
     if (table != NULL) {
-        res = Py_BuildValue("(nnn)", added, (Py_ssize_t)nev, orphans);
+        res = PyTuple_New(3);
+        if (res != NULL) {
+            PyObject *a = PyLong_FromSsize_t(added), *b = PyLong_FromSsize_t((Py_ssize_t)nev),
+                     *o = PyLong_FromSsize_t(orphans);
+            if (a == NULL || b == NULL || o == NULL) {
+                Py_XDECREF(a);
+                Py_XDECREF(b);
+                Py_XDECREF(o);
+                Py_CLEAR(res);
+            } else {
+                PyTuple_SET_ITEM(res, 0, a);
+                PyTuple_SET_ITEM(res, 1, b);
+                PyTuple_SET_ITEM(res, 2, o);
+            }
+        }
         goto error; /* not one: the common exit */
     }
     if (filled != (Py_ssize_t)total) {
@@ -2780,7 +2815,7 @@ static PyMethodDef methods[] = {
      "chain of dynamo_ext.hashing, from a uint32 buffer or a sequence of ints."},
     {"gpu_walk", native_gpu_walk, METH_VARARGS,
      "gpu_walk(tier, hashes, alive) -> dict[int, int]: slot -> GPU prefix length."},
-    {"ingest_stored", native_ingest_stored, METH_VARARGS,
+    {"ingest_stored", (PyCFunction)(void (*)(void))native_ingest_stored, METH_FASTCALL,
      "ingest_stored(payload, block_size, tiers, table=None, slot=0) -> (router_hashes, "
      "events, orphans) | None: a live tokens-mode batch of GPU BlockStored events applied "
      "to the stream's maps; with an index tier (MaskMap) its blocks are stored there as "
@@ -2801,6 +2836,10 @@ PyMODINIT_FUNC PyInit__native(void) {
         return NULL;
     }
     /* U64Map's probe seed: per process, so a publisher cannot aim hashes at one slot. */
+    str_GPU = PyUnicode_InternFromString("GPU");
+    if (str_GPU == NULL) {
+        return NULL;
+    }
     u64map_seed = ((uint64_t)(uintptr_t)&u64map_seed * XXPRIME_1) ^
                   (uint64_t)_Py_HashSecret.siphash.k0 ^ (uint64_t)_Py_HashSecret.siphash.k1;
     PyObject *mod = PyModule_Create(&module);

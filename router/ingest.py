@@ -365,8 +365,9 @@ class KvIngest:
         if done is None:
             return False
         local, events, orphans = done
-        for _ in range(orphans):
-            self.malformed("kv_orphan", st.worker_id, "BlockStored with unknown parent")
+        if orphans:
+            for _ in range(orphans):
+                self.malformed("kv_orphan", st.worker_id, "BlockStored with unknown parent")
         if table is not None:
             stored = local
             self.index.count_stored(st.slot, stored, MEDIUM_GPU)
