@@ -61,6 +61,7 @@ def _same(frames: list[bytes], cpu_first: bool = False) -> None:
     assert _ingested(frames, True, cpu_first) == _ingested(frames, False, cpu_first)
 
 
+@pytest.mark.skipif(not native.enabled(), reason="the C path is off (DYNAMO_EXT_NATIVE=0)")
 def test_vllm_frames_skip_the_python_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
     """After a stream's first store, a vLLM batch of GPU stores is decoded in C: the Python
     decoder is not called (it built a Struct, lists and an int per hash per batch)."""
