@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 # A route whose prompt has more blocks than this is hashed in a task of its own, a chunk
 # per event-loop turn, so it never delays the routes behind it by more than a chunk.
-_INLINE_BLOCKS = 4 * HASH_CHUNK_BLOCKS
+INLINE_BLOCKS = 4 * HASH_CHUNK_BLOCKS
 _MAX_BIG_ROUTES = 8
 _KV_DRAIN_BATCHES = 64
 _CONTROL_BURST = 64  # control messages answered per event-loop turn
@@ -586,7 +586,7 @@ class RouterServer:
                     reply = refused
                 elif (
                     type(msg) is RouteRequest
-                    and len(prompt_tokens(msg) or ()) > _INLINE_BLOCKS * self.config.block_size
+                    and len(prompt_tokens(msg) or ()) > INLINE_BLOCKS * self.config.block_size
                 ):
                     reply = self._route_big(sock, ident_frames, corr, msg)
                 else:

@@ -29,7 +29,7 @@ from dynamo_ext.errors import ConfigError, RouterUnavailable
 from dynamo_ext.frontend.auth import current_salt
 from dynamo_ext.protocol import ErrorReply, ReplyMessage, RequestRole, RouteRequest, RouteResponse
 from dynamo_ext.router.client import RouterClient
-from dynamo_ext.router.server import _INLINE_BLOCKS, RouterServer
+from dynamo_ext.router.server import INLINE_BLOCKS, RouterServer
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class EmbeddedRouter(RouterClient):
         )
         svc = self.service
         long = token_ids is not None and block_hashes is None
-        long = long and len(token_ids) > _INLINE_BLOCKS * svc.config.block_size  # type: ignore[arg-type]
+        long = long and len(token_ids) > INLINE_BLOCKS * svc.config.block_size  # type: ignore[arg-type]
         if not long:
             reply = svc.dispatch(req, ORIGIN)
         else:

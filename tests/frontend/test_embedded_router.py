@@ -27,7 +27,7 @@ from dynamo_ext.frontend.config import FrontendConfig
 from dynamo_ext.frontend.embedded import EmbeddedRouter, router_config
 from dynamo_ext.protocol import PROTOCOL_HEADER
 from dynamo_ext.router.client import RouterClient
-from dynamo_ext.router.server import _INLINE_BLOCKS
+from dynamo_ext.router.server import INLINE_BLOCKS
 from dynamo_ext.testing import RouterProc, free_port, wait_for
 
 
@@ -134,10 +134,10 @@ def test_embedded_router_decides_as_the_standalone_one(tmp_path: Path) -> None:
             finally:
                 current_salt.reset(tok)
             # past the inline limit: hashed in chunks, the same answer as the standalone
-            long = p + list(range(50_000, 50_000 + (_INLINE_BLOCKS + 5) * bs))
+            long = p + list(range(50_000, 50_000 + (INLINE_BLOCKS + 5) * bs))
             a = await emb.route("long", long, track=False)
             b = await other.route("long", long, track=False)
-            assert a.num_blocks == len(long) // bs > _INLINE_BLOCKS
+            assert a.num_blocks == len(long) // bs > INLINE_BLOCKS
             assert (a.worker_id, a.chosen.prefix_hit_blocks) == (holder, {"GPU": 40})
             assert (b.worker_id, b.chosen.prefix_hit_blocks) == (holder, {"GPU": 40})
             # hostile peers on the embedded router's socket: counted, nothing else changes
