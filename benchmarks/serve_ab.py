@@ -101,12 +101,12 @@ def run(
         for i in range(rounds):
             for b in backends if i % 2 == 0 else backends[::-1]:  # no arm always goes first
                 _reset_prefix_caches(bases)
-                before = {w: _engine_counters(u) for w, u in bases.items()}
+                before = {w: engine_counters(u) for w, u in bases.items()}
                 pred0 = _frontend_hits(urls[b])
                 res = asyncio.run(
                     run_load(urls[b], fleet.served_model_name, prompts, concurrency, max_tokens)
                 )
-                after = {w: _engine_counters(u) for w, u in bases.items()}
+                after = {w: engine_counters(u) for w, u in bases.items()}
                 q = {w: after[w][0] - before[w][0] for w in bases}
                 h = {w: after[w][1] - before[w][1] for w in bases}
                 pred1 = _frontend_hits(urls[b])
@@ -242,7 +242,7 @@ def _frontend_hits(url: str) -> tuple[float, float]:
     return p, a
 
 
-def _engine_counters(base: str) -> tuple[float, float]:
+def engine_counters(base: str) -> tuple[float, float]:
     """``(prefix_cache_queries, prefix_cache_hits)`` in tokens, from a vLLM worker's
     /metrics (every engine's series summed)."""
     text = httpx.get(base + "/metrics", timeout=10).text

@@ -21,6 +21,7 @@ from dynamo_ext.config import build
 from dynamo_ext.errors import ApiError, ConfigError, NoWorkerAvailable
 from dynamo_ext.frontend import dynamo_core
 from dynamo_ext.frontend.auth import current_salt, salt_of
+from dynamo_ext.benchmarks.serve_ab import engine_counters
 from dynamo_ext.frontend.config import FrontendConfig
 from dynamo_ext.frontend.dynamo_core import DynamoCoreRouter, dynamo_available
 from dynamo_ext.router.client import RouterClient
@@ -180,18 +181,6 @@ def test_dynamo_core_router_over_the_mocker_fleet(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- real vLLM fleet
-def _engine_counters(base: str) -> tuple[float, float]:
-    """(prefix_cache_queries, prefix_cache_hits) from a vLLM worker's /metrics."""
-    text = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
-    q = h = 0.0
-    for line in text.splitlines():
-        if line.startswith("vllm:prefix_cache_queries_total"):
-            q += float(line.split()[-1])
-        elif line.startswith("vllm:prefix_cache_hits_total"):
-            h += float(line.split()[-1])
-    return q, h
-
-
 def _frontend_metric(url: str, name: str) -> float:
     text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
     total = 0.0
@@ -232,9 +221,9 @@ def test_dynamo_core_routes_a_real_vllm_fleet(tiny_model: Path, tmp_path: Path) 
             assert r.status_code == 200, r.text
             return r.json()
 
-        before = {w: _engine_counters(b) for w, b in bases.items()}
+        before = {w: engine_counters(b) for w, b in bases.items()}
         first = ask(doc + " first question")
-        mid = {w: _engine_counters(b) for w, b in bases.items()}
+        mid = {w: engine_counters(b) for w, b in bases.items()}
         ran = [w for w in bases if mid[w][0] > before[w][0]]
         assert len(ran) == 1, (before, mid)
         holder = ran[0]
@@ -243,7 +232,7 @@ def test_dynamo_core_routes_a_real_vllm_fleet(tiny_model: Path, tmp_path: Path) 
         assert n_prompt >= 600
         time.sleep(1.0)  # the stored blocks reach Dynamo's indexer over the KV stream
         second = ask(doc + " another question entirely")
-        after = {w: _engine_counters(b) for w, b in bases.items()}
+        after = {w: engine_counters(b) for w, b in bases.items()}
         # the engine's own counter: the repeated prefix hit on its holder, and only there
         hits = after[holder][1] - mid[holder][1]
         assert hits >= (n_prompt // 128) * 128 - 128, (mid, after)

@@ -23,6 +23,7 @@ import zmq.asyncio
 from dynamo_ext.config import build
 from dynamo_ext.errors import ConfigError, NoWorkerAvailable
 from dynamo_ext.frontend.auth import current_salt, salt_of
+from dynamo_ext.benchmarks.serve_ab import engine_counters
 from dynamo_ext.frontend.config import FrontendConfig
 from dynamo_ext.frontend.embedded import EmbeddedRouter, router_config
 from dynamo_ext.protocol import PROTOCOL_HEADER
@@ -191,17 +192,6 @@ def test_a_route_before_start_waits_and_a_closed_one_is_refused() -> None:
 
 
 # ---------------------------------------------------------------- real vLLM fleet
-def _engine_counters(base: str) -> tuple[float, float]:
-    text = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
-    q = h = 0.0
-    for line in text.splitlines():
-        if line.startswith("vllm:prefix_cache_queries_total"):
-            q += float(line.split()[-1])
-        elif line.startswith("vllm:prefix_cache_hits_total"):
-            h += float(line.split()[-1])
-    return q, h
-
-
 @pytest.mark.engine
 def test_a_frontend_embedding_the_router_serves_a_real_vllm_fleet(
     tiny_model: Path, tmp_path: Path
@@ -228,9 +218,9 @@ def test_a_frontend_embedding_the_router_serves_a_real_vllm_fleet(
             assert r.status_code == 200, r.text
             return r.json()
 
-        before = {w: _engine_counters(b) for w, b in bases.items()}
+        before = {w: engine_counters(b) for w, b in bases.items()}
         first = ask(doc + " first question")
-        mid = {w: _engine_counters(b) for w, b in bases.items()}
+        mid = {w: engine_counters(b) for w, b in bases.items()}
         ran = [w for w in bases if mid[w][0] > before[w][0]]
         assert len(ran) == 1, (before, mid)
         holder = ran[0]
@@ -238,7 +228,7 @@ def test_a_frontend_embedding_the_router_serves_a_real_vllm_fleet(
         n_prompt = first["usage"]["prompt_tokens"]
         time.sleep(1.0)  # the stored blocks reach the embedded router over the KV stream
         second = ask(doc + " another question entirely")
-        after = {w: _engine_counters(b) for w, b in bases.items()}
+        after = {w: engine_counters(b) for w, b in bases.items()}
         assert after[holder][1] - mid[holder][1] >= (n_prompt // 128) * 128 - 128, (mid, after)
         assert after[other] == mid[other], "the other worker saw the request"
         details = second["usage"].get("prompt_tokens_details") or {}
