@@ -70,6 +70,39 @@ static int is_u32_format(const char *fmt) {
     return (fmt[0] == 'I' || (fmt[0] == 'L' && sizeof(unsigned long) == 4)) && fmt[1] == 0;
 }
 
+/* hash(o) for an exact int in [0, 2**30) read in place (it is the int itself); 0 for any
+ * other object (the caller asks PyObject_Hash, the reference). */
+static inline int small_int_hash(PyObject *o, uint64_t *out) {
+    if (!PyLong_CheckExact(o)) {
+        return 0;
+    }
+#if PY_VERSION_HEX >= 0x030C0000
+    if (!PyUnstable_Long_IsCompact((PyLongObject *)o)) {
+        return 0;
+    }
+    Py_ssize_t v = PyUnstable_Long_CompactValue((PyLongObject *)o);
+    if (v < 0) {
+        return 0;
+    }
+    *out = (uint64_t)v;
+    return 1;
+#else
+    Py_ssize_t size = Py_SIZE(o);
+    if (size == 0) {
+        *out = 0;
+        return 1;
+    }
+    if (size == 1) {
+        *out = (uint64_t)((PyLongObject *)o)->ob_digit[0];
+        return 1;
+    }
+    return 0;
+#endif
+}
+
+#define FAST_TOKENS_HASHED 4096 /* token hashes on the stack; a longer prompt mallocs */
+static void hash_blocks(const uint64_t *th, uint64_t nb, uint64_t bs, uint64_t *out);
+
 static PyObject *
 native_token_block_hashes(PyObject *self, PyObject *args) {
     PyObject *tokens;
@@ -118,36 +151,62 @@ native_token_block_hashes(PyObject *self, PyObject *args) {
         items = PySequence_Fast_ITEMS(seq);
     }
     Py_ssize_t nblocks = n / bs;
+    Py_ssize_t ntok = nblocks * bs;
+    /* Every token's hash first (a compact int's is its value, read in place), then the
+     * blocks four at a time (hash_blocks: independent chains in flight), then the chain. */
+    uint64_t stack_th[FAST_TOKENS_HASHED];
+    uint64_t stack_inner[FAST_TOKENS_HASHED]; /* nblocks <= ntok */
+    uint64_t *th = stack_th, *inner = stack_inner;
+    if (ntok > FAST_TOKENS_HASHED) {
+        th = PyMem_Malloc(sizeof(uint64_t) * (size_t)(ntok + nblocks));
+        if (th == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        inner = th + ntok;
+    }
+    if (u32 != NULL) {
+        for (Py_ssize_t i = 0; i < ntok; i++) {
+            th[i] = (uint64_t)u32[i]; /* hash(int < 2**61) == int */
+        }
+    } else {
+        for (Py_ssize_t i = 0; i < ntok; i++) {
+            PyObject *o = items[i];
+            if (!small_int_hash(o, &th[i])) {
+                Py_hash_t h = PyObject_Hash(o);
+                if (h == -1 && PyErr_Occurred()) {
+                    if (th != stack_th) {
+                        PyMem_Free(th);
+                    }
+                    goto fail;
+                }
+                th[i] = (uint64_t)h;
+            }
+        }
+    }
+    hash_blocks(th, (uint64_t)nblocks, (uint64_t)bs, inner);
     PyObject *out = PyList_New(nblocks);
     if (out == NULL) {
+        if (th != stack_th) {
+            PyMem_Free(th);
+        }
         goto fail;
     }
     for (Py_ssize_t b = 0; b < nblocks; b++) {
-        uint64_t acc = XXPRIME_5;
-        Py_ssize_t base = b * bs;
-        if (u32 != NULL) {
-            for (Py_ssize_t i = 0; i < bs; i++) {
-                acc = lane(acc, (uint64_t)u32[base + i]); /* hash(int < 2**61) == int */
-            }
-        } else {
-            for (Py_ssize_t i = 0; i < bs; i++) {
-                Py_hash_t th = PyObject_Hash(items[base + i]);
-                if (th == -1 && PyErr_Occurred()) {
-                    Py_DECREF(out);
-                    goto fail;
-                }
-                acc = lane(acc, (uint64_t)th);
-            }
-        }
-        uint64_t inner = tuple_finish(acc, (uint64_t)bs);
-        uint64_t h = chain_step(prev_hash, inner);
+        uint64_t h = chain_step(prev_hash, inner[b]);
         PyObject *v = PyLong_FromUnsignedLongLong(h);
         if (v == NULL) {
             Py_DECREF(out);
+            if (th != stack_th) {
+                PyMem_Free(th);
+            }
             goto fail;
         }
         PyList_SET_ITEM(out, b, v);
         prev_hash = h % HASH_MODULUS; /* hash() of the next block's parent int */
+    }
+    if (th != stack_th) {
+        PyMem_Free(th);
     }
     if (have_view) {
         PyBuffer_Release(&view);

@@ -67,6 +67,35 @@ def test_token_hash_chain_of_any_int_equals_the_reference(toks: list[int], bs: i
     assert native.IMPL.token_block_hashes(toks, bs, 7) == token_block_hashes_py(toks, bs, 7)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([0, 1, 2**30 - 1, 2**30, 2**31, 2**61 - 1, 2**61, -1, -2, True, False]),
+        min_size=1,
+        max_size=64,
+    ),
+    st.integers(4090, 9000),
+    st.sampled_from([1, 16, 128]),
+)
+def test_token_hash_chain_past_the_stack_and_at_the_compact_edge(
+    pattern: list[int], n: int, bs: int
+) -> None:
+    toks = (pattern * (n // len(pattern) + 1))[:n]
+    # Past 4096 tokens the token hashes go to the heap; ints of one 30-bit digit are read
+    # in place, every other int (and bool) through its own hash.
+    assert native.IMPL is not None
+    assert native.IMPL.token_block_hashes(toks, bs, 3) == token_block_hashes_py(toks, bs, 3)
+
+
+def test_token_hash_chain_fails_cleanly_on_an_unhashable_token() -> None:
+    assert native.IMPL is not None
+    for n in (100, 5000):  # on the stack and on the heap
+        toks: list[object] = [1] * n
+        toks[n - 200] = []
+        with pytest.raises(TypeError):
+            native.IMPL.token_block_hashes(toks, 16)  # type: ignore[arg-type]
+
+
 def test_token_hash_chain_rejects_what_python_rejects() -> None:
     assert native.IMPL is not None
     with pytest.raises(ValueError):
