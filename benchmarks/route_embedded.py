@@ -7,7 +7,9 @@ frontend also calls in process). Each answers the driver's commands on a PAIR so
 route is timed inside the process around the call its frontend makes, from the prompt's
 token ids (a list of ints, as a tokenizer returns them) to the chosen worker, then freed.
 One process per router: neither shares its process, its GIL or its threads with the other
-or with the driver, and both are idle while the other routes.
+or with the driver, and both are idle while the other routes. Both run Python's cyclic
+collector between calls (``router.idle_gc``, which our router's server starts), not inside
+them.
 
 Commands (msgpack maps): ``add`` {workers: [{id, kv, replay}]}; ``seen`` {probes:
 [[worker index, packed tokens, blocks]]} -> whether each worker's index holds that many
@@ -127,9 +129,16 @@ async def _serve(kind: str, ctl: str) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(ctl)
     me = Embedded(kind)
+    idle = None
     if kind == "ours":
         me.router.connect()
-        await me.router.started()
+        await me.router.started()  # its RouterServer runs IdleGC (gc_interval_s)
+    else:
+        # The same collector policy for Dynamo's child: between calls, not inside them.
+        from dynamo_ext.router.idle_gc import IdleGC
+
+        idle = IdleGC(0.01)
+        idle.start()
     frozen = False
     try:
         while True:
@@ -151,6 +160,8 @@ async def _serve(kind: str, ctl: str) -> None:
                 break
             await sock.send(msgspec.msgpack.encode({"ok": True, "out": out}))
     finally:
+        if idle is not None:
+            await idle.stop()
         await me.close()
         await sock.send(msgspec.msgpack.encode({"ok": True, "out": None}))
         sock.close()

@@ -15,6 +15,7 @@
  * Plain CPython C API; no third-party build dependency. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #ifndef _WIN32
@@ -2866,9 +2867,279 @@ decline:
     Py_RETURN_NONE;
 }
 
+
+/* ------------------------------------------------------------------ kv_pick
+ * kv_pick(gpu, pos, base, order, ow, ow_n, hashes, holders, cands) -> (lo, ties) | None.
+ * The cost loop of router.scorer.Scorer._kv_pick for a fleet with no full cache and no
+ * offload hit (the caller's condition): the same float operations in the same order.
+ * ``gpu``: worker id -> GPU prefix blocks; ``pos``: worker id -> candidate index; ``base``:
+ * the candidates' base costs (floats); ``order``: (base, index) ascending; ``ow``/``ow_n``:
+ * the overlap weight and it times the prompt's blocks; ``hashes``: the prompt's block
+ * hashes or None (no in-flight credit); ``holders``: the workers running a request that
+ * starts with hashes[0] (a dict, or None); ``cands``: the candidates (``.load.block_refs``).
+ * Returns the lowest cost and the candidates at it (those with a cost of their own first,
+ * then the rest in ``order``); the caller breaks ties. None for anything it does not take
+ * as the reference does (a NaN, a value of another type): the caller runs the reference. */
+#define PICK_MAX 4096
+static PyObject *str_load, *str_block_refs;
+
+static int pick_index(PyObject *pos, PyObject *wid, Py_ssize_t n, Py_ssize_t *out) {
+    PyObject *jo = PyDict_GetItemWithError(pos, wid);
+    if (jo == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    Py_ssize_t j = PyLong_AsSsize_t(jo);
+    if (j == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (j < 0 || j >= n) {
+        return 2; /* not an index of base: decline */
+    }
+    *out = j;
+    return 1;
+}
+
+static PyObject *
+native_kv_pick(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "kv_pick takes 9 arguments");
+        return NULL;
+    }
+    PyObject *gpu = args[0], *pos = args[1], *base = args[2], *order = args[3];
+    PyObject *hashes = args[6], *holders = args[7], *cands = args[8];
+    if (!PyDict_Check(gpu) || !PyDict_Check(pos) || !PyList_Check(base) ||
+        !PyList_Check(order) || !PyList_Check(cands) ||
+        (hashes != Py_None && !PyList_Check(hashes)) ||
+        (holders != Py_None && !PyDict_Check(holders))) {
+        Py_RETURN_NONE;
+    }
+    double ow = PyFloat_AsDouble(args[4]);
+    if (ow == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    double ow_n = PyFloat_AsDouble(args[5]);
+    if (ow_n == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t nc = PyList_GET_SIZE(base);
+    if (nc > PICK_MAX || PyList_GET_SIZE(cands) != nc || isnan(ow) || isnan(ow_n)) {
+        Py_RETURN_NONE;
+    }
+    double own[PICK_MAX];
+    unsigned char has[PICK_MAX];
+    Py_ssize_t touched[PICK_MAX]; /* indices with a cost of their own, in insertion order */
+    Py_ssize_t nt = 0;
+    memset(has, 0, (size_t)nc);
+    double bj[PICK_MAX]; /* base[j] of touched j */
+    Py_ssize_t it = 0;
+    PyObject *wid, *gv;
+    /* own[j] = (base[j] + ow_n if new else own[j]) - ow * g, for each GPU hit */
+    while (PyDict_Next(gpu, &it, &wid, &gv)) {
+        Py_ssize_t j;
+        int r = pick_index(pos, wid, nc, &j);
+        if (r < 0) {
+            return NULL;
+        }
+        if (r == 2) {
+            Py_RETURN_NONE;
+        }
+        if (r == 0) {
+            continue;
+        }
+        long g = PyLong_AsLong(gv);
+        if (g == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (!has[j]) {
+            PyObject *b = PyList_GET_ITEM(base, j);
+            if (!PyFloat_CheckExact(b)) {
+                Py_RETURN_NONE;
+            }
+            bj[j] = PyFloat_AS_DOUBLE(b);
+            own[j] = bj[j] + ow_n;
+            has[j] = 1;
+            touched[nt++] = j;
+        }
+        own[j] = own[j] - ow * (double)g;
+    }
+    Py_ssize_t nh = hashes == Py_None ? 0 : PyList_GET_SIZE(hashes);
+    if (nh > 0) {
+        /* probe: the GPU hits, then the holders of the first block not among them */
+        for (int pass = 0; pass < 2; pass++) {
+            PyObject *src = pass == 0 ? gpu : holders;
+            if (src == Py_None) {
+                continue;
+            }
+            it = 0;
+            PyObject *v;
+            while (PyDict_Next(src, &it, &wid, &v)) {
+                if (pass == 1) {
+                    int in = PyDict_Contains(gpu, wid);
+                    if (in < 0) {
+                        return NULL;
+                    }
+                    if (in) {
+                        continue; /* visited in the first pass */
+                    }
+                }
+                Py_ssize_t j;
+                int r = pick_index(pos, wid, nc, &j);
+                if (r < 0) {
+                    return NULL;
+                }
+                if (r == 2) {
+                    Py_RETURN_NONE;
+                }
+                if (r == 0) {
+                    continue;
+                }
+                PyObject *load = PyObject_GetAttr(PyList_GET_ITEM(cands, j), str_load);
+                if (load == NULL) {
+                    return NULL;
+                }
+                PyObject *refs = PyObject_GetAttr(load, str_block_refs);
+                Py_DECREF(load);
+                if (refs == NULL) {
+                    return NULL;
+                }
+                if (!PyDict_Check(refs)) {
+                    Py_DECREF(refs);
+                    Py_RETURN_NONE;
+                }
+                if (PyDict_GET_SIZE(refs) == 0) {
+                    Py_DECREF(refs);
+                    continue;
+                }
+                long g = 0;
+                PyObject *go = PyDict_GetItemWithError(gpu, wid);
+                if (go != NULL) {
+                    g = PyLong_AsLong(go);
+                    if (g == -1 && PyErr_Occurred()) {
+                        Py_DECREF(refs);
+                        return NULL;
+                    }
+                } else if (PyErr_Occurred()) {
+                    Py_DECREF(refs);
+                    return NULL;
+                }
+                Py_ssize_t k = g < 0 ? 0 : (Py_ssize_t)g;
+                if (g < 0) {
+                    Py_DECREF(refs);
+                    Py_RETURN_NONE;
+                }
+                while (k < nh) {
+                    int in = PyDict_Contains(refs, PyList_GET_ITEM(hashes, k));
+                    if (in < 0) {
+                        Py_DECREF(refs);
+                        return NULL;
+                    }
+                    if (!in) {
+                        break;
+                    }
+                    k++;
+                }
+                Py_DECREF(refs);
+                if (k > g) {
+                    if (!has[j]) {
+                        PyObject *b = PyList_GET_ITEM(base, j);
+                        if (!PyFloat_CheckExact(b)) {
+                            Py_RETURN_NONE;
+                        }
+                        bj[j] = PyFloat_AS_DOUBLE(b);
+                        own[j] = bj[j] + ow_n;
+                        has[j] = 1;
+                        touched[nt++] = j;
+                    }
+                    own[j] = own[j] - ow * (double)(k - g);
+                }
+            }
+        }
+    }
+    double lo = INFINITY;
+    for (Py_ssize_t t = 0; t < nt; t++) {
+        double c = own[touched[t]];
+        if (isnan(c)) {
+            Py_RETURN_NONE;
+        }
+        if (c < lo) {
+            lo = c;
+        }
+    }
+    PyObject *ties = PyList_New(0);
+    if (ties == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t t = 0; t < nt; t++) {
+        if (own[touched[t]] == lo) {
+            PyObject *jo = PyLong_FromSsize_t(touched[t]);
+            if (jo == NULL || PyList_Append(ties, jo) < 0) {
+                Py_XDECREF(jo);
+                Py_DECREF(ties);
+                return NULL;
+            }
+            Py_DECREF(jo);
+        }
+    }
+    Py_ssize_t no = PyList_GET_SIZE(order);
+    for (Py_ssize_t q = 0; q < no; q++) {
+        PyObject *pair = PyList_GET_ITEM(order, q);
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2 ||
+            !PyFloat_CheckExact(PyTuple_GET_ITEM(pair, 0))) {
+            Py_DECREF(ties);
+            Py_RETURN_NONE;
+        }
+        Py_ssize_t j = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 1));
+        if (j == -1 && PyErr_Occurred()) {
+            Py_DECREF(ties);
+            return NULL;
+        }
+        if (j < 0 || j >= nc) {
+            Py_DECREF(ties);
+            Py_RETURN_NONE;
+        }
+        if (has[j]) {
+            continue;
+        }
+        double b = PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(pair, 0));
+        double x = b + ow_n;
+        if (isnan(x)) {
+            Py_DECREF(ties);
+            Py_RETURN_NONE;
+        }
+        if (x > lo) {
+            break;
+        }
+        if (x < lo) {
+            lo = x;
+            /* rest = [j]: the ties of own (all above x now) and the rest so far go */
+            if (PyList_SetSlice(ties, 0, PyList_GET_SIZE(ties), NULL) < 0) {
+                Py_DECREF(ties);
+                return NULL;
+            }
+        }
+        PyObject *jo = PyTuple_GET_ITEM(pair, 1);
+        if (PyList_Append(ties, jo) < 0) {
+            Py_DECREF(ties);
+            return NULL;
+        }
+    }
+    PyObject *lo_o = PyFloat_FromDouble(lo);
+    if (lo_o == NULL) {
+        Py_DECREF(ties);
+        return NULL;
+    }
+    PyObject *out = PyTuple_Pack(2, lo_o, ties);
+    Py_DECREF(lo_o);
+    Py_DECREF(ties);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"store_blocks", native_store_blocks, METH_VARARGS,
      "store_blocks(tier, hashes, bit) -> int: blocks newly marked held by the worker of bit."},
+    {"kv_pick", (PyCFunction)(void (*)(void))native_kv_pick, METH_FASTCALL,
+     "kv_pick(gpu, pos, base, order, ow, ow_n, hashes, holders, cands) -> (lo, ties) | None: "
+     "router.scorer.Scorer._kv_pick's cost loop, for no full cache and no offload hit"},
     {"token_block_hashes", native_token_block_hashes, METH_VARARGS,
      "token_block_hashes(tokens, block_size, parent=0) -> list[int]: the tokens-mode "
      "chain of dynamo_ext.hashing, from a uint32 buffer or a sequence of ints."},
@@ -2894,11 +3165,16 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&U64MapType) < 0 || PyType_Ready(&MaskMapType) < 0) {
         return NULL;
     }
-    /* U64Map's probe seed: per process, so a publisher cannot aim hashes at one slot. */
+    str_load = PyUnicode_InternFromString("load");
+    str_block_refs = PyUnicode_InternFromString("block_refs");
+    if (str_load == NULL || str_block_refs == NULL) {
+        return NULL;
+    }
     str_GPU = PyUnicode_InternFromString("GPU");
     if (str_GPU == NULL) {
         return NULL;
     }
+    /* U64Map's probe seed: per process, so a publisher cannot aim hashes at one slot. */
     u64map_seed = ((uint64_t)(uintptr_t)&u64map_seed * XXPRIME_1) ^
                   (uint64_t)_Py_HashSecret.siphash.k0 ^ (uint64_t)_Py_HashSecret.siphash.k1;
     PyObject *mod = PyModule_Create(&module);

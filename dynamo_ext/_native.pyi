@@ -4,6 +4,17 @@ from typing import overload
 def token_block_hashes(
     tokens: Sequence[int] | memoryview, block_size: int, parent: int = 0
 ) -> list[int]: ...
+def kv_pick(
+    gpu: dict[str, int],
+    pos: dict[str, int],
+    base: list[float],
+    order: list[tuple[float, int]],
+    ow: float,
+    ow_n: float,
+    hashes: list[int] | None,
+    holders: dict[str, int] | None,
+    cands: list[object],
+) -> tuple[float, list[int]] | None: ...
 def gpu_walk(tier: dict[int, int], hashes: Sequence[int], alive: int) -> dict[int, int]: ...
 def store_blocks(tier: dict[int, int], hashes: Sequence[int], bit: int) -> int: ...
 def stored_tokens(

@@ -136,6 +136,9 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     replay_attempts: int = 4  # rounds per replay when the publisher skips seqs
     reconnect_ivl_max_ms: int = 10_000  # reconnects to a dead endpoint back off to this
     log_decisions: bool = False
+    # Python's cyclic GC from a task of the loop every this many seconds instead of from
+    # whatever allocation crosses its threshold, often mid-route (router.idle_gc). 0: off.
+    gc_interval_s: float = 0.01
     # Router-driven prefetch: when the chosen worker's memory tiers (GPU, CPU) miss a
     # prefix that its disk tier or the global pool (REMOTE tier, any writer) holds, tell
     # its pool tier to stage those chunks in CPU memory before the request lands. Tracked
@@ -173,6 +176,8 @@ class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ConfigError("worker_expiry_s", "must be >= 0 (0: off)")
         if self.resync_interval_s < 0:
             raise ConfigError("resync_interval_s", "must be >= 0 (0: off)")
+        if not 0 <= self.gc_interval_s <= 60:
+            raise ConfigError("gc_interval_s", "must be in [0, 60] (0: Python's own collector)")
         ids = [w.worker_id for w in self.workers]
         dup = {w for w in ids if ids.count(w) > 1}
         if dup:

@@ -50,6 +50,15 @@ class RouterMetrics:
         self.decisions = Counter(
             p + "decisions", "Routing decisions", ["worker", "role"], registry=r
         )
+        self.gc_collections = Counter(
+            p + "gc_collections",
+            "Cyclic GC collections run between the loop's callbacks (router.idle_gc)",
+            ["generation"],
+            registry=r,
+        )
+        self.gc_seconds = Counter(
+            p + "gc_seconds", "Seconds spent in those collections", registry=r
+        )
         self.decision_seconds = Histogram(
             p + "decision_seconds",
             "Time to answer a route request (hashing, find_matches, scoring)",

@@ -21,6 +21,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dynamo_ext import native
 from dynamo_ext.config import ScorerConfig
 from dynamo_ext.protocol import MEDIUM_GPU, WorkerMetrics, WorkerScore
 from dynamo_ext.router.indexer import PrefixMatches
@@ -352,12 +353,27 @@ class Scorer:
         ow = cfg.overlap_weight + mw
         ow_n = ow * n
         base = cache.base
+        gpu, off = matches.gpu, matches.offload
+        impl = native.IMPL
+        # The same loop in C (dynamo_ext._native.kv_pick) where no cache is full and no
+        # offload tier hits (the usual route); it declines (None) what it does not take.
+        hs = hashes if hashes is not None and cfg.inflight_credit and n else None
+        if (
+            impl is not None
+            and not cache.full
+            and not off
+            and type(cands) is list
+            and (hs is None or (type(hs) is list and len(hs) == n))
+        ):
+            holders = cache.first_holders.get(hs[0]) if hs is not None else None  # type: ignore[union-attr]
+            got = impl.kv_pick(gpu, pos, base, cache.order, ow, ow_n, hs, holders, cands)
+            if got is not None:
+                return self._break_tie(cands, got[1], got[0])
         own: dict[int, float] = {}
         if cache.full:
             full_n = ow_n + cfg.kv_full_penalty * n
             for f in cache.full:
                 own[f] = base[f] + full_n
-        gpu, off = matches.gpu, matches.offload
         for wid, g in gpu.items():
             j = pos.get(wid)
             if j is not None:
@@ -398,7 +414,11 @@ class Scorer:
                 rest = [j]
             else:
                 rest.append(j)
-        ties = [j for j, c in own.items() if c == lo] + rest
+        return self._break_tie(cands, [j for j, c in own.items() if c == lo] + rest, lo)
+
+    def _break_tie(
+        self, cands: Sequence[Candidate], ties: list[int], lo: float
+    ) -> tuple[int, float]:
         if len(ties) == 1:
             return ties[0], lo
         ties.sort()

@@ -50,6 +50,7 @@ from dynamo_ext.protocol import (
     seq_bytes,
 )
 from dynamo_ext.router.identity import IdentityGuard
+from dynamo_ext.router.idle_gc import IdleGC
 from dynamo_ext.router.ingest import DECODE_ERRORS
 from dynamo_ext.router.service import (
     HASH_CHUNK_BLOCKS,
@@ -82,6 +83,7 @@ class RouterServer:
         self._replay_sem = asyncio.Semaphore(config.max_replays_in_flight)
         self._big_routes = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._idle_gc: IdleGC | None = None
         self._metrics_sub: zmq.asyncio.Socket | None = None
         self._metrics_endpoints: dict[str, int] = {}  # endpoint -> workers using it
         self._router: zmq.Socket | None = None
@@ -146,6 +148,9 @@ class RouterServer:
         # would otherwise add pauses to routing decisions.
         gc.collect()
         gc.freeze()
+        if self.config.gc_interval_s and self._idle_gc is None:
+            self._idle_gc = IdleGC(self.config.gc_interval_s, self._count_gc)
+            self._idle_gc.start()
         log.info(
             "router listening on %s (block_size=%d hash_mode=%s scorer=%s, %d static workers)",
             self.bound_endpoint,
@@ -197,7 +202,14 @@ class RouterServer:
             "router metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port
         )
 
+    def _count_gc(self, generation: int, seconds: float) -> None:
+        self.metrics.gc_collections.labels(str(generation)).inc()
+        self.metrics.gc_seconds.inc(seconds)
+
     async def stop(self) -> None:
+        if self._idle_gc is not None:
+            await self._idle_gc.stop()
+            self._idle_gc = None
         tasks = self._tasks + list(self._kv_tasks.values()) + list(self._replay_tasks.values())
         for t in tasks:
             t.cancel()

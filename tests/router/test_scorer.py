@@ -262,6 +262,7 @@ from dynamo_ext.protocol import (  # noqa: E402
     encode,
     seq_bytes,
 )
+from dynamo_ext import native  # noqa: E402
 from dynamo_ext.router.service import RouterService  # noqa: E402
 
 _BS = 4
@@ -297,7 +298,7 @@ def test_the_cost_cache_gives_the_reference_costs(ops: list, miss: float) -> Non
     seqs = dict.fromkeys(ids, 0)
     beats = dict.fromkeys(ids, 0)
     inflight: list[str] = []
-    checked = 0
+    checked = native_checked = 0
     for n, op in enumerate(ops):
         kind = op[0]
         if kind == "store":
@@ -345,10 +346,28 @@ def test_the_cost_cache_gives_the_reference_costs(ops: list, miss: float) -> Non
             state = rng.getstate()
             want = s.scorer._argmin(ref, cands)  # type: ignore[arg-type]
             after = rng.getstate()
-            rng.setstate(state)
-            pick = s.scorer._kv_pick(cands, matches, pos, hashes, cache)  # type: ignore[arg-type]
-            assert pick == (want, ref[want]), (n, op)
-            assert rng.getstate() == after
+            # Both ways: the Python loop (the reference) and dynamo_ext._native.kv_pick.
+            for on in (False, True):
+                old = native.set_enabled(on)
+                try:
+                    rng.setstate(state)
+                    pick = s.scorer._kv_pick(cands, matches, pos, hashes, cache)  # type: ignore[arg-type]
+                finally:
+                    native.set_enabled(old)
+                assert pick == (want, ref[want]), (n, op, on)
+                assert rng.getstate() == after
+            if native.IMPL is not None and not cache.full and matches.num_blocks:
+                # the C loop took this case (None would mean it declined to the reference)
+                holders = cache.first_holders.get(hashes[0])  # type: ignore[union-attr]
+                ow = s.scorer.config.overlap_weight + s.scorer.config.miss_weight * (
+                    cache.busy / len(cands)
+                )
+                got_c = native.IMPL.kv_pick(
+                    matches.gpu, pos, cache.base, cache.order, ow, ow * len(hashes),
+                    hashes, holders, cands,
+                )
+                assert got_c is not None and got_c[0] == ref[want] and want in got_c[1]
+                native_checked += 1
             checked += 1
             rid = f"r{n}"
             r = s.route(RouteRequest(request_id=rid, token_ids=toks, track=track))
