@@ -386,11 +386,10 @@ async def _joined(
 
 
 def _publish(pub: KvEventPublisher, frames: list[bytes]) -> int:
-    """Send ``frames`` in order; the sequence number of the last."""
-    seq = -1
-    for f in frames:
-        seq = pub.publish_raw(f)
-    return seq
+    """Send ``frames`` in order; the sequence number of the last. At once
+    (``publish_raw_many``): the publisher's own Python per frame then costs less than
+    either consumer's, so the seconds to apply the stream are the consumers'."""
+    return pub.publish_raw_many(frames)
 
 
 async def bench_ingest(blocks: int, rounds: int = 3) -> dict[str, Any]:

@@ -119,6 +119,21 @@ class KvEventPublisher:
             self._buffer.append((seq, payload))
         return seq
 
+    def publish_raw_many(self, payloads: list[bytes]) -> int:
+        """``publish_raw`` for each payload, in order, under one lock and with one send call
+        per frame (a backlog published at once); returns the last sequence number (-1 for
+        none)."""
+        seq = -1
+        with self._lock:
+            send, topic, buf = self._pub.send, self._topic, self._buffer
+            for payload in payloads:
+                seq = next(self._seq)
+                send(topic, zmq.SNDMORE)
+                send(seq_bytes(seq), zmq.SNDMORE)
+                send(payload)
+                buf.append((seq, payload))
+        return seq
+
     def send_frames(self, frames: list[bytes]) -> None:
         """Send arbitrary frames on the PUB socket (fault-injection in tests)."""
         with self._lock:
