@@ -4,19 +4,29 @@ process in tests). Names follow Prometheus conventions with a ``dynamo_ext_route
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import bisect
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from dynamo_ext import native
 
-WorkerCounters = Callable[[], list[tuple[str, int, int, int]]]
+# (worker, KV events applied, routed prompt blocks, hit blocks, counts): ``counts`` maps
+# "d:<role>" to the worker's routing decisions for that role and "h:<tier>" to the prompt
+# blocks found cached there in that tier.
+WorkerCounters = Callable[[], list[tuple[str, int, int, int, dict[str, int]]]]
 
 
 class _PerWorker(Collector):
-    """Per-worker counts kept as plain ints on the hot path, exported at scrape time."""
+    """Per-worker counts kept as plain ints on the hot path (no lock, no labelled child to
+    look up per route), exported at scrape time."""
 
     def __init__(self, source: WorkerCounters) -> None:
         self._source = source
@@ -32,13 +42,51 @@ class _PerWorker(Collector):
             "Share of routed prompt blocks found cached on the chosen worker",
             labels=["worker"],
         )
-        for wid, events, routed, hits in self._source():
+        decisions = CounterMetricFamily(
+            p + "decisions", "Routing decisions", labels=["worker", "role"]
+        )
+        tier_hits = CounterMetricFamily(
+            p + "prefix_hit_blocks",
+            "Prompt blocks found cached on the chosen worker, per tier",
+            labels=["worker", "tier"],
+        )
+        for wid, events, routed, hits, counts in self._source():
             ev.add_metric([wid], events)
             blocks.add_metric([wid], routed)
             rate.add_metric([wid], hits / routed if routed else 0.0)
+            for key, n in list(counts.items()):
+                fam = decisions if key[0] == "d" else tier_hits
+                fam.add_metric([wid, key[2:]], n)
         yield ev
         yield blocks
         yield rate
+        yield decisions
+        yield tier_hits
+
+
+class PlainHistogram(Collector):
+    """A histogram without labels or locks, observed by the event loop's thread only."""
+
+    def __init__(self, name: str, doc: str, buckets: Sequence[float]) -> None:
+        self.name = name
+        self.doc = doc
+        self.bounds = sorted(buckets)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last: above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # bucket le=b holds the values <= b: the first bound >= value
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def collect(self) -> Iterator[Metric]:
+        acc = 0
+        buckets: list[tuple[str, float]] = []
+        for b, c in zip(self.bounds, self.counts, strict=False):
+            acc += c
+            buckets.append((repr(float(b)), acc))
+        buckets.append(("+Inf", acc + self.counts[-1]))
+        yield HistogramMetricFamily(self.name, self.doc, buckets=buckets, sum_value=self.sum)
 
 
 class RouterMetrics:
@@ -47,9 +95,9 @@ class RouterMetrics:
         if per_worker is not None:
             r.register(_PerWorker(per_worker))
         p = "dynamo_ext_router_"
-        self.decisions = Counter(
-            p + "decisions", "Routing decisions", ["worker", "role"], registry=r
-        )
+        # Routing decisions and prefix hits per worker: plain ints on each WorkerEntry,
+        # exported by the per-worker collector (dynamo_ext_router_decisions_total,
+        # dynamo_ext_router_prefix_hit_blocks_total).
         self.gc_collections = Counter(
             p + "gc_collections",
             "Cyclic GC collections run between the loop's callbacks (router.idle_gc)",
@@ -59,18 +107,12 @@ class RouterMetrics:
         self.gc_seconds = Counter(
             p + "gc_seconds", "Seconds spent in those collections", registry=r
         )
-        self.decision_seconds = Histogram(
+        self.decision_seconds = PlainHistogram(
             p + "decision_seconds",
             "Time to answer a route request (hashing, find_matches, scoring)",
-            buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1),
-            registry=r,
+            (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2, 0.1),
         )
-        self.hit_blocks = Counter(
-            p + "prefix_hit_blocks",
-            "Prompt blocks found cached on the chosen worker, per tier",
-            ["worker", "tier"],
-            registry=r,
-        )
+        r.register(self.decision_seconds)
         self.kv_blocks = Counter(
             p + "kv_blocks_applied",
             "Blocks stored/removed by applied KV events",

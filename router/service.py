@@ -119,7 +119,7 @@ class WorkerEntry(Candidate):
         "m_up",
         "routed_blocks",
         "hit_blocks",
-        "m_children",
+        "counts",
         "hit_error",
         "last_heartbeat",
     )
@@ -136,7 +136,7 @@ class WorkerEntry(Candidate):
         self.m_up: object = None
         self.routed_blocks = 0
         self.hit_blocks = 0
-        self.m_children: dict[str, object] = {}
+        self.counts: dict[str, int] = {}  # "d:<role>" decisions, "h:<tier>" hit blocks
         self.hit_error = 0.0  # EWMA of |predicted - reported| cached tokens
         self.last_heartbeat = -1
 
@@ -260,7 +260,7 @@ class RouterService:
         m = self.metrics
         for metric in (m.worker_up, m.seq_gaps, m.restarts, m.hash_mismatch, m.worker_staleness):
             remove_label(metric, w.worker_id)
-        for metric in (m.decisions, m.hit_blocks, m.replays, m.prefetch_blocks):
+        for metric in (m.replays, m.prefetch_blocks):
             for key in list(metric._metrics):  # type: ignore[attr-defined]
                 if key and key[0] == w.worker_id:
                     remove_label(metric, *key)
@@ -667,22 +667,15 @@ class RouterService:
         hits: dict[str, int],
         dt: float,
     ) -> None:
-        m = self.metrics
-        m.decision_seconds.observe(dt)
-        kids = w.m_children
+        self.metrics.decision_seconds.observe(dt)
+        counts = w.counts
         key = "d:" + req.role
-        child = kids.get(key)
-        if child is None:
-            child = kids[key] = m.decisions.labels(w.worker_id, req.role)
-        child.inc()  # type: ignore[attr-defined]
+        counts[key] = counts.get(key, 0) + 1
         if hashes:
             hit = 0
             for tier, k in hits.items():
                 key = "h:" + tier
-                child = kids.get(key)
-                if child is None:
-                    child = kids[key] = m.hit_blocks.labels(w.worker_id, tier)
-                child.inc(k)  # type: ignore[attr-defined]
+                counts[key] = counts.get(key, 0) + k
                 hit += k
             w.routed_blocks += len(hashes)
             w.hit_blocks += hit
@@ -715,10 +708,11 @@ class RouterService:
             pooled,
         )
 
-    def worker_counters(self) -> list[tuple[str, int, int, int]]:
-        """(worker, KV events applied, routed prompt blocks, hit blocks) for the collector."""
+    def worker_counters(self) -> list[tuple[str, int, int, int, dict[str, int]]]:
+        """(worker, KV events applied, routed prompt blocks, hit blocks, decision and
+        per-tier hit counts) for the collector."""
         return [
-            (w.worker_id, w.stream.events_applied, w.routed_blocks, w.hit_blocks)
+            (w.worker_id, w.stream.events_applied, w.routed_blocks, w.hit_blocks, w.counts)
             for w in list(self.workers.values())
         ]
 
