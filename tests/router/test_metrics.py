@@ -1,5 +1,5 @@
-"""The router's lock-free hot-path metrics against prometheus_client's own classes: the
-same exposition for the same observations."""
+"""router.metrics: the router's lock-free hot-path metrics against prometheus_client's own
+classes, the same exposition for the same observations."""
 
 from __future__ import annotations
 
