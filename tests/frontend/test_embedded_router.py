@@ -238,3 +238,108 @@ def test_a_frontend_embedding_the_router_serves_a_real_vllm_fleet(
         assert "dynamo_ext_router_malformed_messages_total" in text
         health = httpx.get(url + "/health", timeout=5).json()
         assert health["routing_backend"] == "embedded" and set(health["workers_up"]) == set(bases)
+
+
+def test_the_embedded_router_refuses_impostors_over_curve(tmp_path: Path) -> None:
+    """With CURVE keys the embedded router's socket is the router's: a worker holding a
+    valid key that is not w0's cannot take w0 over, deregister or fail it; a peer without a
+    key gets no answer; an impostor's KV stream named in w0's registration is never indexed;
+    the frontend's own routes (in process) keep going to the real w0. Refusals are counted
+    on the router's registry, which the frontend's /metrics serves."""
+    import uuid
+
+    from dynamo_ext import security as S
+    from dynamo_ext.errors import RouterUnavailable
+    from dynamo_ext.protocol import (
+        BlockStored,
+        ErrorReply,
+        WorkerDeregistration,
+        WorkerFailed,
+        WorkerRegistration,
+    )
+    from dynamo_ext.publisher import KvEventPublisher
+    from prometheus_client import generate_latest
+
+    bs = 16
+    hashes = list(range(1, 7))
+    for name in ("router", "w0", "w1"):
+        S.generate_keys(tmp_path, name)
+
+    def curve(name: str) -> S.Curve:
+        c = S.load_curve(
+            S.CurveConfig(
+                secret_key_file=str(tmp_path / f"{name}.key"),
+                server_public_key=str(tmp_path / "router.key.pub"),
+            )
+        )
+        assert c is not None
+        return c
+
+    allow = [{"key": str(tmp_path / f"{w}.key.pub"), "role": "worker"} for w in ("w0", "w1")]
+    cfg = router_config(
+        f"tcp://127.0.0.1:{free_port()}",
+        {
+            "block_size": bs,
+            "security": {"secret_key_file": str(tmp_path / "router.key"), "allow": allow},
+        },
+    )
+    kv0 = KvEventPublisher("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", curve=curve("w0"))
+    kv1 = KvEventPublisher("tcp://127.0.0.1:0", "tcp://127.0.0.1:0", curve=curve("w1"))
+
+    def stored() -> BlockStored:
+        return BlockStored(hashes, None, [7] * (bs * len(hashes)), bs, None, None, None)
+
+    def reg(wid: str, kv: KvEventPublisher, http: str) -> WorkerRegistration:
+        return WorkerRegistration(
+            wid,
+            http_endpoint=http,
+            kv_events_endpoint=kv.endpoint,
+            replay_endpoint=kv.replay_endpoint,
+            block_size=bs,
+            instance_id=uuid.uuid4().hex,
+        )
+
+    async def main() -> str:
+        emb = EmbeddedRouter(cfg)
+        emb.connect()
+        await emb.started()
+        ep = emb.endpoint_bound
+        assert ep is not None
+        owner = RouterClient(ep, curve=curve("w0"))
+        other = RouterClient(ep, curve=curve("w1"))
+        anon = RouterClient(ep, timeout_s=1.0)
+        held = lambda: emb.service.index.find_matches(hashes).gpu.get("w0", 0)  # noqa: E731
+        try:
+            # w0 registers naming the impostor's stream: its blocks never reach the index
+            assert (await owner.register(reg("w0", kv1, "http://w0.real:8000"))).ok
+            for _ in range(5):
+                kv1.publish([stored()])
+                await asyncio.sleep(0.1)
+            assert held() == 0
+            # its own stream now
+            assert (await owner.register(reg("w0", kv0, "http://w0.real:8000"))).ok
+            kv0.publish([stored()])
+            await wait_for(lambda: held() == len(hashes), timeout=20)
+            takeover = reg("w0", kv1, "http://evil:8000")
+            for msg in (takeover, WorkerDeregistration("w0"), WorkerFailed("w0", "impostor")):
+                reply = await other.call(msg)
+                assert isinstance(reply, ErrorReply) and reply.code == "forbidden", reply
+            with pytest.raises(RouterUnavailable):
+                await anon.register(takeover)
+            for i in range(10):
+                r = await emb.route(f"q{i}", block_hashes=hashes, num_tokens=bs * len(hashes))
+                assert r.worker_id == "w0" and r.http_endpoint == "http://w0.real:8000"
+                assert r.chosen.prefix_hit_blocks.get("GPU") == len(hashes)
+            return generate_latest(emb.service.metrics.registry).decode()
+        finally:
+            for c in (owner, other, anon):
+                await c.close()
+            await emb.close()
+
+    try:
+        page = asyncio.run(asyncio.wait_for(main(), 90))
+    finally:
+        kv0.close()
+        kv1.close()
+    assert 'dynamo_ext_router_auth_rejected_total{reason="not_owner"} 3.0' in page
+    assert 'dynamo_ext_router_auth_rejected_total{reason="handshake"}' in page
