@@ -158,6 +158,7 @@ native_token_block_hashes(PyObject *self, PyObject *args) {
     uint64_t stack_th[FAST_TOKENS_HASHED];
     uint64_t stack_inner[FAST_TOKENS_HASHED]; /* nblocks <= ntok */
     uint64_t *th = stack_th, *inner = stack_inner;
+    PyObject *out = NULL;
     if (ntok > FAST_TOKENS_HASHED) {
         th = PyMem_Malloc(sizeof(uint64_t) * (size_t)(ntok + nblocks));
         if (th == NULL) {
@@ -176,9 +177,6 @@ native_token_block_hashes(PyObject *self, PyObject *args) {
             if (!small_int_hash(o, &th[i])) {
                 Py_hash_t h = PyObject_Hash(o);
                 if (h == -1 && PyErr_Occurred()) {
-                    if (th != stack_th) {
-                        PyMem_Free(th);
-                    }
                     goto fail;
                 }
                 th[i] = (uint64_t)h;
@@ -186,26 +184,21 @@ native_token_block_hashes(PyObject *self, PyObject *args) {
         }
     }
     hash_blocks(th, (uint64_t)nblocks, (uint64_t)bs, inner);
-    PyObject *out = PyList_New(nblocks);
+    out = PyList_New(nblocks);
     if (out == NULL) {
-        if (th != stack_th) {
-            PyMem_Free(th);
-        }
         goto fail;
     }
     for (Py_ssize_t b = 0; b < nblocks; b++) {
         uint64_t h = chain_step(prev_hash, inner[b]);
         PyObject *v = PyLong_FromUnsignedLongLong(h);
         if (v == NULL) {
-            Py_DECREF(out);
-            if (th != stack_th) {
-                PyMem_Free(th);
-            }
+            Py_CLEAR(out);
             goto fail;
         }
         PyList_SET_ITEM(out, b, v);
         prev_hash = h % HASH_MODULUS; /* hash() of the next block's parent int */
     }
+fail: /* out is NULL unless every block was hashed */
     if (th != stack_th) {
         PyMem_Free(th);
     }
@@ -214,12 +207,6 @@ native_token_block_hashes(PyObject *self, PyObject *args) {
     }
     Py_XDECREF(seq);
     return out;
-fail:
-    if (have_view) {
-        PyBuffer_Release(&view);
-    }
-    Py_XDECREF(seq);
-    return NULL;
 }
 
 /* A non-negative int's low 64*nwords bits as little-endian words; -1 if it is wider or
@@ -839,6 +826,44 @@ static PyObject *u64map_clear(U64Map *m, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* keys()/values()/items() of the maps below (kind 0/1/2), one entry at a time: append k,
+ * v or (k, v) to ``out``, stealing k and v (NULL where not asked for, or on error). */
+static int list_append_entry(PyObject *out, int kind, PyObject *k, PyObject *v) {
+    PyObject *e = kind == 0 ? (Py_XINCREF(k), k) : kind == 1 ? (Py_XINCREF(v), v)
+                                                             : (k && v ? PyTuple_Pack(2, k, v) : NULL);
+    Py_XDECREF(k);
+    Py_XDECREF(v);
+    if (e == NULL || PyList_Append(out, e) < 0) {
+        Py_XDECREF(e);
+        return -1;
+    }
+    Py_DECREF(e);
+    return 0;
+}
+
+/* The same of the plain dict beside a table (keys outside its range), appended to out. */
+static int list_extend_other(PyObject *out, PyObject *other, int kind) {
+    PyObject *rest = kind == 0 ? PyDict_Keys(other)
+                     : kind == 1 ? PyDict_Values(other) : PyDict_Items(other);
+    if (rest == NULL) {
+        return -1;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(out);
+    int rc = PyList_SetSlice(out, n, n, rest);
+    Py_DECREF(rest);
+    return rc;
+}
+
+/* An iterator over a snapshot list (stolen; NULL passes the error on). */
+static PyObject *iter_of_list(PyObject *list) {
+    if (list == NULL) {
+        return NULL;
+    }
+    PyObject *it = PyObject_GetIter(list);
+    Py_DECREF(list);
+    return it;
+}
+
 /* kind 0: keys, 1: values, 2: items, as a new list (a snapshot). */
 static PyObject *u64map_list(U64Map *m, int kind) {
     PyObject *out = PyList_New(0);
@@ -855,32 +880,15 @@ static PyObject *u64map_list(U64Map *m, int kind) {
             }
             PyObject *k = kind != 1 ? PyLong_FromUnsignedLongLong(s->key) : NULL;
             PyObject *v = kind != 0 ? PyLong_FromUnsignedLongLong(s->val) : NULL;
-            PyObject *e = kind == 0 ? (Py_XINCREF(k), k) : kind == 1 ? (Py_XINCREF(v), v)
-                                                                     : (k && v ? PyTuple_Pack(2, k, v) : NULL);
-            Py_XDECREF(k);
-            Py_XDECREF(v);
-            if (e == NULL || PyList_Append(out, e) < 0) {
-                Py_XDECREF(e);
+            if (list_append_entry(out, kind, k, v) < 0) {
                 Py_DECREF(out);
                 return NULL;
             }
-            Py_DECREF(e);
         }
     }
-    if (m->other != NULL) {
-        PyObject *rest = kind == 0 ? PyDict_Keys(m->other)
-                         : kind == 1 ? PyDict_Values(m->other) : PyDict_Items(m->other);
-        if (rest == NULL) {
-            Py_DECREF(out);
-            return NULL;
-        }
-        Py_ssize_t n = PyList_GET_SIZE(out);
-        int rc = PyList_SetSlice(out, n, n, rest);
-        Py_DECREF(rest);
-        if (rc < 0) {
-            Py_DECREF(out);
-            return NULL;
-        }
+    if (m->other != NULL && list_extend_other(out, m->other, kind) < 0) {
+        Py_DECREF(out);
+        return NULL;
     }
     return out;
 }
@@ -889,15 +897,7 @@ static PyObject *u64map_keys(U64Map *m, PyObject *unused) { return u64map_list(m
 static PyObject *u64map_values(U64Map *m, PyObject *unused) { return u64map_list(m, 1); }
 static PyObject *u64map_items(U64Map *m, PyObject *unused) { return u64map_list(m, 2); }
 
-static PyObject *u64map_iter(U64Map *m) {
-    PyObject *keys = u64map_list(m, 0);
-    if (keys == NULL) {
-        return NULL;
-    }
-    PyObject *it = PyObject_GetIter(keys);
-    Py_DECREF(keys);
-    return it;
-}
+static PyObject *u64map_iter(U64Map *m) { return iter_of_list(u64map_list(m, 0)); }
 
 /* update(pairs): a mapping (its items) or an iterable of (key, value) pairs. */
 static PyObject *u64map_update(U64Map *m, PyObject *src) {
@@ -2045,32 +2045,15 @@ static PyObject *maskmap_list(MaskMap *m, int kind) {
             }
             PyObject *k = kind != 1 ? PyLong_FromUnsignedLongLong(s->key) : NULL;
             PyObject *v = kind != 0 ? mm_to_int(m, s->val) : NULL;
-            PyObject *e = kind == 0 ? (Py_XINCREF(k), k) : kind == 1 ? (Py_XINCREF(v), v)
-                                                                     : (k && v ? PyTuple_Pack(2, k, v) : NULL);
-            Py_XDECREF(k);
-            Py_XDECREF(v);
-            if (e == NULL || PyList_Append(out, e) < 0) {
-                Py_XDECREF(e);
+            if (list_append_entry(out, kind, k, v) < 0) {
                 Py_DECREF(out);
                 return NULL;
             }
-            Py_DECREF(e);
         }
     }
-    if (m->other != NULL) {
-        PyObject *rest = kind == 0 ? PyDict_Keys(m->other)
-                         : kind == 1 ? PyDict_Values(m->other) : PyDict_Items(m->other);
-        if (rest == NULL) {
-            Py_DECREF(out);
-            return NULL;
-        }
-        Py_ssize_t n = PyList_GET_SIZE(out);
-        int rc = PyList_SetSlice(out, n, n, rest);
-        Py_DECREF(rest);
-        if (rc < 0) {
-            Py_DECREF(out);
-            return NULL;
-        }
+    if (m->other != NULL && list_extend_other(out, m->other, kind) < 0) {
+        Py_DECREF(out);
+        return NULL;
     }
     return out;
 }
@@ -2079,15 +2062,7 @@ static PyObject *maskmap_keys(MaskMap *m, PyObject *unused) { return maskmap_lis
 static PyObject *maskmap_values(MaskMap *m, PyObject *unused) { return maskmap_list(m, 1); }
 static PyObject *maskmap_items(MaskMap *m, PyObject *unused) { return maskmap_list(m, 2); }
 
-static PyObject *maskmap_iter(MaskMap *m) {
-    PyObject *keys = maskmap_list(m, 0);
-    if (keys == NULL) {
-        return NULL;
-    }
-    PyObject *it = PyObject_GetIter(keys);
-    Py_DECREF(keys);
-    return it;
-}
+static PyObject *maskmap_iter(MaskMap *m) { return iter_of_list(maskmap_list(m, 0)); }
 
 static PyObject *maskmap_wide_masks(MaskMap *m, PyObject *unused) {
     return PyLong_FromUnsignedLong(m->iused);
@@ -2883,6 +2858,20 @@ decline:
 #define PICK_MAX 4096
 static PyObject *str_load, *str_block_refs;
 
+/* Candidate j gets a cost of its own, starting at base[j] + ow_n (the reference's
+ * ``base[j] + ow_n if c is None``); 0 when base[j] is not a float (the caller declines). */
+static int pick_own(PyObject *base, Py_ssize_t j, double ow_n, double *own, unsigned char *has,
+                    Py_ssize_t *touched, Py_ssize_t *nt) {
+    PyObject *b = PyList_GET_ITEM(base, j);
+    if (!PyFloat_CheckExact(b)) {
+        return 0;
+    }
+    own[j] = PyFloat_AS_DOUBLE(b) + ow_n;
+    has[j] = 1;
+    touched[(*nt)++] = j;
+    return 1;
+}
+
 static int pick_index(PyObject *pos, PyObject *wid, Py_ssize_t n, Py_ssize_t *out) {
     PyObject *jo = PyDict_GetItemWithError(pos, wid);
     if (jo == NULL) {
@@ -2930,7 +2919,6 @@ native_kv_pick(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_ssize_t touched[PICK_MAX]; /* indices with a cost of their own, in insertion order */
     Py_ssize_t nt = 0;
     memset(has, 0, (size_t)nc);
-    double bj[PICK_MAX]; /* base[j] of touched j */
     Py_ssize_t it = 0;
     PyObject *wid, *gv;
     /* own[j] = (base[j] + ow_n if new else own[j]) - ow * g, for each GPU hit */
@@ -2950,15 +2938,8 @@ native_kv_pick(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         if (g == -1 && PyErr_Occurred()) {
             return NULL;
         }
-        if (!has[j]) {
-            PyObject *b = PyList_GET_ITEM(base, j);
-            if (!PyFloat_CheckExact(b)) {
-                Py_RETURN_NONE;
-            }
-            bj[j] = PyFloat_AS_DOUBLE(b);
-            own[j] = bj[j] + ow_n;
-            has[j] = 1;
-            touched[nt++] = j;
+        if (!has[j] && !pick_own(base, j, ow_n, own, has, touched, &nt)) {
+            Py_RETURN_NONE;
         }
         own[j] = own[j] - ow * (double)g;
     }
@@ -3022,11 +3003,11 @@ native_kv_pick(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
                     Py_DECREF(refs);
                     return NULL;
                 }
-                Py_ssize_t k = g < 0 ? 0 : (Py_ssize_t)g;
                 if (g < 0) {
                     Py_DECREF(refs);
                     Py_RETURN_NONE;
                 }
+                Py_ssize_t k = (Py_ssize_t)g;
                 while (k < nh) {
                     int in = PyDict_Contains(refs, PyList_GET_ITEM(hashes, k));
                     if (in < 0) {
@@ -3040,15 +3021,8 @@ native_kv_pick(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
                 }
                 Py_DECREF(refs);
                 if (k > g) {
-                    if (!has[j]) {
-                        PyObject *b = PyList_GET_ITEM(base, j);
-                        if (!PyFloat_CheckExact(b)) {
-                            Py_RETURN_NONE;
-                        }
-                        bj[j] = PyFloat_AS_DOUBLE(b);
-                        own[j] = bj[j] + ow_n;
-                        has[j] = 1;
-                        touched[nt++] = j;
+                    if (!has[j] && !pick_own(base, j, ow_n, own, has, touched, &nt)) {
+                        Py_RETURN_NONE;
                     }
                     own[j] = own[j] - ow * (double)(k - g);
                 }
