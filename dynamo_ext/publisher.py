@@ -113,25 +113,27 @@ class KvEventPublisher:
 
     def publish_raw(self, payload: bytes, *, skip: bool = False) -> int:
         with self._lock:
-            seq = next(self._seq)
-            if not skip:
-                self._pub.send_multipart((self._topic, seq_bytes(seq), payload))
-            self._buffer.append((seq, payload))
-        return seq
+            return self._publish_locked(payload, skip)
 
     def publish_raw_many(self, payloads: list[bytes]) -> int:
-        """``publish_raw`` for each payload, in order, under one lock and with one send call
-        per frame (a backlog published at once); returns the last sequence number (-1 for
-        none)."""
+        """``publish_raw`` for each payload, in order, under one lock (a backlog published
+        at once); returns the last sequence number (-1 for none)."""
         seq = -1
         with self._lock:
-            send, topic, buf = self._pub.send, self._topic, self._buffer
             for payload in payloads:
-                seq = next(self._seq)
-                send(topic, zmq.SNDMORE)
-                send(seq_bytes(seq), zmq.SNDMORE)
-                send(payload)
-                buf.append((seq, payload))
+                seq = self._publish_locked(payload, False)
+        return seq
+
+    def _publish_locked(self, payload: bytes, skip: bool) -> int:
+        seq = next(self._seq)
+        if not skip:
+            # send_multipart's frames without its per-call iteration and checks (measured
+            # with no subscriber: 6,248 frames of 32 blocks in 0.009 s, 0.020 s by it)
+            send = self._pub.send
+            send(self._topic, zmq.SNDMORE)
+            send(seq_bytes(seq), zmq.SNDMORE)
+            send(payload)
+        self._buffer.append((seq, payload))
         return seq
 
     def send_frames(self, frames: list[bytes]) -> None:
