@@ -47,8 +47,6 @@ class IdleGC:
             raise ValueError("interval_s must be > 0")
         self.interval_s = interval_s
         self.on_collect = on_collect  # (generation, seconds) of each collection
-        self.collections = [0, 0, 0]  # per generation
-        self.seconds = 0.0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -87,11 +85,8 @@ class IdleGC:
         if gen is not None:
             t0 = time.perf_counter()
             gc.collect(gen)
-            dt = time.perf_counter() - t0
-            self.seconds += dt
-            self.collections[gen] += 1
             if self.on_collect is not None:
-                self.on_collect(gen, dt)
+                self.on_collect(gen, time.perf_counter() - t0)
         return gen
 
     async def _run(self) -> None:

@@ -95,9 +95,6 @@ class RouterMetrics:
         if per_worker is not None:
             r.register(_PerWorker(per_worker))
         p = "dynamo_ext_router_"
-        # Routing decisions and prefix hits per worker: plain ints on each WorkerEntry,
-        # exported by the per-worker collector (dynamo_ext_router_decisions_total,
-        # dynamo_ext_router_prefix_hit_blocks_total).
         self.gc_collections = Counter(
             p + "gc_collections",
             "Cyclic GC collections run between the loop's callbacks (router.idle_gc)",
@@ -107,6 +104,9 @@ class RouterMetrics:
         self.gc_seconds = Counter(
             p + "gc_seconds", "Seconds spent in those collections", registry=r
         )
+        # Routing decisions and prefix hits per worker are plain ints on each WorkerEntry,
+        # exported by the per-worker collector (dynamo_ext_router_decisions_total,
+        # dynamo_ext_router_prefix_hit_blocks_total); the decision time a plain histogram.
         self.decision_seconds = PlainHistogram(
             p + "decision_seconds",
             "Time to answer a route request (hashing, find_matches, scoring)",
