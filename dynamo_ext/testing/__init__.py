@@ -19,9 +19,23 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["RouterProc", "free_port", "wait_for"]
+__all__ = ["RouterProc", "client_curve", "free_port", "wait_for"]
 
+from dynamo_ext.security import Curve, CurveConfig, load_curve
 from dynamo_ext.testing.ports import free_port  # one port policy everywhere
+
+
+def client_curve(keys: Path, name: str) -> Curve:
+    """The ``Curve`` of client ``name`` whose keys ``security.generate_keys`` wrote into
+    ``keys``, connecting to the router whose key is ``keys/router.key.pub``."""
+    c = load_curve(
+        CurveConfig(
+            secret_key_file=str(keys / f"{name}.key"),
+            server_public_key=str(keys / "router.key.pub"),
+        )
+    )
+    assert c is not None
+    return c
 
 
 async def wait_for(cond: Callable[[], object], timeout: float = 10.0, every: float = 0.05):

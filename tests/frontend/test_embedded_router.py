@@ -29,7 +29,7 @@ from dynamo_ext.frontend.embedded import EmbeddedRouter, router_config
 from dynamo_ext.protocol import PROTOCOL_HEADER
 from dynamo_ext.router.client import RouterClient
 from dynamo_ext.router.server import INLINE_BLOCKS
-from dynamo_ext.testing import RouterProc, free_port, wait_for
+from dynamo_ext.testing import RouterProc, client_curve, free_port, wait_for
 
 
 def _cfg(**kw: object) -> FrontendConfig:
@@ -266,14 +266,7 @@ def test_the_embedded_router_refuses_impostors_over_curve(tmp_path: Path) -> Non
         S.generate_keys(tmp_path, name)
 
     def curve(name: str) -> S.Curve:
-        c = S.load_curve(
-            S.CurveConfig(
-                secret_key_file=str(tmp_path / f"{name}.key"),
-                server_public_key=str(tmp_path / "router.key.pub"),
-            )
-        )
-        assert c is not None
-        return c
+        return client_curve(tmp_path, name)
 
     allow = [{"key": str(tmp_path / f"{w}.key.pub"), "role": "worker"} for w in ("w0", "w1")]
     cfg = router_config(

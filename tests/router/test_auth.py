@@ -28,6 +28,7 @@ from dynamo_ext.protocol import (
 from dynamo_ext.publisher import KvEventPublisher, MetricsPublisher
 from dynamo_ext.router.client import RouterClient
 from dynamo_ext.testing import RouterProc, wait_for
+from dynamo_ext.testing import client_curve as curve
 
 BS = 16
 HASHES = list(range(1, 7))
@@ -52,17 +53,6 @@ def keys(tmp_path: Path) -> Path:
     for name in ("router", "w0", "w1", "fe", "evil"):
         S.generate_keys(tmp_path, name)
     return tmp_path
-
-
-def curve(keys: Path, name: str) -> S.Curve:
-    c = S.load_curve(
-        S.CurveConfig(
-            secret_key_file=str(keys / f"{name}.key"),
-            server_public_key=str(keys / "router.key.pub"),
-        )
-    )
-    assert c is not None
-    return c
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ import zmq
 from dynamo_ext import security as S
 from dynamo_ext.router.client import RouterClient
 from dynamo_ext.testing import RouterProc, free_port, wait_for
+from dynamo_ext.testing import client_curve as curve
 from dynamo_ext.testing.tiny_model import english_like_text
 
 from .conftest import BLOCK_SIZE
@@ -70,17 +71,6 @@ def keys(tmp_path_factory) -> Path:
     for name in ("router", "w0", "fe", "evil"):
         S.generate_keys(d, name)
     return d
-
-
-def curve(keys: Path, name: str) -> S.Curve:
-    c = S.load_curve(
-        S.CurveConfig(
-            secret_key_file=str(keys / f"{name}.key"),
-            server_public_key=str(keys / "router.key.pub"),
-        )
-    )
-    assert c is not None
-    return c
 
 
 @pytest.fixture(scope="module")
