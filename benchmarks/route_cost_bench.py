@@ -20,10 +20,13 @@ turn (interleaved, so a noisy machine hits all of them alike):
 * ``ours_inproc`` / ``ours_inproc_python``: ``RouterService.route`` on ``token_bytes`` in this
   process (hash + match + score, no transport), native and reference.
 
-Ingest: a fresh router process and a fresh ``SelectionService`` subscribe to one PUB stream
-of ``--ingest-blocks`` blocks; seconds from the first frame sent until each has applied the
-last (ours: its ``FleetState.last_seq``; Dynamo: the overlap of the last chain), and the RSS
-growth of each process over it per block (ours also as traced Python heap, tracemalloc).
+Ingest: our router process and Dynamo's ``SelectionService`` in a process of its own (as
+its frontend embeds it) subscribe to the same PUB streams of ``--ingest-blocks`` blocks;
+seconds from the first frame sent until each has applied the last (ours: its
+``FleetState.last_seq``; Dynamo: the overlap of the last chain) and the CPU seconds each
+process spent (all threads), over three streams at once and three each alone (medians),
+and the RSS growth of each process per block (ours also as traced Python heap,
+tracemalloc).
 """
 
 from __future__ import annotations
@@ -392,109 +395,159 @@ def _publish(pub: KvEventPublisher, frames: list[bytes]) -> int:
     return pub.publish_raw_many(frames)
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds a process has run, all its threads (the scheduler's nanoseconds,
+    ``/proc/PID/task/*/schedstat``: finer than the 10 ms ticks of ``/proc/PID/stat``)."""
+    total = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that ended meanwhile
+    return total / 1e9
+
+
+async def _embedded_has(
+    e: EmbeddedProc, worker: int, prompt: list[int], blocks: int, timeout_s: float = 300.0
+) -> float:
+    """When the embedded router's index holds ``blocks`` of ``prompt`` on ``worker``."""
+    probes = [[worker, pack_tokens(prompt), blocks]]
+    deadline = time.monotonic() + timeout_s
+    while not await e.call(op="seen", probes=probes):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"embedded {e.kind} router did not apply the stream")
+        await asyncio.sleep(0.002)
+    return time.perf_counter()
+
+
 async def bench_ingest(blocks: int, rounds: int = 3) -> dict[str, Any]:
-    """One PUB stream of ``blocks`` blocks, a fresh router process and a fresh Dynamo core
-    subscribed to it: seconds until each has applied it all, RSS growth per block.
+    """Streams of ``blocks`` blocks each into our router process and Dynamo's
+    ``SelectionService`` in a process of its own (``route_embedded``'s child, as its
+    frontend embeds it), both subscribed to the same workers' PUB sockets: seconds from the
+    first frame sent until each has applied the last, the CPU seconds each process spent on
+    it (every thread: its SUB's I/O thread, Dynamo's runtime threads), and the RSS growth
+    of each process per block held, over all the streams (a burst queued on a SUB while its
+    reader was behind leaves a high water that one stream alone would count per block).
 
-    Both at once share this machine's cores with each other and with the publisher, so on a
-    small machine that figure says as much about who got the CPU as about who applies
-    faster. ``alone``: each then applies ``rounds`` more streams of as many new blocks (the
-    same frames for both, its own publisher) while the other is idle, turn about; the median
-    seconds of each and their ratio (``alone_x_faster_than_dynamo``)."""
-    from dynamo_ext.sim.peers import DynamoCore
-
-    fleet = Fleet(1, blocks, seed=7)
-    frames = fleet.frames(0)
-    probe = fleet.chains[0][-1]  # the last chain: whole once the last frame is applied
-    more = [Fleet(1, blocks, seed=8 + r) for r in range(rounds)]
-    more_frames = [f.frames(0) for f in more]
+    ``at_once``: ``rounds`` streams of new blocks on one publisher both subscribe to; on a
+    small machine the wall figure says as much about who got the cores as about who applies
+    faster (one round moved 0.9x-1.8x here), so each round is kept and the medians are the
+    figure. ``alone``: as many more streams, each consumer in turn with the other idle (one
+    publisher each, so that the idle one receives nothing)."""
+    fleets = [Fleet(1, blocks, seed=7 + r) for r in range(rounds)]
+    more = [Fleet(1, blocks, seed=7 + rounds + r) for r in range(rounds)]
     tmp = Path(tempfile.mkdtemp(prefix="dynamo-ext-ingest-"))
     pub = KvEventPublisher("tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
-    # alone: one publisher each, so that the idle one receives nothing
     pub_ours = KvEventPublisher("tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
     pub_dyn = KvEventPublisher("tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
     proc = _router_proc(tmp, True)
-    core = DynamoCore(BLOCK)
+    dyn = EmbeddedProc("dynamo")
     c = RouterClient(proc.endpoint, timeout_s=30)
+    wall: dict[str, list[float]] = {"ours": [], "dynamo": []}
+    cpu: dict[str, list[float]] = {"ours": [], "dynamo": []}
     alone: dict[str, list[float]] = {"ours": [], "dynamo": []}
+    alone_cpu: dict[str, list[float]] = {"ours": [], "dynamo": []}
     try:
-        await _add_all(core, [c], [pub], ["i0"])
-        await _synced(c, {"i0": 0})
-        await asyncio.sleep(0.2)
         assert proc.proc is not None
-        gc.collect()
-        rss_ours, rss_dyn = _rss_of(proc.proc.pid), _rss()
-        t0 = time.perf_counter()
-        last = _publish(pub, frames)
-        publish_s = time.perf_counter() - t0
-        t_ours, t_dyn = await asyncio.gather(
-            _synced(c, {"i0": last}, 300.0), _dynamo_has(core, probe, CHAIN, 300.0)
-        )
-        await asyncio.sleep(0.2)
-        d_ours = _rss_of(proc.proc.pid) - rss_ours
-        d_dyn = _rss() - rss_dyn
-        st = await c.workers()
-        held = sum(st.workers[0].indexed_blocks.values())
-
-        # Dynamo's second worker and our second worker: the same stream, never both busy.
-        await core.add_worker(
-            1,
-            kv_events_endpoint=pub_dyn.endpoint,
-            replay_endpoint=pub_dyn.replay_endpoint,
-            http_endpoint="http://127.0.0.1:20001",
-            total_kv_blocks=1 << 20,
-            max_num_batched_tokens=8192,
-        )
-        await c.register(
-            WorkerRegistration(
-                "i1",
-                kv_events_endpoint=pub_ours.endpoint,
-                replay_endpoint=pub_ours.replay_endpoint,
-                block_size=BLOCK,
+        pids = {"ours": proc.proc.pid, "dynamo": dyn.proc.pid}
+        eps = [(pub.endpoint, pub.replay_endpoint), (pub_dyn.endpoint, pub_dyn.replay_endpoint)]
+        await dyn.call(op="add", workers=[
+            {"id": f"i{i}", "kv": kv, "replay": rp} for i, (kv, rp) in enumerate(eps)
+        ])
+        for wid, p in (("i0", pub), ("i1", pub_ours)):
+            await c.register(
+                WorkerRegistration(
+                    wid, kv_events_endpoint=p.endpoint, replay_endpoint=p.replay_endpoint,
+                    block_size=BLOCK,
+                )
             )
-        )
-        await core.barrier({1: pub_dyn})
-        seq = _publish(pub_ours, [encode(KVEventBatch(ts=0.0, events=[]))])
-        await _synced(c, {"i1": seq})
+        await _joined([dyn], [pub, pub_dyn], fleets[0])
+        seq = _publish(pub, [encode(KVEventBatch(ts=0.0, events=[]))])
+        seq1 = _publish(pub_ours, [encode(KVEventBatch(ts=0.0, events=[]))])
+        await _synced(c, {"i0": seq, "i1": seq1})
         await asyncio.sleep(0.2)
-        for r, fr in enumerate(more_frames):
+        rss0 = {k: _rss_of(pid) for k, pid in pids.items()}
+        held = 0
+        for r, fl in enumerate(fleets):
+            frames = fl.frames(0)
+            probe = fl.chains[0][-1]  # the last chain: whole once the last frame is applied
+            gc.collect()
+            await asyncio.sleep(0.1)
+            cpu0 = {k: _cpu_s(pid) for k, pid in pids.items()}
+            t0 = time.perf_counter()
+            last = _publish(pub, frames)
+            t_ours, t_dyn = await asyncio.gather(
+                _synced(c, {"i0": last}, 300.0), _embedded_has(dyn, 0, probe, CHAIN)
+            )
+            wall["ours"].append(t_ours - t0)
+            wall["dynamo"].append(t_dyn - t0)
+            for k, pid in pids.items():
+                cpu[k].append(_cpu_s(pid) - cpu0[k])
+        for r, fl in enumerate(more):
+            frames = fl.frames(0)
             for who in ("ours", "dynamo") if r % 2 == 0 else ("dynamo", "ours"):
                 gc.collect()
+                await asyncio.sleep(0.1)
+                c0 = _cpu_s(pids[who])
                 t1 = time.perf_counter()
                 if who == "ours":
-                    seq = _publish(pub_ours, fr)
+                    seq = _publish(pub_ours, frames)
                     done = await _synced(c, {"i1": seq}, 300.0)
                 else:
-                    _publish(pub_dyn, fr)
-                    done = await _dynamo_has(core, more[r].chains[0][-1], CHAIN, 300.0, worker=1)
+                    _publish(pub_dyn, frames)
+                    done = await _embedded_has(dyn, 1, fl.chains[0][-1], CHAIN)
                 alone[who].append(done - t1)
-                await asyncio.sleep(0.1)
+                alone_cpu[who].append(_cpu_s(pids[who]) - c0)
+        # Over every stream: what a process keeps per block, its receive queue's high water
+        # (a burst queued while it was behind) spread over all of them.
+        await asyncio.sleep(0.2)
+        d_rss = {k: _rss_of(pid) - rss0[k] for k, pid in pids.items()}
+        st = await c.workers()
+        held = sum(sum(w.indexed_blocks.values()) for w in st.workers)
     finally:
         await c.close()
         proc.stop()
-        core.close()
+        await dyn.stop()
         pub.close()
         pub_ours.close()
         pub_dyn.close()
-    n = fleet.blocks
-    ours_s, dyn_s = t_ours - t0, t_dyn - t0
-    ours_alone, dyn_alone = percentile(alone["ours"], 50), percentile(alone["dynamo"], 50)
+    n = fleets[0].blocks
+
+    def med(xs: list[float]) -> float:
+        return percentile(xs, 50)
+
+    ours_s, dyn_s = med(wall["ours"]), med(wall["dynamo"])
+    ours_cpu, dyn_cpu = med(cpu["ours"]), med(cpu["dynamo"])
+    ours_alone, dyn_alone = med(alone["ours"]), med(alone["dynamo"])
+    r3 = lambda xs: [round(x, 3) for x in xs]  # noqa: E731
     return {
         "ingest_blocks": n,
-        "ingest_distinct_blocks": held,
-        "ingest_frames": len(frames),
-        "publish_s": round(publish_s, 3),
+        "ingest_frames": len(fleets[0].frames(0)),
+        "held_distinct_blocks": held,  # after all 2 x rounds streams: the RSS figures' divisor
+        "rounds": rounds,
         "ours_s": round(ours_s, 3),
         "dynamo_s": round(dyn_s, 3),
         "ours_blocks_per_s": round(n / ours_s),
         "dynamo_blocks_per_s": round(n / dyn_s),
         "ingest_x_faster_than_dynamo": round(dyn_s / ours_s, 2),
-        "ours_rss_bytes_per_block": round(d_ours / held, 1),
-        "dynamo_rss_bytes_per_block": round(d_dyn / held, 1),
+        "at_once": {
+            "ours_s": r3(wall["ours"]),
+            "dynamo_s": r3(wall["dynamo"]),
+            "ours_cpu_s": r3(cpu["ours"]),
+            "dynamo_cpu_s": r3(cpu["dynamo"]),
+        },
+        "ours_cpu_s": round(ours_cpu, 3),
+        "dynamo_cpu_s": round(dyn_cpu, 3),
+        "cpu_x_less_than_dynamo": round(dyn_cpu / max(ours_cpu, 1e-6), 2),
+        "ours_rss_bytes_per_block": round(d_rss["ours"] / max(held, 1), 1),
+        "dynamo_rss_bytes_per_block": round(d_rss["dynamo"] / max(held, 1), 1),
         "alone": {
             "rounds": rounds,
-            "ours_s": [round(x, 3) for x in alone["ours"]],
-            "dynamo_s": [round(x, 3) for x in alone["dynamo"]],
+            "ours_s": r3(alone["ours"]),
+            "dynamo_s": r3(alone["dynamo"]),
+            "ours_cpu_s": r3(alone_cpu["ours"]),
+            "dynamo_cpu_s": r3(alone_cpu["dynamo"]),
             "ours_median_s": round(ours_alone, 3),
             "dynamo_median_s": round(dyn_alone, 3),
             "alone_x_faster_than_dynamo": round(dyn_alone / ours_alone, 2),

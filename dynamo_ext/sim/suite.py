@@ -755,20 +755,28 @@ def _route_cost_markdown(rc: dict[str, Any], rb: dict[str, Any] | None) -> list[
     alone = ing.get("alone") or {}
     out += [
         "",
-        f"**Ingest** (same command: one PUB stream of {ing['ingest_blocks']} blocks, "
-        f"{ing['ingest_frames']} frames, into a fresh router process and a fresh "
-        f"SelectionService at once): ours {ing['ours_s']} s, Dynamo {ing['dynamo_s']} s "
+        f"**Ingest** (same command: streams of {ing['ingest_blocks']} blocks, "
+        f"{ing['ingest_frames']} frames each, into our router process and Dynamo's "
+        f"SelectionService in a process of its own; medians of {ing.get('rounds', 1)} "
+        f"streams): both at once ours {ing['ours_s']} s, Dynamo {ing['dynamo_s']} s "
         f"({ing['ingest_x_faster_than_dynamo']}x)"
         + (
-            f"; each alone (its own publisher, the other idle, median of {alone['rounds']}): "
+            f"; CPU seconds (every thread) ours {ing['ours_cpu_s']}, Dynamo "
+            f"{ing['dynamo_cpu_s']} ({ing['cpu_x_less_than_dynamo']}x less)"
+            if "ours_cpu_s" in ing
+            else ""
+        )
+        + (
+            f"; each alone (its own publisher, the other idle): "
             f"ours {alone['ours_median_s']} s, Dynamo {alone['dynamo_median_s']} s "
             f"({alone['alone_x_faster_than_dynamo']}x)"
             if alone
             else ""
         )
-        + f". RSS per block: ours {ing['ours_rss_bytes_per_block']} B, Dynamo "
-        f"{ing['dynamo_rss_bytes_per_block']} B (our traced heap "
-        f"{ing.get('ours_heap_bytes_per_block', '-')} B).",
+        + f". RSS per block held after all streams: ours {ing['ours_rss_bytes_per_block']} B, "
+        f"Dynamo {ing['dynamo_rss_bytes_per_block']} B (our traced heap "
+        f"{ing.get('ours_heap_bytes_per_block', '-')} B). On this 2-core machine the "
+        "at-once figure moves with who gets the cores (each round is in the JSON).",
         "",
         "Targets (`targets` in the JSON): "
         + "; ".join(
