@@ -119,11 +119,6 @@ class Fleet:
         return chain[:keep] + self.tokens(n_tokens - keep)
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _rss_of(pid: int) -> int:
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -157,21 +152,6 @@ async def _synced(c: RouterClient, last: dict[str, int], timeout_s: float = 120.
             return time.perf_counter()
         if time.monotonic() > deadline:
             raise TimeoutError(f"router did not apply the stream: {seqs} < {last}")
-        await asyncio.sleep(0.002)
-
-
-async def _dynamo_has(
-    core: Any, prompt: list[int], blocks: int, timeout_s: float = 120.0, worker: int | None = None
-) -> float:
-    """When Dynamo's index holds ``blocks`` of ``prompt`` on ``worker`` (None: on any)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        seen = await core.overlap_blocks(prompt)
-        got = seen.get(worker, 0) if worker is not None else max(seen.values(), default=0)
-        if got >= blocks:
-            return time.perf_counter()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"Dynamo did not apply the stream ({seen})")
         await asyncio.sleep(0.002)
 
 
