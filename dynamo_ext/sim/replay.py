@@ -87,8 +87,10 @@ from dynamo_ext.sim.vllm_router import VLLM_ROUTER_POLICIES, knobs_from_args, li
 from dynamo_ext.sim.workloads import physical_limit_hit_rate
 
 ALL_POLICIES = ("round_robin", "least_loaded", "random", "dynamo", "kv", "kv_offload")
-# Dynamo's own selection core (``peers.DynamoCore``), fed by the same engines' KV streams.
-PEER_POLICIES = ("dynamo_core",)
+# Dynamo's own selection core (``peers.DynamoCore``), fed by the same engines' KV streams;
+# ``dynamo_core_offload``: the same on the engines of ``kv_offload`` (a CPU tier, whose
+# BlockStored events carry medium "CPU": its host-pinned tier, host_cache_hit_weight).
+PEER_POLICIES = ("dynamo_core", "dynamo_core_offload")
 
 # Our scorer as the `kv` and `kv_offload` policies run it: the router's defaults, which
 # weigh a block still to prefill 16x a block held by a running request (decode_weight
@@ -122,8 +124,8 @@ class Policy:
 
 def policy(name: str, knobs: dict[str, float] | None = None) -> Policy:
     """The policy a name stands for (``knobs``: ``dynamo_core``'s, default Dynamo's own)."""
-    if name == "dynamo_core":
-        return Policy(name, knobs=dict(knobs or {}))
+    if name in PEER_POLICIES:
+        return Policy(name, knobs=dict(knobs or {}), offload=name == "dynamo_core_offload")
     if name in VLLM_ROUTER_POLICIES:  # vLLM's own router, --live only (--vllm-router-knobs)
         return Policy(name)
     return Policy(name, scorer=scorer_for(name), offload=name == "kv_offload")

@@ -27,6 +27,7 @@ changes, Dynamo's figures do not, and its replays are most of a report's time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -35,11 +36,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from dynamo_ext.errors import ConfigError
 from dynamo_ext.sim import tune, workloads
 from dynamo_ext.sim.model import MockerConfig
 from dynamo_ext.sim.peers import dynamo_available
-from dynamo_ext.sim.replay import Policy, policy, simulate
+from dynamo_ext.sim.replay import OFFLOAD_CPU_KV_GB, Policy, policy, simulate
 from dynamo_ext.sim.report import SLO_TPOT_MS, SLO_TTFT_MS, plot, summarize
 from dynamo_ext.sim.trace import TracePrompts, TraceRow, load_trace
 from dynamo_ext.stats import percentile
@@ -128,16 +131,24 @@ def _run_arms(
     """Every arm on every row set (one per workload seed; ``speedup`` one or one per set):
     figures averaged over the sets, TTFTs pooled (for the CDF)."""
     speedups = speedup if isinstance(speedup, list) else [speedup] * len(row_sets)
-    fleet_blocks = workers * mcfg.gpu_blocks()
+    # An ``offload`` arm's engines add a CPU tier (``kv_offload``'s): its fleet limit is
+    # one LRU cache of the fleet's GPU and CPU blocks.
+    off_cfg = msgspec.structs.replace(mcfg, cpu_kv_gb=OFFLOAD_CPU_KV_GB)
+    cfgs = {False: mcfg, True: off_cfg}
+    fleet_blocks = {k: workers * (c.gpu_blocks() + c.cpu_blocks()) for k, c in cfgs.items()}
     per_arm: dict[str, list[dict[str, Any]]] = {a.name: [] for a in arms}
     ttfts: dict[str, list[float]] = {a.name: [] for a in arms}
     for rows, sp in zip(row_sets, speedups, strict=True):
         prompts = TracePrompts(rows, mcfg.block_size)
         limit = workloads.physical_limit_hit_rate(rows, mcfg.block_size)
-        fleet = workloads.physical_limit_hit_rate(rows, mcfg.block_size, fleet_blocks)
+        fleet = {
+            k: workloads.physical_limit_hit_rate(rows, mcfg.block_size, b)
+            for k, b in fleet_blocks.items()
+            if any(a.offload == k for a in arms)
+        }
         for arm in arms:
-            run = simulate(arm, mcfg, prompts, workers, sp, 0.5)
-            fig = summarize(run, SLO_TTFT_MS, SLO_TPOT_MS, limit, fleet)
+            run = simulate(arm, cfgs[arm.offload], prompts, workers, sp, 0.5)
+            fig = summarize(run, SLO_TTFT_MS, SLO_TPOT_MS, limit, fleet[arm.offload])
             per_arm[arm.name].append(fig)
             ttfts[arm.name] += [
                 (r.first - r.arrival) * 1e3  # type: ignore[operator]
@@ -222,6 +233,20 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / "report-sample-trace.png"
     plot(png, sample_ttft, sample, f"{trace.name}: {len(rows)} requests, {args.workers} workers")
+    # The same arms, knobs as tuned above, on engines with a CPU tier (``kv_offload``'s
+    # 100 GB of pinned host memory per GPU): Dynamo's core indexes its BlockStored events
+    # (medium "CPU") as its host-pinned tier and credits them (host_cache_hit_weight).
+    off_arms = [dataclasses.replace(a, offload=True) for a in arms]
+    print(f"sample trace, CPU tier: {len(rows)} requests", file=log, flush=True)
+    offload, off_ttft = _run_arms(off_arms, [rows], mcfg, args.workers, args.speedup, log)
+    if prev is not None:
+        offload.update(_dynamo_rows(prev, prev.get("sample_trace_offload")))
+    plot(
+        out_dir / "report-sample-trace-offload.png",
+        off_ttft,
+        offload,
+        f"{trace.name}, engines with a CPU tier: {len(rows)} requests, {args.workers} workers",
+    )
     gen: dict[str, Any] = {}
     cap = prefill_capacity_tok_s(mcfg)
     n = 60 if quick else args.requests
@@ -349,6 +374,14 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
             "requests": len(rows),
             "ttft_floor": _floor([rows], mcfg),
             "policies": sample,
+        },
+        "sample_trace_offload": {
+            "requests": len(rows),
+            "cpu_kv_gb_per_worker": OFFLOAD_CPU_KV_GB,
+            "cpu_blocks_per_worker": msgspec.structs.replace(
+                mcfg, cpu_kv_gb=OFFLOAD_CPU_KV_GB
+            ).cpu_blocks(),
+            "policies": offload,
         },
         "generated": gen,
         "results": str(out_dir / "bench-report.json"),
@@ -537,6 +570,22 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         *_table(list(st["policies"].items())),
     ]
+    so = res.get("sample_trace_offload")
+    if so:
+        first = next(iter(so["policies"].values()))
+        out += [
+            "",
+            f"**Sample trace, engines with a CPU tier** (the same {so['requests']} requests, "
+            f"arms and knobs; each engine also offloads to {so['cpu_kv_gb_per_worker']:.0f} GB "
+            f"of pinned host memory, {so['cpu_blocks_per_worker']} blocks, vLLM's CPU offload "
+            "tier; its KV events carry medium CPU, which Dynamo's core indexes as its "
+            "host-pinned tier and credits by its host_cache_hit_weight, ours by its tier "
+            "cost; fleet limit "
+            f"{_cell(first.get('fleet_cache_limit_hit_rate'), '{:.3f}')}, GPU and CPU "
+            "blocks together):",
+            "",
+            *_table(list(so["policies"].items())),
+        ]
     for kind, g in res["generated"].items():
         rows: list[tuple[str, dict[str, Any]]] = []
         for lname, ld in g["loads"].items():
@@ -638,6 +687,9 @@ def _verdict_markdown(res: dict[str, Any]) -> list[str]:
     """Where our default leads and trails Dynamo's core (the better of its default and tuned
     rows, figure by figure), computed from the tables above, and the report's targets."""
     rows: list[tuple[str, dict[str, Any]]] = [("sample trace", res["sample_trace"]["policies"])]
+    so = res.get("sample_trace_offload")
+    if so:
+        rows.append(("sample trace, CPU tier", so["policies"]))
     for kind, g in res["generated"].items():
         rows += [(f"{kind} / {ln}", ld["policies"]) for ln, ld in g["loads"].items()]
     out = [
@@ -684,6 +736,14 @@ def _verdict_markdown(res: dict[str, Any]) -> list[str]:
             f"(target 0.85, {'met' if frac >= 0.85 else '**not met**'})"
             + (f"; of the fleet-cache limit {fleet:.2f}" if fleet is not None else "")
             + _reach_note(st["kv"])
+        )
+    off = (so or {}).get("policies", {}).get("kv")
+    if off and off.get("hit_rate_of_limit") is not None:
+        frac = off["hit_rate_of_limit"]
+        lines.append(
+            f"- the same with a CPU tier on every engine: {frac:.2f} of the limit "
+            f"({'met' if frac >= 0.85 else '**not met**'})"
+            + _reach_note(off)
         )
     lines.append(
         "- beats Dynamo's core on TTFT p50, p99 and goodput everywhere: "

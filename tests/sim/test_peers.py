@@ -90,3 +90,47 @@ def test_selection_service_routes_to_the_mocker_holding_the_prefix() -> None:
             await fleet.stop()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_dynamo_indexes_a_cpu_tier_and_credits_it() -> None:
+    """``dynamo_core_offload``'s premise: Dynamo's core reads vLLM's BlockStored with
+    medium "CPU" as its host-pinned tier (the engines of ``kv_offload`` announce offloaded
+    blocks so) and credits those blocks in its prefill cost by host_cache_hit_weight, 0.75 by
+    default, where a GPU block is credited whole."""
+    import random
+
+    from dynamo_ext.hashing import token_block_hashes
+    from dynamo_ext.protocol import BlockStored, KVEventBatch, encode
+    from dynamo_ext.publisher import KvEventPublisher
+
+    async def go() -> None:
+        pub = KvEventPublisher("tcp://127.0.0.1:0", "tcp://127.0.0.1:0")
+        core = DynamoCore(BS)
+        try:
+            await core.add_worker(
+                0, kv_events_endpoint=pub.endpoint, replay_endpoint=pub.replay_endpoint,
+                http_endpoint="http://127.0.0.1:1", total_kv_blocks=1 << 20,
+                max_num_batched_tokens=8192,
+            )  # fmt: skip
+            toks = [random.Random(5).getrandbits(30) for _ in range(8 * BS)]
+            hs = token_block_hashes(toks, BS)
+            gpu = BlockStored(hs[:4], None, toks[: 4 * BS], BS, None, "GPU", None)  # type: ignore[arg-type]
+            cpu = BlockStored(hs[4:], hs[3], toks[4 * BS :], BS, None, "CPU", None)  # type: ignore[arg-type]
+            for _ in range(100):  # until its SUB has joined and applied both
+                pub.publish_raw(encode(KVEventBatch(ts=0.0, events=[gpu, cpu])))
+                await asyncio.sleep(0.05)
+                d = await core._svc.overlap_scores({"model_name": core.model, "token_ids": toks})
+                w = d["workers"][0] if d["workers"] else {}
+                if w.get("device_blocks") == 4 and w.get("host_pinned_extension_blocks") == 4:
+                    break
+            else:
+                raise AssertionError(f"Dynamo never indexed the CPU tier: {d}")
+            r = await core.select_and_reserve("a", toks)
+            assert r["overlap"]["gpu"] == 4 * BS and r["overlap"]["cpu"] == 8 * BS
+            # 128 prompt tokens - 64 on the GPU - 0.75 x 64 on the host
+            assert r["effective_prefill_tokens"] == 8 * BS - 4 * BS - int(0.75 * 4 * BS)
+        finally:
+            core.close()
+            pub.close()
+
+    asyncio.run(go())

@@ -39,6 +39,14 @@ def test_report_writes_results_tables_and_the_readme(tmp_path: Path) -> None:
     assert suite.main(args) == 0
     res = json.loads((tmp_path / "out" / "bench-report.json").read_text())
     assert set(res["sample_trace"]["policies"]) == {"round_robin", "kv", "kv_tuned"}
+    # The same arms on engines with a CPU tier: its blocks count in the fleet limit, and the
+    # engines hit it (the head's prompts repeat beyond what 4 GPUs of the tiny run hold).
+    so = res["sample_trace_offload"]
+    assert set(so["policies"]) == {"round_robin", "kv", "kv_tuned"}
+    assert so["cpu_blocks_per_worker"] > 0
+    gpu_only, tiered = res["sample_trace"]["policies"]["kv"], so["policies"]["kv"]
+    assert tiered["fleet_cache_limit_hit_rate"] >= gpu_only["fleet_cache_limit_hit_rate"]
+    assert gpu_only["cpu_hit_rate"] == 0.0
     fig = res["generated"]["noreuse"]["loads"]["medium"]["policies"]["kv"]
     for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p99_ms", "goodput_req_s", "prefix_hit_rate"):
         assert isinstance(fig[k], int | float)
@@ -46,6 +54,7 @@ def test_report_writes_results_tables_and_the_readme(tmp_path: Path) -> None:
     text = readme.read_text()
     assert "STALE-TABLES" not in text and text.endswith("tail\n") and "| round_robin |" in text
     assert "**noreuse**" in text
+    assert "**Sample trace, engines with a CPU tier**" in text
 
 
 def _row(p50: float, p99: float, good: float, hit: float = 0.5, slo: float = 1.0) -> dict:
@@ -78,7 +87,12 @@ def test_the_verdict_is_computed_from_the_rows_and_names_every_miss() -> None:
             }
         },
     }
+    res["sample_trace_offload"] = {
+        "policies": {"kv": _row(50, 600, 12, 0.87), "dynamo_core": _row(60, 650, 11)}
+    }
     text = "\n".join(suite._verdict_markdown(res))
+    assert "| sample trace, CPU tier | -16.7% | -7.7% | +9.1% |" in text
+    assert "with a CPU tier on every engine: 0.87 of the limit (met)" in text
     assert "| sample trace | -16.7% | +14.3% | -9.1% | 95.0% / 100.0% | **trails** | 0.90 |" in text
     assert "| chat / low | -9.1% | -4.8% | +0.0% | 100.0% / 100.0% | leads |" in text
     assert "3.0x (target 2x, met)" in text
