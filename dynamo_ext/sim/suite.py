@@ -104,9 +104,15 @@ def _floor(row_sets: list[list[TraceRow]], mcfg: MockerConfig) -> dict[str, floa
     return {k: round(v, 1) for k, v in out.items()}
 
 
+# The verdict's figures, kept per seed beside their means: whether a lead or a trail holds
+# seed by seed or is one seed's (``_verdict_markdown``'s seed column).
+PER_SEED = ("ttft_p50_ms", "ttft_p99_ms", "goodput_req_s")
+
+
 def _mean_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One arm's figures over several workload seeds: the mean of every number (a
-    percentile's mean over seeds), the first run's value of anything else."""
+    percentile's mean over seeds), the first run's value of anything else, and the verdict's
+    figures seed by seed (``per_seed``)."""
     if len(runs) == 1:
         return runs[0]
     out: dict[str, Any] = {}
@@ -117,6 +123,7 @@ def _mean_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[k] = v
     out["seeds"] = len(runs)
+    out["per_seed"] = {k: [r.get(k) for r in runs] for k in PER_SEED}
     return out
 
 
@@ -675,6 +682,35 @@ def _reach_note(row: dict[str, Any]) -> str:
     )
 
 
+def _seeds_ahead(ours: dict[str, Any], peers: list[dict[str, Any]]) -> str:
+    """Per verdict figure, the seeds where ours is at least as good as the better peer row
+    of that seed: "3/3 · 1/3 · 2/3" (TTFT p50 · p99 · goodput); "-" for a single run."""
+    mine = ours.get("per_seed")
+    theirs = [p["per_seed"] for p in peers if p.get("per_seed")]
+    if not mine or not theirs:
+        return "-"
+    cells = []
+    for k in PER_SEED:
+        xs = mine.get(k) or []
+        ahead = 0
+        for i, x in enumerate(xs):
+            vals = [t[k][i] for t in theirs if len(t.get(k) or []) > i and t[k][i] is not None]
+            if x is None or not vals:
+                continue
+            best = min(vals) if k in _LOWER else max(vals)
+            ahead += (x <= best) if k in _LOWER else (x >= best)
+        cells.append(f"{ahead}/{len(xs)}")
+    return " · ".join(cells)
+
+
+def _imbalance(ours: dict[str, Any], peers: list[dict[str, Any]]) -> str:
+    """Busiest worker's routed tokens over the mean: ours / Dynamo's default row."""
+    mine, theirs = ours.get("load_imbalance"), peers[0].get("load_imbalance")
+    if mine is None or theirs is None:
+        return "-"
+    return f"{mine:.2f} / {theirs:.2f}"
+
+
 def _attainment(ours: dict[str, Any], peers: list[dict[str, Any]]) -> str:
     """Share of requests meeting both SLOs: ours / the better peer row."""
     vals = [p["slo_attainment"] for p in peers if p.get("slo_attainment") is not None]
@@ -698,11 +734,14 @@ def _verdict_markdown(res: dict[str, Any]) -> list[str]:
         "computed from the tables above; goodput is requests meeting both SLOs per second "
         "of the run's makespan, vLLM's definition, so where both meet the SLOs with every "
         "request, as the SLO attainment column shows, a goodput difference is the last "
-        "request's finish, and still counts here):",
+        "request's finish, and still counts here; seeds ahead: in how many of the workload's "
+        "seeds ours is at least as good as Dynamo's better row of that seed, per figure; load "
+        "imbalance: the busiest worker's routed tokens over the mean, ours / Dynamo's "
+        "default):",
         "",
         "| workload / load | TTFT p50 | TTFT p99 | goodput | SLO attainment ours / Dynamo "
-        "| verdict | ours hit / limit |",
-        "|---|---|---|---|---|---|---|",
+        "| verdict | ours hit / limit | seeds ahead p50 · p99 · goodput | load imbalance |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     missed: list[str] = []
     for name, pol in rows:
@@ -718,7 +757,8 @@ def _verdict_markdown(res: dict[str, Any]) -> list[str]:
             f"| {name} | {v.get('ttft_p50_ms', 0.0):+.1f}% | {v.get('ttft_p99_ms', 0.0):+.1f}% | "
             f"{v.get('goodput_req_s', 0.0):+.1f}% | {_attainment(ours, peers)} | "
             f"{'leads' if lead else '**trails**'} | "
-            f"{_cell(ours.get('hit_rate_of_limit'), '{:.2f}')} |"
+            f"{_cell(ours.get('hit_rate_of_limit'), '{:.2f}')} | "
+            f"{_seeds_ahead(ours, peers)} | {_imbalance(ours, peers)} |"
         )
     st = res["sample_trace"]["policies"]
     lines = ["", "Targets:"]

@@ -90,7 +90,17 @@ def test_the_verdict_is_computed_from_the_rows_and_names_every_miss() -> None:
     res["sample_trace_offload"] = {
         "policies": {"kv": _row(50, 600, 12, 0.87), "dynamo_core": _row(60, 650, 11)}
     }
+    # seed by seed: ours ahead at p50 in both, at p99 in one, at goodput (a tie) in both
+    chat = res["generated"]["chat"]["loads"]["low"]["policies"]
+    chat["kv"]["per_seed"] = {"ttft_p50_ms": [9, 11], "ttft_p99_ms": [18, 22], "goodput_req_s": [5, 5]}
+    chat["kv"]["load_imbalance"] = 1.3
+    chat["dynamo_core"]["per_seed"] = {
+        "ttft_p50_ms": [10, 12], "ttft_p99_ms": [21, 21], "goodput_req_s": [5, 5]
+    }
+    chat["dynamo_core"]["load_imbalance"] = 1.1
     text = "\n".join(suite._verdict_markdown(res))
+    assert "| leads | 0.50 | 2/2 · 1/2 · 2/2 | 1.30 / 1.10 |" in text
+    assert "| **trails** | 0.90 | - | - |" in text  # one run, no imbalance given
     assert "| sample trace, CPU tier | -16.7% | -7.7% | +9.1% |" in text
     assert "with a CPU tier on every engine: 0.87 of the limit (met)" in text
     assert "| sample trace | -16.7% | +14.3% | -9.1% | 95.0% / 100.0% | **trails** | 0.90 |" in text
@@ -107,3 +117,13 @@ def test_the_verdict_is_computed_from_the_rows_and_names_every_miss() -> None:
     res["sample_trace"]["policies"]["kv"]["fleet_cache_limit_hit_rate"] = 0.6
     assert "whoever routes" not in "\n".join(suite._verdict_markdown(res))
     assert "**not met** on sample trace" in text and "chat / low" not in text.split("not met")[-1]
+
+
+def test_mean_figures_keep_the_verdict_figures_per_seed() -> None:
+    runs = [_row(10, 20, 5), _row(30, 40, 7)]
+    m = suite._mean_figures(runs)
+    assert m["ttft_p50_ms"] == 20 and m["seeds"] == 2
+    assert m["per_seed"] == {
+        "ttft_p50_ms": [10, 30], "ttft_p99_ms": [20, 40], "goodput_req_s": [5, 7]
+    }
+    assert "per_seed" not in suite._mean_figures(runs[:1])
