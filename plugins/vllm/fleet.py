@@ -21,7 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynamo_ext.plugins.vllm.launcher import CPU_FAST_ARGS, CPU_FAST_ENV, VllmServer
+from dynamo_ext.plugins.vllm.launcher import (
+    CPU_FAST_ARGS,
+    CPU_FAST_ENV,
+    VllmServer,
+    engine_threads_env,
+)
 from dynamo_ext.plugins.vllm.worker_cmd import (
     CONNECTOR,
     ROLE_TO_KV,
@@ -78,6 +83,9 @@ class LocalFleet:
     # True: no router process; the frontend embeds the router (routing_backend embedded)
     # with router_config, bound where the workers register
     embedded_router: bool = False
+    # OpenMP threads of each engine: None, the machine's cores over the fleet's engines
+    # (``engine_threads_env``); 0, torch's default (a thread per core for every engine)
+    engine_threads: int | None = None
     router: RouterProc | None = None
     router_endpoint: str = ""
     workers: list[Worker] = field(default_factory=list)
@@ -86,6 +94,15 @@ class LocalFleet:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.frontend_port}"
+
+    def threads_env(self) -> dict[str, str]:
+        """The OpenMP variables each engine of this fleet starts with (``engine_threads``);
+        an engine outside the fleet that must compute as its engines do takes the same."""
+        if self.engine_threads is None:
+            return engine_threads_env(self.prefill + self.decode + self.aggregated)
+        if self.engine_threads > 0:
+            return {"OMP_NUM_THREADS": str(self.engine_threads)}
+        return {}
 
     def start(self) -> LocalFleet:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +150,7 @@ class LocalFleet:
             self.model,
             spec.port,
             engine_args(spec, curve=False),
-            {**os.environ, **CPU_FAST_ENV, **cmd.env},
+            {**os.environ, **CPU_FAST_ENV, **self.threads_env(), **cmd.env},
             self.workdir / f"{spec.worker_id}.log",
         )
 

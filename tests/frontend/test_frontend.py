@@ -44,12 +44,12 @@ def fleet(tiny_model: Path, tmp_path_factory):
         workdir=tmp_path_factory.mktemp("fleet"),
         served_model_name=MODEL_NAME,
     )
-    # the aggregated reference starts alongside the fleet
+    # the aggregated reference starts alongside the fleet, with its engines' threads
     ref = VllmServer(
         tiny_model,
         free_port(),
         list(CPU_FAST_ARGS),
-        {**os.environ, **CPU_FAST_ENV},
+        {**os.environ, **CPU_FAST_ENV, **f.threads_env()},
         f.workdir / "reference.log",
     )
     ref.start()
@@ -141,6 +141,25 @@ def test_openai_client_completions_and_chat(fleet) -> None:
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
     assert text == chat.choices[0].message.content
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(x.decode().split("=", 1) for x in raw if b"=" in x)
+
+
+def test_every_engine_gets_its_share_of_the_cores(fleet) -> None:
+    """Three engines and the reference on this machine: each engine process starts with
+    OMP_NUM_THREADS of its share (torch's default, a thread per core each, oversubscribes
+    the cores: ``engine_threads_env``), the reference with the same, so that it computes
+    as they do."""
+    want = max(1, len(os.sched_getaffinity(0)) // 3)
+    if os.environ.get("OMP_NUM_THREADS"):
+        want = int(os.environ["OMP_NUM_THREADS"])
+    assert fleet.threads_env() == {"OMP_NUM_THREADS": str(want)}
+    for srv in [w.server for w in fleet.workers] + [fleet.reference]:
+        assert srv.pid is not None
+        assert _environ(srv.pid).get("OMP_NUM_THREADS") == str(want)
 
 
 def test_disaggregated_equals_aggregated(fleet) -> None:
@@ -332,7 +351,10 @@ def test_router_prediction_matches_the_workers_cache(fleet) -> None:
 
 def test_killing_the_decode_worker_mid_stream_migrates(fleet) -> None:
     prompt = english_like_text(300, seed=77)
-    n = 300  # long enough that the stream is still running when the worker dies
+    # long enough that the stream is still running when the worker dies: with its share of
+    # the cores an engine decodes a token of this model in ~5 ms (300 were done before a
+    # busy client read its sixth chunk)
+    n = 1200
     ref = reference(fleet, prompt, n)
     before = metric(fleet.url, "dynamo_ext_frontend_migrations_total")
     c = client(fleet)

@@ -254,3 +254,15 @@ def test_exec_worker_registers_and_serves(tiny_model: Path, router_factory, tmp_
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait(5)
+
+
+def test_engine_threads_split_the_cores_and_an_explicit_setting_wins(monkeypatch) -> None:
+    from dynamo_ext.plugins.vllm.launcher import engine_threads_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert engine_threads_env(2, cpus=2) == {"OMP_NUM_THREADS": "1"}
+    assert engine_threads_env(3, cpus=2) == {"OMP_NUM_THREADS": "1"}  # never 0
+    assert engine_threads_env(2, cpus=16) == {"OMP_NUM_THREADS": "8"}
+    assert engine_threads_env(0, cpus=4) == {"OMP_NUM_THREADS": "4"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert engine_threads_env(2) == {"OMP_NUM_THREADS": "3"}
