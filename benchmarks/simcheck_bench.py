@@ -178,6 +178,7 @@ def run_real(model: Path, rows: list[TraceRow], mode: str, workdir: Path) -> dic
         aggregated=2,
         workdir=workdir / mode,
         router_config={"scorer": {"mode": mode, "seed": 0}},
+        engine_threads=None,  # each engine its share of the cores, as sim.calibrate fits them
     )
     with fleet:
         rng = random.Random(7)

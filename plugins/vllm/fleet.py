@@ -84,8 +84,10 @@ class LocalFleet:
     # with router_config, bound where the workers register
     embedded_router: bool = False
     # OpenMP threads of each engine: None, the machine's cores over the fleet's engines
-    # (``engine_threads_env``); 0, torch's default (a thread per core for every engine)
-    engine_threads: int | None = None
+    # (``engine_threads_env``: what ``sim.calibrate`` measured, and ``bench simcheck``'s
+    # fleet); 0, torch's default, a thread per core for every engine (the tests' fleets
+    # were tuned on it; several engines then oversubscribe the cores)
+    engine_threads: int | None = 0
     router: RouterProc | None = None
     router_endpoint: str = ""
     workers: list[Worker] = field(default_factory=list)

@@ -43,6 +43,7 @@ def fleet(tiny_model: Path, tmp_path_factory):
         decode=2,
         workdir=tmp_path_factory.mktemp("fleet"),
         served_model_name=MODEL_NAME,
+        engine_threads=None,  # each engine its share of the cores
     )
     # the aggregated reference starts alongside the fleet, with its engines' threads
     ref = VllmServer(
