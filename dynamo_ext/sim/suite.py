@@ -655,6 +655,11 @@ def markdown(res: dict[str, Any]) -> str:
 _LOWER = ("ttft_p50_ms", "ttft_p99_ms")
 
 
+def _best(k: str, vals: list[float]) -> float:
+    """The better of peer values of figure ``k``: the lowest TTFT, the highest goodput."""
+    return min(vals) if k in _LOWER else max(vals)
+
+
 def _versus(ours: dict[str, Any], peers: list[dict[str, Any]]) -> dict[str, float]:
     """Ours against the best peer row per figure, as signed percentages (negative: ours
     lower; for goodput positive: ours higher)."""
@@ -663,7 +668,7 @@ def _versus(ours: dict[str, Any], peers: list[dict[str, Any]]) -> dict[str, floa
         vals = [p[k] for p in peers if p.get(k) is not None]
         if ours.get(k) is None or not vals:
             continue
-        best = min(vals) if k in _LOWER else max(vals)
+        best = _best(k, vals)
         out[k] = 100.0 * (ours[k] - best) / best if best else 0.0
     return out
 
@@ -697,8 +702,7 @@ def _seeds_ahead(ours: dict[str, Any], peers: list[dict[str, Any]]) -> str:
             vals = [t[k][i] for t in theirs if len(t.get(k) or []) > i and t[k][i] is not None]
             if x is None or not vals:
                 continue
-            best = min(vals) if k in _LOWER else max(vals)
-            ahead += (x <= best) if k in _LOWER else (x >= best)
+            ahead += _best(k, [x, *vals]) == x  # at least as good as the better peer
         cells.append(f"{ahead}/{len(xs)}")
     return " · ".join(cells)
 

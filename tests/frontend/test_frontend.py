@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from dynamo_ext.plugins.vllm.fleet import LocalFleet
@@ -144,11 +145,6 @@ def test_openai_client_completions_and_chat(fleet) -> None:
     assert text == chat.choices[0].message.content
 
 
-def _environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return dict(x.decode().split("=", 1) for x in raw if b"=" in x)
-
-
 def test_every_engine_gets_its_share_of_the_cores(fleet) -> None:
     """Three engines and the reference on this machine: each engine process starts with
     OMP_NUM_THREADS of its share (torch's default, a thread per core each, oversubscribes
@@ -160,7 +156,7 @@ def test_every_engine_gets_its_share_of_the_cores(fleet) -> None:
     assert fleet.threads_env() == {"OMP_NUM_THREADS": str(want)}
     for srv in [w.server for w in fleet.workers] + [fleet.reference]:
         assert srv.pid is not None
-        assert _environ(srv.pid).get("OMP_NUM_THREADS") == str(want)
+        assert psutil.Process(srv.pid).environ().get("OMP_NUM_THREADS") == str(want)
 
 
 def test_disaggregated_equals_aggregated(fleet) -> None:
