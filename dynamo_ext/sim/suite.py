@@ -31,6 +31,7 @@ import dataclasses
 import json
 import os
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -707,6 +708,45 @@ def _seeds_ahead(ours: dict[str, Any], peers: list[dict[str, Any]]) -> str:
     return " · ".join(cells)
 
 
+def _paired(ours: dict[str, Any], peers: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Per verdict figure, ours against the better peer row seed by seed, as signed
+    percentages (``_versus``'s sign): their mean and sample standard deviation over the
+    seeds. Empty for a single run."""
+    mine = ours.get("per_seed")
+    theirs = [p["per_seed"] for p in peers if p.get("per_seed")]
+    out: dict[str, tuple[float, float]] = {}
+    if not mine or not theirs:
+        return out
+    for k in PER_SEED:
+        ds = []
+        for i, x in enumerate(mine.get(k) or []):
+            vals = [t[k][i] for t in theirs if len(t.get(k) or []) > i and t[k][i] is not None]
+            if x is None or not vals:
+                continue
+            best = _best(k, vals)
+            ds.append(100.0 * (x - best) / best if best else 0.0)
+        if len(ds) > 1:
+            out[k] = (statistics.fmean(ds), statistics.stdev(ds))
+    return out
+
+
+def _paired_text(paired: dict[str, tuple[float, float]]) -> str:
+    if not paired:
+        return "-"
+    return " · ".join(
+        f"{paired[k][0]:+.1f} ± {paired[k][1]:.1f}" if k in paired else "-" for k in PER_SEED
+    )
+
+
+def _within_spread(v: dict[str, float], paired: dict[str, tuple[float, float]]) -> bool:
+    """Every figure where ours is worse is worse by no more than one standard deviation of
+    its seed-by-seed difference: a trail the seeds cannot tell from none."""
+    worse = [k for k in PER_SEED if (v.get(k, 0.0) > 0.0) == (k in _LOWER) and v.get(k, 0.0)]
+    return bool(worse) and all(
+        k in paired and abs(paired[k][0]) <= paired[k][1] for k in worse
+    )
+
+
 def _imbalance(ours: dict[str, Any], peers: list[dict[str, Any]]) -> str:
     """Busiest worker's routed tokens over the mean: ours / Dynamo's default row."""
     mine, theirs = ours.get("load_imbalance"), peers[0].get("load_imbalance")
@@ -739,13 +779,16 @@ def _verdict_markdown(res: dict[str, Any]) -> list[str]:
         "of the run's makespan, vLLM's definition, so where both meet the SLOs with every "
         "request, as the SLO attainment column shows, a goodput difference is the last "
         "request's finish, and still counts here; seeds ahead: in how many of the workload's "
-        "seeds ours is at least as good as Dynamo's better row of that seed, per figure; load "
-        "imbalance: the busiest worker's routed tokens over the mean, ours / Dynamo's "
-        "default):",
+        "seeds ours is at least as good as Dynamo's better row of that seed, per figure; "
+        "seed by seed: ours against that row in each seed, the mean ± standard deviation of "
+        "the percentages over the seeds (a trail no larger than its deviation is marked "
+        "within seed spread, and still counts as a trail); load imbalance: the busiest "
+        "worker's routed tokens over the mean, ours / Dynamo's default):",
         "",
         "| workload / load | TTFT p50 | TTFT p99 | goodput | SLO attainment ours / Dynamo "
-        "| verdict | ours hit / limit | seeds ahead p50 · p99 · goodput | load imbalance |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| verdict | ours hit / limit | seeds ahead p50 · p99 · goodput "
+        "| seed by seed, % p50 · p99 · goodput | load imbalance |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     missed: list[str] = []
     for name, pol in rows:
@@ -755,14 +798,19 @@ def _verdict_markdown(res: dict[str, Any]) -> list[str]:
             continue
         v = _versus(ours, peers)
         lead = all(v.get(k, 0.0) <= 0.0 for k in _LOWER) and v.get("goodput_req_s", 0.0) >= 0.0
+        paired = _paired(ours, peers)
+        verdict = "leads"
         if not lead:
             missed.append(name)
+            verdict = "**trails**"
+            if _within_spread(v, paired):
+                verdict += " (within seed spread)"
         out.append(
             f"| {name} | {v.get('ttft_p50_ms', 0.0):+.1f}% | {v.get('ttft_p99_ms', 0.0):+.1f}% | "
             f"{v.get('goodput_req_s', 0.0):+.1f}% | {_attainment(ours, peers)} | "
-            f"{'leads' if lead else '**trails**'} | "
+            f"{verdict} | "
             f"{_cell(ours.get('hit_rate_of_limit'), '{:.2f}')} | "
-            f"{_seeds_ahead(ours, peers)} | {_imbalance(ours, peers)} |"
+            f"{_seeds_ahead(ours, peers)} | {_paired_text(paired)} | {_imbalance(ours, peers)} |"
         )
     st = res["sample_trace"]["policies"]
     lines = ["", "Targets:"]

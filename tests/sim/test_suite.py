@@ -99,8 +99,8 @@ def test_the_verdict_is_computed_from_the_rows_and_names_every_miss() -> None:
     }
     chat["dynamo_core"]["load_imbalance"] = 1.1
     text = "\n".join(suite._verdict_markdown(res))
-    assert "| leads | 0.50 | 2/2 · 1/2 · 2/2 | 1.30 / 1.10 |" in text
-    assert "| **trails** | 0.90 | - | - |" in text  # one run, no imbalance given
+    assert "| leads | 0.50 | 2/2 · 1/2 · 2/2 | -9.2 ± 1.2 · -4.8 ± 13.5 · +0.0 ± 0.0 | 1.30 / 1.10 |" in text
+    assert "| **trails** | 0.90 | - | - | - |" in text  # one run, no imbalance given
     assert "| sample trace, CPU tier | -16.7% | -7.7% | +9.1% |" in text
     assert "with a CPU tier on every engine: 0.87 of the limit (met)" in text
     assert "| sample trace | -16.7% | +14.3% | -9.1% | 95.0% / 100.0% | **trails** | 0.90 |" in text
@@ -117,6 +117,25 @@ def test_the_verdict_is_computed_from_the_rows_and_names_every_miss() -> None:
     res["sample_trace"]["policies"]["kv"]["fleet_cache_limit_hit_rate"] = 0.6
     assert "whoever routes" not in "\n".join(suite._verdict_markdown(res))
     assert "**not met** on sample trace" in text and "chat / low" not in text.split("not met")[-1]
+
+
+def test_a_trail_inside_the_seeds_spread_is_marked_and_still_a_miss() -> None:
+    """Seed by seed differences as mean ± deviation; a worse figure whose mean is no larger
+    than its deviation is marked, and the row still trails (the target is still missed)."""
+    ours = _row(101, 100, 5)
+    peer = _row(100, 100, 5)
+    ours["per_seed"] = {"ttft_p50_ms": [90, 113], "ttft_p99_ms": [100, 100], "goodput_req_s": [5, 5]}
+    peer["per_seed"] = {"ttft_p50_ms": [100, 100], "ttft_p99_ms": [100, 100], "goodput_req_s": [5, 5]}
+    res = {
+        "sample_trace": {"policies": {"kv": _row(1, 1, 1), "dynamo_core": _row(1, 1, 1)}},
+        "generated": {"chat": {"loads": {"low": {"policies": {"kv": ours, "dynamo_core": peer}}}}},
+    }
+    text = "\n".join(suite._verdict_markdown(res))
+    assert "| **trails** (within seed spread) | 0.50 | 1/2 · 2/2 · 2/2 | +1.5 ± 16.3 · +0.0 ± 0.0 · +0.0 ± 0.0 |" in text
+    assert "**not met** on chat / low" in text
+    ours["per_seed"]["ttft_p50_ms"] = [101, 101]  # worse in every seed: no spread to hide in
+    text = "\n".join(suite._verdict_markdown(res))
+    assert "| **trails** | 0.50 | 0/2 · 2/2 · 2/2 | +1.0 ± 0.0 ·" in text
 
 
 def test_mean_figures_keep_the_verdict_figures_per_seed() -> None:
