@@ -263,6 +263,9 @@ class Frontend:
         self.admission = Admission(
             cfg.max_concurrent_requests, cfg.max_queued_requests, cfg.queue_timeout_s
         )
+        # Read at scrape time: a request waiting for its slot shows as queued while it
+        # waits (set on admission only, the gauge showed the queue as of the last admitted).
+        self.metrics.queued.labels(cfg.model_name).set_function(lambda: self.admission.waiting)
         self.fleet = _WorkerView(self)
         self._pool = ThreadPoolExecutor(cfg.tokenizer_threads, thread_name_prefix="tokenize")
         self.app = self._build()
@@ -503,7 +506,6 @@ class Frontend:
         except ApiError as exc:
             m.rejected.labels(model, exc.code or "admission").inc()
             raise
-        m.queued.labels(model).set(self.admission.waiting)
         released = False
 
         def release() -> None:

@@ -71,6 +71,7 @@ def fleet(tiny_model: Path, tmp_path_factory) -> Iterator[LocalFleet]:
         decode=1,
         workdir=tmp_path_factory.mktemp("surface"),
         served_model_name=MODEL,
+        engine_threads=None,  # each engine its share of the cores
     )
     try:
         f.start()
@@ -403,17 +404,31 @@ def test_deadline_is_504_and_aborts(fleet) -> None:
 
 
 def test_bounded_concurrency_queues_then_429(fleet) -> None:
-    body = {"model": MODEL, "prompt": SHORT, "max_tokens": 150, "ignore_eos": True}
+    """2 in flight, 1 queued, the rest refused at once. The refusals are sent only once the
+    frontend's gauges show the first three admitted and queued, so the test holds however
+    fast the engines decode (requests long enough to outlast the wait)."""
+    body = {"model": MODEL, "prompt": SHORT, "max_tokens": 1500, "ignore_eos": True}
     results: list[httpx.Response] = []
 
     def ask() -> None:
         results.append(httpx.post(fleet.url + "/v1/completions", json=body, timeout=300))
 
-    threads = [threading.Thread(target=ask) for _ in range(5)]
-    for t in threads:
+    first = [threading.Thread(target=ask) for _ in range(3)]
+    for t in first:
         t.start()
         time.sleep(0.15)
-    for t in threads:
+    deadline = time.monotonic() + 30
+    while (
+        metric(fleet.url, "dynamo_frontend_inflight_requests"),
+        metric(fleet.url, "dynamo_ext_frontend_queued_requests"),
+    ) != (2, 1):
+        assert time.monotonic() < deadline, "the frontend never held 2 in flight and 1 queued"
+        assert len(results) == 0, [r.status_code for r in results]  # none may finish yet
+        time.sleep(0.05)
+    more = [threading.Thread(target=ask) for _ in range(2)]
+    for t in more:
+        t.start()
+    for t in first + more:
         t.join()
     codes = sorted(r.status_code for r in results)
     assert codes == [200, 200, 200, 429, 429], codes  # 2 in flight, 1 queued, 2 refused
