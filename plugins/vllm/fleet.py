@@ -83,11 +83,11 @@ class LocalFleet:
     # True: no router process; the frontend embeds the router (routing_backend embedded)
     # with router_config, bound where the workers register
     embedded_router: bool = False
-    # OpenMP threads of each engine: None, the machine's cores over the fleet's engines
-    # (``engine_threads_env``: what ``sim.calibrate`` measured, and ``bench simcheck``'s
-    # fleet); 0, torch's default, a thread per core for every engine (the tests' fleets
-    # were tuned on it; several engines then oversubscribe the cores)
-    engine_threads: int | None = 0
+    # OpenMP threads of each engine: None (default), the machine's cores over the fleet's
+    # engines (``engine_threads_env``: what ``sim.calibrate`` measured); 0, torch's
+    # default, a thread per core for every engine (several engines then oversubscribe the
+    # cores: decode steps 5.5-79 ms where one engine alone took 5.5); N, N each
+    engine_threads: int | None = None
     router: RouterProc | None = None
     router_endpoint: str = ""
     workers: list[Worker] = field(default_factory=list)
