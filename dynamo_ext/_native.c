@@ -503,9 +503,11 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
-    u64seg seg[U64_NSEG];
+    /* beside the header: len() of a worker's map (the scorer's probe of its active blocks,
+     * most often empty) costs no miss past the one its type check takes */
     Py_ssize_t used;
     PyObject *other; /* dict, or NULL while empty */
+    u64seg seg[U64_NSEG];
 } U64Map;
 
 static PyTypeObject U64MapType;
@@ -521,19 +523,48 @@ static inline uint64_t u64_mix(uint64_t k) {
 
 static inline u64seg *u64_seg(U64Map *m, uint64_t z) { return &m->seg[z >> (64 - U64_SEGBITS)]; }
 
-static inline void u64_prefetch(U64Map *m, uint64_t k) {
-    uint64_t z = u64_mix(k);
+static inline void u64_prefetch_z(U64Map *m, uint64_t z) {
     u64seg *g = u64_seg(m, z);
     if (g->slots != NULL) {
         __builtin_prefetch(&g->slots[z & g->mask], 1);
     }
 }
 
+static inline void u64_prefetch(U64Map *m, uint64_t k) { u64_prefetch_z(m, u64_mix(k)); }
+
 /* 1: ``o`` is an int in [0, 2**64) (in *out); 0: not one; -1: error. */
 static int as_u64(PyObject *o, uint64_t *out) {
     if (!PyLong_Check(o)) {
         return 0;
     }
+#if PY_VERSION_HEX < 0x030C0000 && PyLong_SHIFT == 30
+    /* 3.11's layout, read in place (three calls into libpython per key otherwise): ob_size
+     * counts the 30-bit digits, low first, and is negative for a negative int. A normalized
+     * int's top digit is nonzero: 4 digits are past 2**90. */
+    {
+        const digit *d = ((PyLongObject *)o)->ob_digit;
+        switch (Py_SIZE(o)) {
+        case 0:
+            *out = 0;
+            return 1;
+        case 1:
+            *out = d[0];
+            return 1;
+        case 2:
+            *out = (uint64_t)d[0] | (uint64_t)d[1] << PyLong_SHIFT;
+            return 1;
+        case 3:
+            if (d[2] >> (64 - 2 * PyLong_SHIFT)) {
+                return 0;
+            }
+            *out = (uint64_t)d[0] | (uint64_t)d[1] << PyLong_SHIFT |
+                   (uint64_t)d[2] << (2 * PyLong_SHIFT);
+            return 1;
+        default:
+            return 0; /* negative, or past 2**64 */
+        }
+    }
+#else
     if (_PyLong_Sign(o) < 0 || _PyLong_NumBits(o) > 64) {
         return 0;
     }
@@ -545,6 +576,7 @@ static int as_u64(PyObject *o, uint64_t *out) {
     }
     *out = v;
     return 1;
+#endif
 }
 
 static inline u64slot *u64_find(U64Map *m, uint64_t k) {
@@ -613,8 +645,7 @@ static inline int u64_put(U64Map *m, uint64_t k, uint64_t v) {
     return 0;
 }
 
-static void u64_erase(U64Map *m, u64slot *s) {
-    u64seg *g = u64_seg(m, u64_mix(s->key));
+static void u64_erase_in(U64Map *m, u64seg *g, u64slot *s) {
     size_t i = (size_t)(s - g->slots);
     size_t j = i;
     for (;;) {
@@ -634,6 +665,8 @@ static void u64_erase(U64Map *m, u64slot *s) {
     g->used--;
     m->used--;
 }
+
+static void u64_erase(U64Map *m, u64slot *s) { u64_erase_in(m, u64_seg(m, u64_mix(s->key)), s); }
 
 static void u64_free_all(U64Map *m) {
     for (int gi = 0; gi < U64_NSEG; gi++) {
@@ -946,6 +979,272 @@ fail:
     return NULL;
 }
 
+/* ---- U64Map as a counter: ActiveSequences' block_refs (hash -> requests holding it) --
+ *
+ * A route of a 4k-token prompt counts its 256 block hashes up on the chosen worker and its
+ * finish counts them down: in Python, Counter's C loop (a dict insert and an int object per
+ * block, and the dict's resizes from empty) and an interpreted loop of three dict
+ * operations per block cost ~60 us of a route. The scorer's in-flight credit asks how far
+ * a prompt runs through a worker's active blocks, Dynamo's cost how many are new to it.
+ *
+ * Each method equals its Python reference in router/sequences.py on a dict, error and
+ * partial effect included (tests/router/test_native.py): keys are taken in order, and a
+ * key that fails (count_down of an absent one: KeyError) leaves the keys before it done
+ * and those after it untouched, as the loop would. Keys and values outside the table's
+ * range go through ``other`` with Python's own arithmetic. */
+
+/* Keys converted a batch at a time, so that their slots are prefetched while earlier keys
+ * wait on theirs; one miss per key on a table out of cache otherwise. */
+#define U64_BATCH 32
+
+typedef struct {
+    PyObject *fast; /* the keys (PySequence_Fast) */
+    Py_ssize_t lo, hi; /* keys[lo:hi] are converted */
+    uint64_t key[U64_BATCH], z[U64_BATCH]; /* keys[lo + j] and its mixed hash */
+    char ok[U64_BATCH]; /* 0: keys[lo + j] is not an int in [0, 2**64) */
+} u64batch;
+
+static void u64_batch_load(U64Map *m, u64batch *b, Py_ssize_t i, Py_ssize_t size) {
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(b->fast);
+    PyObject **items = PySequence_Fast_ITEMS(b->fast);
+    b->lo = i;
+    b->hi = n - i < size ? n : i + size;
+    for (Py_ssize_t j = i; j < b->hi; j++) {
+        uint64_t *k = &b->key[j - i];
+        int r = as_u64(items[j], k);
+        if (r < 0) {
+            /* the slow path converts it again, in its turn: the error comes in order */
+            PyErr_Clear();
+            r = 0;
+        }
+        b->ok[j - i] = (char)r;
+        if (r) {
+            b->z[j - i] = u64_mix(*k);
+            u64_prefetch_z(m, b->z[j - i]);
+        }
+    }
+}
+
+/* k's slot in its segment g (z: its mixed hash), else the empty slot that ends its probe
+ * run (val U64_EMPTY); NULL while g has no table. */
+static inline u64slot *u64_probe(u64seg *g, uint64_t k, uint64_t z) {
+    if (g->slots == NULL) {
+        return NULL;
+    }
+    for (size_t i = (size_t)z & g->mask;; i = (i + 1) & g->mask) {
+        u64slot *s = &g->slots[i];
+        if (s->val == U64_EMPTY || s->key == k) {
+            return s;
+        }
+    }
+}
+
+static inline int u64_other_empty(U64Map *m) {
+    return m->other == NULL || PyDict_GET_SIZE(m->other) == 0;
+}
+
+/* The slow path runs Python code (a value's __add__, a key's __hash__ or __eq__) that may
+ * change the keys' list: take the key anew, hold it, and reconvert what follows. */
+static PyObject *u64_batch_take(u64batch *b, Py_ssize_t i) {
+    PyObject *k = PySequence_Fast_GET_ITEM(b->fast, i);
+    Py_INCREF(k);
+    b->hi = i + 1;
+    return k;
+}
+
+static int u64_batch_open(u64batch *b, PyObject *keys, const char *what) {
+    b->fast = PySequence_Fast(keys, what);
+    b->lo = b->hi = 0;
+    return b->fast == NULL ? -1 : 0;
+}
+
+/* refs[k] = refs.get(k, 0) + 1 (up) or c = refs[k] - 1; refs[k] = c if c else del refs[k],
+ * for any key and value: 0 or -1 on error. */
+static int u64map_count_slow(U64Map *m, PyObject *k, int up) {
+    u64slot *s;
+    PyObject *v = u64map_lookup(m, k, &s);
+    if (v == NULL) {
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+        if (!up) {
+            _PyErr_SetKeyError(k);
+            return -1;
+        }
+        v = PyLong_FromLong(0);
+        if (v == NULL) {
+            return -1;
+        }
+    }
+    PyObject *one = PyLong_FromLong(1);
+    if (one == NULL) {
+        Py_DECREF(v);
+        return -1;
+    }
+    PyObject *c = up ? PyNumber_Add(v, one) : PyNumber_Subtract(v, one);
+    Py_DECREF(one);
+    Py_DECREF(v);
+    if (c == NULL) {
+        return -1;
+    }
+    int rc, keep = up ? 1 : PyObject_IsTrue(c);
+    if (keep < 0) {
+        rc = -1;
+    } else if (keep) {
+        rc = u64map_set(m, k, c);
+    } else {
+        rc = u64map_ass(m, k, NULL); /* KeyError if the arithmetic above took it away */
+    }
+    Py_DECREF(c);
+    return rc;
+}
+
+/* k in refs for a key batch-converted or not (rk): 1, 0, or -1 on error. */
+static int u64map_has(U64Map *m, PyObject *k, int rk, uint64_t kk) {
+    if (rk && u64_find(m, kk) != NULL) {
+        return 1;
+    }
+    if (u64_other_empty(m)) {
+        /* a dict refuses an unhashable key even when empty */
+        return rk || PyObject_Hash(k) != -1 || !PyErr_Occurred() ? 0 : -1;
+    }
+    return PyDict_Contains(m->other, k);
+}
+
+static PyObject *u64map_count(U64Map *m, PyObject *const *args, Py_ssize_t nargs, int up) {
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, up ? "count_up(keys)" : "count_down(keys)");
+        return NULL;
+    }
+    u64batch b;
+    if (u64_batch_open(&b, args[0], "keys must be a sequence") < 0) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(b.fast); i++) {
+        if (i >= b.hi) {
+            u64_batch_load(m, &b, i, U64_BATCH);
+        }
+        Py_ssize_t j = i - b.lo;
+        if (b.ok[j]) {
+            uint64_t k = b.key[j];
+            u64seg *g = u64_seg(m, b.z[j]);
+            u64slot *s = u64_probe(g, k, b.z[j]);
+            if (s == NULL || s->val == U64_EMPTY) {
+                /* new, unless ``other`` holds it (with a value outside the table's range) */
+                if (up && u64_other_empty(m)) {
+                    if (s != NULL && (g->used + 1) * 10 <= (g->mask + 1) * 7) {
+                        s->key = k; /* the end of its probe run: u64_put's slot */
+                        s->val = 1;
+                        g->used++;
+                        m->used++;
+                    } else if (u64_put(m, k, 1) < 0) { /* grows first */
+                        goto fail;
+                    }
+                    continue;
+                }
+            } else if (up && s->val + 1 != U64_EMPTY) {
+                s->val++;
+                continue;
+            } else if (!up && s->val > 1) {
+                s->val--;
+                continue;
+            } else if (!up && s->val == 1) {
+                u64_erase_in(m, g, s);
+                continue;
+            }
+            /* else a count leaving the table's range (0 - 1, 2**64 - 2 + 1): the slow path */
+        }
+        PyObject *k = u64_batch_take(&b, i);
+        int rc = u64map_count_slow(m, k, up);
+        Py_DECREF(k);
+        if (rc < 0) {
+            goto fail;
+        }
+    }
+    Py_DECREF(b.fast);
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(b.fast);
+    return NULL;
+}
+
+static PyObject *u64map_count_up(U64Map *m, PyObject *const *args, Py_ssize_t nargs) {
+    return u64map_count(m, args, nargs, 1);
+}
+
+static PyObject *u64map_count_down(U64Map *m, PyObject *const *args, Py_ssize_t nargs) {
+    return u64map_count(m, args, nargs, 0);
+}
+
+/* The first k in [start, min(stop, len(keys))) whose key is absent (``stop`` clamped when
+ * all are there): 0..n, or -1 on error. ``absent`` instead counts the absent keys of all. */
+static Py_ssize_t u64map_scan(U64Map *m, u64batch *b, Py_ssize_t start, Py_ssize_t stop,
+                              int absent) {
+    Py_ssize_t count = 0, i;
+    for (i = start; i < stop && i < PySequence_Fast_GET_SIZE(b->fast); i++) {
+        if (i >= b->hi) {
+            /* a run mostly ends at its first key (the scorer's probe of a worker): convert
+             * a few first, the rest once it goes on */
+            u64_batch_load(m, b, i, i == start && !absent ? 4 : U64_BATCH);
+        }
+        Py_ssize_t j = i - b->lo;
+        u64slot *s = b->ok[j] ? u64_probe(u64_seg(m, b->z[j]), b->key[j], b->z[j]) : NULL;
+        int in = s != NULL && s->val != U64_EMPTY;
+        if (!in && !(b->ok[j] && u64_other_empty(m))) {
+            PyObject *k = u64_batch_take(b, i);
+            in = u64map_has(m, k, b->ok[j], b->key[j]);
+            Py_DECREF(k);
+            if (in < 0) {
+                return -1;
+            }
+        }
+        if (!in) {
+            if (!absent) {
+                return i;
+            }
+            count++;
+        }
+    }
+    return absent ? count : i;
+}
+
+static PyObject *u64map_run_in(U64Map *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 2 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "run_in(keys, start[, stop])");
+        return NULL;
+    }
+    Py_ssize_t start = PyNumber_AsSsize_t(args[1], PyExc_OverflowError);
+    if (start == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t stop = PY_SSIZE_T_MAX;
+    if (nargs == 3 && (stop = PyNumber_AsSsize_t(args[2], PyExc_OverflowError)) == -1 &&
+        PyErr_Occurred()) {
+        return NULL;
+    }
+    if (start < 0 || stop < 0) {
+        PyErr_SetString(PyExc_ValueError, "run_in: start and stop must be >= 0");
+        return NULL;
+    }
+    u64batch b;
+    if (u64_batch_open(&b, args[0], "keys must be a sequence") < 0) {
+        return NULL;
+    }
+    Py_ssize_t k = u64map_scan(m, &b, start, stop, 0);
+    Py_DECREF(b.fast);
+    return k < 0 ? NULL : PyLong_FromSsize_t(k);
+}
+
+static PyObject *u64map_count_absent(U64Map *m, PyObject *keys) {
+    u64batch b;
+    if (u64_batch_open(&b, keys, "keys must be a sequence") < 0) {
+        return NULL;
+    }
+    Py_ssize_t n = u64map_scan(m, &b, 0, PY_SSIZE_T_MAX, 1);
+    Py_DECREF(b.fast);
+    return n < 0 ? NULL : PyLong_FromSsize_t(n);
+}
+
 static PyMethodDef u64map_methods[] = {
     {"get", (PyCFunction)(void (*)(void))u64map_get, METH_FASTCALL, "get(key, default=None)"},
     {"pop", (PyCFunction)(void (*)(void))u64map_pop, METH_FASTCALL, "pop(key[, default])"},
@@ -954,6 +1253,16 @@ static PyMethodDef u64map_methods[] = {
     {"values", (PyCFunction)u64map_values, METH_NOARGS, "The values, as a list."},
     {"items", (PyCFunction)u64map_items, METH_NOARGS, "The (key, value) pairs, as a list."},
     {"update", (PyCFunction)u64map_update, METH_O, "update(mapping or iterable of pairs)"},
+    {"count_up", (PyCFunction)(void (*)(void))u64map_count_up, METH_FASTCALL,
+     "count_up(keys): for each key in turn, self[key] = self.get(key, 0) + 1."},
+    {"count_down", (PyCFunction)(void (*)(void))u64map_count_down, METH_FASTCALL,
+     "count_down(keys): for each key in turn, self[key] -= 1, deleted at 0; KeyError at an "
+     "absent key, the keys before it taken."},
+    {"run_in", (PyCFunction)(void (*)(void))u64map_run_in, METH_FASTCALL,
+     "run_in(keys, start[, stop]): the first k >= start with keys[k] not in self, "
+     "min(stop, len(keys)) when there is none (start if start is past it)."},
+    {"count_absent", (PyCFunction)u64map_count_absent, METH_O,
+     "count_absent(keys): how many of keys (duplicates each) are not in self."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2983,11 +3292,13 @@ native_kv_pick(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
                 if (refs == NULL) {
                     return NULL;
                 }
-                if (!PyDict_Check(refs)) {
+                /* a dict, or the U64Map that ActiveSequences keeps where this module runs */
+                int is_map = PyObject_TypeCheck(refs, &U64MapType);
+                if (!is_map && !PyDict_Check(refs)) {
                     Py_DECREF(refs);
                     Py_RETURN_NONE;
                 }
-                if (PyDict_GET_SIZE(refs) == 0) {
+                if ((is_map ? u64map_len((U64Map *)refs) : PyDict_GET_SIZE(refs)) == 0) {
                     Py_DECREF(refs);
                     continue;
                 }
@@ -3008,7 +3319,20 @@ native_kv_pick(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
                     Py_RETURN_NONE;
                 }
                 Py_ssize_t k = (Py_ssize_t)g;
-                while (k < nh) {
+                if (is_map) {
+                    u64batch kb;
+                    if (u64_batch_open(&kb, hashes, "hashes must be a sequence") < 0) {
+                        Py_DECREF(refs);
+                        return NULL;
+                    }
+                    k = u64map_scan((U64Map *)refs, &kb, k, nh, 0);
+                    Py_DECREF(kb.fast);
+                    if (k < 0) {
+                        Py_DECREF(refs);
+                        return NULL;
+                    }
+                }
+                while (!is_map && k < nh) {
                     int in = PyDict_Contains(refs, PyList_GET_ITEM(hashes, k));
                     if (in < 0) {
                         Py_DECREF(refs);

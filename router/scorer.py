@@ -25,7 +25,7 @@ from dynamo_ext import native
 from dynamo_ext.config import ScorerConfig
 from dynamo_ext.protocol import MEDIUM_GPU, WorkerMetrics, WorkerScore
 from dynamo_ext.router.indexer import PrefixMatches
-from dynamo_ext.router.sequences import WorkerLoad
+from dynamo_ext.router.sequences import WorkerLoad, run_in
 
 
 @dataclass(slots=True)
@@ -225,8 +225,8 @@ class Scorer:
                 if not refs:
                     continue
                 k = g = gpu.get(c.worker_id, 0)
-                while k < n and hashes[k] in refs:
-                    k += 1
+                if k < n and hashes[k] in refs:  # the usual run ends here: no call
+                    k = run_in(refs, hashes, k + 1, n)
                 if k > g:
                     costs[j] -= ow * (k - g)
         return costs
@@ -396,8 +396,8 @@ class Scorer:
                 if not refs:
                     continue
                 k = g = gpu.get(wid, 0)
-                while k < n and hashes[k] in refs:
-                    k += 1
+                if k < n and hashes[k] in refs:  # the usual run ends here: no call
+                    k = run_in(refs, hashes, k + 1, n)
                 if k > g:
                     c = own.get(j)
                     own[j] = (base[j] + ow_n if c is None else c) - ow * (k - g)

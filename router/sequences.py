@@ -8,13 +8,19 @@ once. Entries expire after a TTL so a caller that dies never leaves phantom load
 Given the request's block hashes (``add(..., hashes=)``), a worker's load also counts each
 active block once (``WorkerLoad.unique_blocks``), as Dynamo's active-sequence tracker does:
 ten running requests that share a 100-block prefix hold 100 blocks of it, not 1000.
+Those counts (``block_refs``) live in the extension's ``U64Map`` where it runs: its
+``count_up``/``count_down``/``run_in``/``count_absent`` loops over a prompt's hashes in C;
+the Python loops here are their reference (tests/router/test_native.py).
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
+from typing import Any
+
+from dynamo_ext import native
 
 try:  # Counter.update's C loop: refs[h] = refs.get(h, 0) + 1 for each h, on any dict
     from collections import _count_elements as _count_into  # type: ignore[attr-defined]
@@ -23,6 +29,65 @@ except ImportError:  # pragma: no cover - CPython has it since 3.2
     def _count_into(refs: dict[int, int], hashes: Sequence[int]) -> None:
         for h in hashes:
             refs[h] = refs.get(h, 0) + 1
+
+
+def _new_refs() -> MutableMapping[int, int]:
+    impl = native.IMPL
+    return impl.U64Map() if impl is not None else {}  # type: ignore[no-any-return]
+
+
+def _native_refs(refs: MutableMapping[int, int]) -> Any:
+    """``refs`` when it is a ``U64Map`` and the hot loops run native, else None (the Python
+    loops below, the reference, work on either map)."""
+    impl = native.IMPL
+    return refs if impl is not None and type(refs) is impl.U64Map else None
+
+
+def count_up(refs: MutableMapping[int, int], hashes: Sequence[int]) -> None:
+    """``refs[h] += 1`` for each hash in turn (1 where absent)."""
+    m = _native_refs(refs)
+    if m is not None:
+        m.count_up(hashes)
+    else:
+        _count_into(refs, hashes)
+
+
+def count_down(refs: MutableMapping[int, int], hashes: Sequence[int]) -> None:
+    """``refs[h] -= 1`` for each hash in turn, deleted at 0. An absent hash raises KeyError
+    with the hashes before it taken and those after it not, natively too."""
+    m = _native_refs(refs)
+    if m is not None:
+        m.count_down(hashes)
+        return
+    for h in hashes:
+        c = refs[h] - 1
+        if c:
+            refs[h] = c
+        else:
+            del refs[h]
+
+
+def run_in(refs: MutableMapping[int, int], hashes: Sequence[int], start: int, stop: int) -> int:
+    """The first ``k >= start`` with ``hashes[k]`` not in ``refs``; ``min(stop, len(hashes))``
+    (or ``start`` past it) when the run reaches it."""
+    m = _native_refs(refs)
+    if m is not None:
+        return m.run_in(hashes, start, stop)  # type: ignore[no-any-return]
+    if start < 0 or stop < 0:
+        raise ValueError("run_in: start and stop must be >= 0")
+    stop = min(stop, len(hashes))
+    k = start
+    while k < stop and hashes[k] in refs:
+        k += 1
+    return k
+
+
+def count_absent(refs: MutableMapping[int, int], hashes: Sequence[int]) -> int:
+    """How many of ``hashes`` (each duplicate too) are not in ``refs``."""
+    m = _native_refs(refs)
+    if m is not None:
+        return m.count_absent(hashes)  # type: ignore[no-any-return]
+    return sum(1 for h in hashes if h not in refs)
 
 
 class _Seq:
@@ -46,7 +111,8 @@ class _Seq:
 class WorkerLoad:
     """One worker's reserved load. ``active_blocks`` sums every request's blocks;
     ``block_refs`` counts the requests holding each hashed block (requests added with
-    hashes), ``hashed_blocks`` the blocks so counted, with multiplicity."""
+    hashes; a ``U64Map`` where the extension runs, else a dict), ``hashed_blocks`` the
+    blocks so counted, with multiplicity."""
 
     __slots__ = ("requests", "active_blocks", "prefill_tokens", "block_refs", "hashed_blocks")
 
@@ -54,7 +120,7 @@ class WorkerLoad:
         self.requests = 0
         self.active_blocks = 0
         self.prefill_tokens = 0
-        self.block_refs: dict[int, int] = {}
+        self.block_refs: MutableMapping[int, int] = _new_refs()
         self.hashed_blocks = 0
 
     @property
@@ -67,7 +133,7 @@ class WorkerLoad:
         refs = self.block_refs
         if not refs:
             return len(hashes)
-        return sum(1 for h in hashes if h not in refs)
+        return count_absent(refs, hashes)
 
 
 class ActiveSequences:
@@ -112,7 +178,7 @@ class ActiveSequences:
         wl.active_blocks += blocks
         wl.prefill_tokens += prefill_tokens
         if hashes:
-            _count_into(wl.block_refs, hashes)
+            count_up(wl.block_refs, hashes)
             wl.hashed_blocks += len(hashes)
             holders = self.first_holders.setdefault(hashes[0], {})
             holders[worker_id] = holders.get(worker_id, 0) + 1
@@ -136,13 +202,7 @@ class ActiveSequences:
         wl.active_blocks -= s.blocks
         wl.prefill_tokens -= s.prefill_tokens
         if s.hashes:
-            refs = wl.block_refs
-            for h in s.hashes:
-                c = refs[h] - 1
-                if c:
-                    refs[h] = c
-                else:
-                    del refs[h]
+            count_down(wl.block_refs, s.hashes)
             wl.hashed_blocks -= len(s.hashes)
             self._unhold(s)
         return s.worker_id

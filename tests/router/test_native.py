@@ -6,6 +6,7 @@ ingest. Also: a missing or disabled extension falls back to the reference."""
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from array import array
@@ -32,6 +33,7 @@ from dynamo_ext.protocol import (
 )
 from dynamo_ext.router.indexer import KvIndex
 from dynamo_ext.router.ingest import stored_tokens_py
+from dynamo_ext.router.sequences import count_absent, count_down, count_up, run_in
 from dynamo_ext.router.service import RouterService
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="dynamo_ext._native not built")
@@ -475,6 +477,133 @@ def test_u64map_many_keys_grow_and_delete() -> None:
         hash(m)
     m.clear()
     assert len(m) == 0 and list(m) == [] and m.get(5) is None
+
+
+# ---- U64Map as a counter: ActiveSequences' block_refs ----------------------------------
+EDGES = [0, 1, 2**63 - 1, 2**63, 2**64 - 2, 2**64 - 1, 2**64, 2**64 + 1, -1, -(2**63), -(2**64)]
+REF_KEYS = st.one_of(
+    st.integers(0, 12),  # a small space: duplicates within one call and across calls
+    st.sampled_from(EDGES),
+    st.integers(0, 2**64 - 1),
+    st.integers(-(2**70), 2**70),
+    st.booleans(),  # True is the key 1, as to a dict
+)
+# Stored values that counting takes out of the table's range (0 - 1, 2**64 - 2 + 1) or
+# through Python's arithmetic (a float, a str that refuses it).
+REF_VALUES = st.one_of(st.integers(-2, 3), st.sampled_from(EDGES), st.just(1.5), st.just("x"))
+_PLAIN_KEY_LISTS = st.lists(REF_KEYS, max_size=80)  # past a batch (32)
+REF_KEY_LISTS = st.one_of(
+    _PLAIN_KEY_LISTS,
+    # an unhashable key mid-way
+    _PLAIN_KEY_LISTS.map(lambda ks: ks[: len(ks) // 2] + [[0]] + ks[len(ks) // 2 :]),
+)
+REF_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("up"), _PLAIN_KEY_LISTS),
+        st.tuples(st.just("down"), REF_KEY_LISTS),
+        # keys that are there, then (miss) one that is not, mid-way
+        st.tuples(
+            st.just("down_held"), st.integers(0, 2**16), st.one_of(st.none(), st.sampled_from(EDGES))
+        ),
+        st.tuples(st.just("up"), REF_KEY_LISTS),
+        st.tuples(st.just("run"), REF_KEY_LISTS, st.integers(0, 90), st.integers(0, 90)),
+        st.tuples(st.just("absent"), REF_KEY_LISTS),
+        st.tuples(st.just("set"), REF_KEYS, REF_VALUES),
+        st.tuples(st.just("clear")),
+    ),
+    max_size=40,
+)
+
+
+def _ref_op(m, op: tuple, held: list):  # type: ignore[no-untyped-def]
+    """One counting op on ``m`` (a U64Map runs its C method, a dict the Python reference in
+    router.sequences); the result, or the exception's type and args."""
+    name, *args = op
+    try:
+        if name == "up":
+            count_up(m, args[0])
+        elif name in ("down", "down_held"):
+            count_down(m, held if name == "down_held" else args[0])
+        elif name == "run":
+            return ("ok", run_in(m, args[0], args[1], args[2]))
+        elif name == "absent":
+            return ("ok", count_absent(m, tuple(args[0])))  # a tuple as well as a list
+        elif name == "set":
+            m[args[0]] = args[1]
+        else:
+            m.clear()
+    except (KeyError, TypeError) as e:
+        return (type(e).__name__, e.args if isinstance(e, KeyError) else ())
+    return ("ok",)
+
+
+@settings(max_examples=400, deadline=None)
+@given(REF_OPS)
+def test_u64map_counts_as_the_reference_on_a_dict(ops) -> None:
+    """count_up/count_down/run_in/count_absent natively equal router.sequences' Python loops
+    on a dict after every step: duplicates in one call, keys at the edges of u64 and past
+    them, values counted out of the table's range, and a count_down that meets an absent
+    key (KeyError, the keys before it taken) or an unhashable one."""
+    assert native.IMPL is not None
+    m, d = native.IMPL.U64Map(), {}
+    for op in ops:
+        held: list = []
+        if op[0] == "down_held":  # a release of keys present, duplicates up to their count
+            rng = random.Random(op[1])
+            held = [k for k, c in d.items() if type(c) is int and c > 0 for _ in range(min(c, 3))]
+            held = rng.sample(held, rng.randint(0, len(held)))
+            if op[2] is not None and op[2] not in d:
+                held.insert(rng.randint(0, len(held)), op[2])
+        assert _ref_op(m, op, held) == _ref_op(d, op, held), op
+        assert len(m) == len(d) and dict(m) == d, op
+        assert {k: type(v) for k, v in m.items()} == {k: type(v) for k, v in d.items()}
+
+
+def test_u64map_counting_refuses_bad_arguments() -> None:
+    assert native.IMPL is not None
+    m = native.IMPL.U64Map()
+    m.count_up(range(3))  # any sequence
+    assert dict(m) == {0: 1, 1: 1, 2: 1}
+    for call in (
+        lambda: m.count_up(5),
+        lambda: m.count_down(None),
+        lambda: m.count_absent(7),
+        lambda: m.run_in(3, 0),
+        lambda: m.count_up(),
+        lambda: m.run_in([1]),
+        lambda: m.run_in([1], "0"),
+    ):
+        with pytest.raises(TypeError):
+            call()  # type: ignore[operator]
+    with pytest.raises(ValueError):
+        m.run_in([0, 1], -1)
+    with pytest.raises(ValueError):
+        run_in({}, [0, 1], -1, 2)
+    assert m.run_in([0, 1, 2, 3], 0) == 3 and m.run_in([0, 1, 2], 1, 2) == 2
+    assert m.run_in([0], 5) == 5 and m.run_in([0, 1], 2, 1) == 2
+
+
+def test_u64map_counting_survives_a_key_that_changes_the_list() -> None:
+    """The slow path runs Python code (a key's __hash__/__eq__): one that empties the keys'
+    list mid-call must leave no dangling read, and count as the loop over the list does."""
+    assert native.IMPL is not None
+
+    class Shrinker:
+        def __init__(self, keys: list) -> None:
+            self.keys = keys
+
+        def __hash__(self) -> int:
+            del self.keys[2:]
+            return 7
+
+        def __eq__(self, other: object) -> bool:
+            return self is other
+
+    for m in (native.IMPL.U64Map(), {}):
+        keys: list = [1, 2]
+        keys += [Shrinker(keys)] + list(range(100, 200))
+        count_up(m, keys)
+        assert sorted(v for v in m.values()) == [1, 1, 1] and len(keys) == 2
 
 
 # ---- the whole tokens-mode ingest, native and reference --------------------------------

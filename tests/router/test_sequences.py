@@ -1,6 +1,10 @@
 from __future__ import annotations
 
-from dynamo_ext.router.sequences import ActiveSequences
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dynamo_ext import native
+from dynamo_ext.router.sequences import ActiveSequences, run_in
 
 
 def test_reserve_prefill_then_finish() -> None:
@@ -54,3 +58,75 @@ def test_first_block_holders_follow_the_requests_in_flight() -> None:
     assert s.first_holders == {11: {"w1": 1}}
     s.expire(now=1e18)
     assert s.first_holders == {}
+
+
+OPS = st.lists(
+    st.one_of(
+        # a prompt of hashes from a small space (shared prefixes, repeats within a prompt),
+        # now and then past u64 or below 0
+        st.tuples(
+            st.just("add"),
+            st.integers(0, 7),
+            st.integers(0, 3),
+            st.one_of(
+                st.none(),
+                st.lists(st.integers(0, 30), max_size=70),
+                st.lists(st.sampled_from([0, 5, 2**64 - 1, 2**64, -3]), max_size=5),
+            ),
+        ),
+        st.tuples(st.just("finish"), st.integers(0, 7), st.just(0), st.none()),
+        st.tuples(st.just("prefill_done"), st.integers(0, 7), st.just(0), st.none()),
+        st.tuples(st.just("drop_worker"), st.just(0), st.integers(0, 3), st.none()),
+        st.tuples(st.just("expire"), st.just(0), st.just(0), st.none()),
+    ),
+    max_size=40,
+)
+
+
+def _run(ops: list, on: bool, probes: list[list[int]]) -> list:
+    """The ops on an ActiveSequences made with the extension on or off, and what the scorer
+    reads of it after each: every worker's counts, new blocks of each probe prompt, the
+    run of each through the active blocks, and first_holders."""
+    old = native.set_enabled(on)
+    try:
+        s = ActiveSequences(ttl_s=60)
+        if on and native.available():
+            assert type(s.load("w0").block_refs) is not dict  # a U64Map
+        seen: list = []
+        for op, r, w, hashes in ops:
+            if op == "add":
+                s.add(f"r{r}", f"w{w}", len(hashes or ()) + 1, 16, hashes=hashes)
+            elif op == "finish":
+                seen.append(s.finish(f"r{r}"))
+            elif op == "prefill_done":
+                seen.append(s.prefill_done(f"r{r}"))
+            elif op == "drop_worker":
+                seen.append(s.drop_worker(f"w{w}"))
+            else:
+                seen.append(s.expire(now=1e18))
+            for i in range(4):
+                ld = s.load(f"w{i}")
+                seen.append(
+                    (
+                        ld.requests,
+                        ld.active_blocks,
+                        ld.prefill_tokens,
+                        ld.unique_blocks,
+                        ld.hashed_blocks,
+                        dict(ld.block_refs),
+                        [ld.new_blocks(p) for p in probes],
+                        [run_in(ld.block_refs, p, k, len(p)) for p in probes for k in (0, 2)],
+                    )
+                )
+            seen.append({h: dict(ws) for h, ws in s.first_holders.items()})
+        return seen
+    finally:
+        native.set_enabled(old)
+
+
+@settings(max_examples=200, deadline=None)
+@given(OPS, st.lists(st.lists(st.integers(0, 30), max_size=70), min_size=1, max_size=3))
+def test_native_block_refs_equal_the_reference(ops: list, probes: list[list[int]]) -> None:
+    """block_refs as a U64Map (count_up/count_down/run_in/count_absent in C) and as a dict
+    (the Python loops) give the same unique_blocks, new_blocks, runs and first_holders."""
+    assert _run(ops, True, probes) == _run(ops, False, probes)
