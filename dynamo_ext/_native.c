@@ -250,8 +250,20 @@ static int mask_words(PyObject *v, uint64_t *w, int nwords) {
     return 0;
 }
 
-static int set_len(PyObject *out, int slot, Py_ssize_t len) {
-    PyObject *k = PyLong_FromLong(slot);
+/* out[key of slot] = len: the slot itself, or ``ids[slot]`` when ``ids`` (a list) is given
+ * (the worker id a caller would otherwise map each slot to in a second pass). */
+static int set_len(PyObject *out, int slot, Py_ssize_t len, PyObject *ids) {
+    PyObject *k;
+    if (ids != NULL) {
+        if (slot >= PyList_GET_SIZE(ids)) {
+            PyErr_SetString(PyExc_IndexError, "walk: a slot past the ids list");
+            return -1;
+        }
+        k = PyList_GET_ITEM(ids, slot);
+        Py_INCREF(k);
+    } else {
+        k = PyLong_FromLong(slot);
+    }
     PyObject *v = PyLong_FromSsize_t(len);
     int rc = (k && v) ? PyDict_SetItem(out, k, v) : -1;
     Py_XDECREF(k);
@@ -259,12 +271,13 @@ static int set_len(PyObject *out, int slot, Py_ssize_t len) {
     return rc;
 }
 
-static int record_bits(PyObject *out, const uint64_t *bits, int nwords, Py_ssize_t len) {
+static int record_bits(PyObject *out, const uint64_t *bits, int nwords, Py_ssize_t len,
+                       PyObject *ids) {
     for (int wi = 0; wi < nwords; wi++) {
         uint64_t x = bits[wi];
         while (x) {
             int b = __builtin_ctzll(x);
-            if (set_len(out, wi * 64 + b, len) < 0) {
+            if (set_len(out, wi * 64 + b, len, ids) < 0) {
                 return -1;
             }
             x &= x - 1;
@@ -324,7 +337,7 @@ native_gpu_walk(PyObject *self, PyObject *args) {
                 goto fail;
             }
             /* no worker holds it: every alive worker stops here */
-            if (i && record_bits(out, alive, nwords, i) < 0) {
+            if (i && record_bits(out, alive, nwords, i, NULL) < 0) {
                 goto fail;
             }
             memset(alive, 0, (size_t)nwords * 8);
@@ -345,7 +358,7 @@ native_gpu_walk(PyObject *self, PyObject *args) {
             any |= nw;
         }
         if (changed) {
-            if (i && record_bits(out, m, nwords, i) < 0) {
+            if (i && record_bits(out, m, nwords, i, NULL) < 0) {
                 goto fail;
             }
             last = NULL;
@@ -356,7 +369,7 @@ native_gpu_walk(PyObject *self, PyObject *args) {
             last = mo;
         }
     }
-    if (i == n && record_bits(out, alive, nwords, n) < 0) {
+    if (i == n && record_bits(out, alive, nwords, n, NULL) < 0) {
         goto fail;
     }
     Py_DECREF(seq);
@@ -2057,8 +2070,14 @@ static PyObject *maskmap_slot_keys(MaskMap *m, PyObject *slot_o) {
 
 /* walk(hashes, alive) -> {slot: prefix_len}: gpu_walk on this table. */
 static PyObject *maskmap_walk(MaskMap *m, PyObject *args) {
-    PyObject *hashes, *alive_obj;
-    if (!PyArg_ParseTuple(args, "OO", &hashes, &alive_obj)) {
+    PyObject *hashes, *alive_obj, *ids = Py_None;
+    if (!PyArg_ParseTuple(args, "OO|O", &hashes, &alive_obj, &ids)) {
+        return NULL;
+    }
+    if (ids == Py_None) {
+        ids = NULL;
+    } else if (!PyList_Check(ids)) {
+        PyErr_SetString(PyExc_TypeError, "walk: ids must be a list or None");
         return NULL;
     }
     uint64_t alive[MAX_WORDS];
@@ -2127,7 +2146,7 @@ static PyObject *maskmap_walk(MaskMap *m, PyObject *args) {
         }
         if (val == 0) {
             /* no worker holds it: every alive worker stops here */
-            if (i && record_bits(out, alive, nwords, i) < 0) {
+            if (i && record_bits(out, alive, nwords, i, ids) < 0) {
                 goto fail;
             }
             memset(alive, 0, (size_t)nwords * 8);
@@ -2148,7 +2167,7 @@ static PyObject *maskmap_walk(MaskMap *m, PyObject *args) {
             any |= nw;
         }
         if (changed) {
-            if (i && record_bits(out, w, nwords, i) < 0) {
+            if (i && record_bits(out, w, nwords, i, ids) < 0) {
                 goto fail;
             }
             last = 0;
@@ -2159,7 +2178,7 @@ static PyObject *maskmap_walk(MaskMap *m, PyObject *args) {
             last = val == (uint64_t)-1 ? 0 : val; /* a mask from ``other``: never skipped */
         }
     }
-    if (i == n && record_bits(out, alive, nwords, n) < 0) {
+    if (i == n && record_bits(out, alive, nwords, n, ids) < 0) {
         goto fail;
     }
     Py_DECREF(seq);
@@ -2387,7 +2406,7 @@ static PyMethodDef maskmap_methods[] = {
     {"slot_keys", (PyCFunction)maskmap_slot_keys, METH_O,
      "slot_keys(slot) -> list[int]: the keys worker slot holds."},
     {"walk", (PyCFunction)maskmap_walk, METH_VARARGS,
-     "walk(hashes, alive) -> dict[int, int]: slot -> prefix length (gpu_walk)."},
+     "walk(hashes, alive, ids=None) -> dict: slot (or ids[slot]) -> prefix length (gpu_walk)."},
     {"wide_masks", (PyCFunction)maskmap_wide_masks, METH_NOARGS,
      "wide_masks() -> int: distinct interned masks of two or more workers past slot 62."},
     {"get", (PyCFunction)(void (*)(void))maskmap_get, METH_FASTCALL, "get(key, default=None)"},

@@ -345,6 +345,9 @@ class KvIndex:
         impl = native.IMPL
         d = self._tiers[MEDIUM_GPU]
         table = _native_table(d)
+        if table is not None and len(self._tiers) == 1:
+            # GPU only (no offload walk needs the slots): keyed by worker id in C.
+            return PrefixMatches(table.walk(hashes, alive, ids), {}, n)
         if table is not None:
             gpu_len = table.walk(hashes, alive)
         elif impl is not None and type(d) is dict:

@@ -165,7 +165,12 @@ def test_table_behaves_as_a_dict(ops: list, walk: list[int], alive: int) -> None
     assert all(m.get(k) == d.get(k) and (k in m) == (k in d) for k in range(-3, 51))
     ix = KvIndex()
     ix._tiers["GPU"] = d  # the Python walk, over the dict model
-    assert m.walk(walk, alive) == _under(False, lambda: ix.gpu_walk_py(walk, alive))
+    by_slot = _under(False, lambda: ix.gpu_walk_py(walk, alive))
+    assert m.walk(walk, alive) == by_slot
+    # Keyed by worker id in C: what find_matches made of the slots in Python.
+    ids = [f"w{i}" for i in range(151)]
+    assert m.walk(walk, alive, ids) == {ids[s]: n for s, n in by_slot.items()}
+    assert m.walk(walk, alive, None) == by_slot
     # Every interned wide mask is released with the last block that used it.
     for k in list(d):
         del m[k]
@@ -186,6 +191,12 @@ def test_table_refuses_what_is_not_a_mask() -> None:
         m.store([[1]], 0)  # an unhashable key, as a dict says
     with pytest.raises(ValueError):
         m.walk([1], -1)
+    m.store([1], 3)
+    with pytest.raises(TypeError):
+        m.walk([1], 1 << 3, ("w0",))  # ids: a list
+    with pytest.raises(IndexError):
+        m.walk([1], 1 << 3, ["w0"])  # slot 3 has no id
+    del m[1]
     assert len(m) == 0
 
 
