@@ -183,6 +183,7 @@ class MockerFleet:
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self.registered = asyncio.Event()
+        self._left: set[str] = set()  # workers that deregistered: no keep-alive for them
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -224,6 +225,16 @@ class MockerFleet:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    async def leave(self, worker_id: str) -> bool:
+        """The worker leaves the router's registry as a stopping engine does: its keep-alive
+        ends and it deregisters (a worker left to its keep-alive would register again)."""
+        if worker_id not in self.workers:
+            raise KeyError(worker_id)
+        self._left.add(worker_id)
+        if self._client is None:
+            return False
+        return (await self._client.deregister(worker_id)).ok
+
     def registration(self, w: MockerWorker) -> WorkerRegistration:
         assert w.kv.replay_endpoint is not None
         return WorkerRegistration(
@@ -248,7 +259,8 @@ class MockerFleet:
         while True:
             try:
                 for w in self.workers.values():
-                    await self._client.register(self.registration(w))
+                    if w.worker_id not in self._left:
+                        await self._client.register(self.registration(w))
                 if warned:
                     log.info("mocker fleet registered again with %s", self.router)
                 warned = False
