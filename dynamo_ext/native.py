@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import MutableMapping
 from types import ModuleType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -56,3 +57,15 @@ def set_enabled(on: bool) -> bool:
     old = IMPL is not None
     IMPL = _MODULE if on else None
     return old
+
+
+def new_table(name: str) -> MutableMapping[int, int]:
+    """An empty int -> int map: the extension's ``name`` (``U64Map``, ``MaskMap``) where the
+    hot loops run native, else a dict. Either works with the native and the Python paths."""
+    return getattr(IMPL, name)() if IMPL is not None else {}  # type: ignore[no-any-return]
+
+
+def native_table(m: MutableMapping[int, int], name: str) -> Any:
+    """``m`` when it is the extension's ``name`` and the hot loops run native, else None
+    (the caller's Python loops, the reference, work on either map)."""
+    return m if IMPL is not None and type(m) is getattr(IMPL, name) else None

@@ -67,23 +67,13 @@ class PrefixMatches:
         return out
 
 
-def _new_gpu_tier() -> MutableMapping[int, int]:
-    impl = native.IMPL
-    return impl.MaskMap() if impl is not None else {}  # type: ignore[no-any-return]
-
-
-def _native_table(d: MutableMapping[int, int]) -> Any:
-    """``d`` when it is a ``MaskMap`` and the hot loops run native, else None (the Python
-    loops below, the reference, work on either map)."""
-    impl = native.IMPL
-    return d if impl is not None and type(d) is impl.MaskMap else None
-
-
 class KvIndex:
     """In-memory global index. Not thread-safe: one event loop owns it."""
 
     def __init__(self, max_blocks_per_worker: int = 0) -> None:
-        self._tiers: dict[str, MutableMapping[int, int]] = {MEDIUM_GPU: _new_gpu_tier()}
+        self._tiers: dict[str, MutableMapping[int, int]] = {
+            MEDIUM_GPU: native.new_table("MaskMap")
+        }
         self._tier_rank: dict[str, int] = {t: i for i, t in enumerate(TIER_ORDER)}
         self._slots: dict[str, int] = {}
         self._ids: list[str | None] = []
@@ -142,7 +132,7 @@ class KvIndex:
                 continue
             self._counts[slot].pop(t, None)
             self._lru[slot].pop(t, None)
-            table = _native_table(d)
+            table = native.native_table(d, "MaskMap")
             if table is not None:
                 table.clear_slot(slot)
                 continue
@@ -190,7 +180,7 @@ class KvIndex:
         b = self._bits[slot]
         out = {}
         for t, d in self._tiers.items():
-            table = _native_table(d)
+            table = native.native_table(d, "MaskMap")
             hs = table.slot_keys(slot) if table is not None else [h for h, m in d.items() if m & b]
             if hs:
                 out[t] = sorted(hs)
@@ -215,7 +205,7 @@ class KvIndex:
         if cap:
             return self._store_bounded(slot, hashes, tier, d, cap)
         impl = native.IMPL
-        table = _native_table(d)
+        table = native.native_table(d, "MaskMap")
         if table is not None:
             added = table.store(hashes, slot)
         elif impl is not None and type(d) is dict:
@@ -235,7 +225,7 @@ class KvIndex:
         """The GPU tier's ``MaskMap`` when a native ingest may store into it directly (the
         hot loops run native, no capacity bound: ``store`` would call its ``store``), else
         None. Whoever stores there reports the blocks it added with ``count_stored``."""
-        impl = native.IMPL  # _native_table's test, inline: this runs once per KV batch
+        impl = native.IMPL  # native_table's test, inline: this runs once per KV batch
         d = self._tiers[MEDIUM_GPU]
         if impl is None or self.max_blocks_per_worker or type(d) is not impl.MaskMap:
             return None
@@ -282,7 +272,7 @@ class KvIndex:
         d = self._tiers.get(tier)
         if d is None:
             return 0
-        table = None if self.max_blocks_per_worker else _native_table(d)
+        table = None if self.max_blocks_per_worker else native.native_table(d, "MaskMap")
         if table is not None:
             removed = table.remove(hashes, slot)
         else:
@@ -344,7 +334,7 @@ class KvIndex:
         ids = self._ids
         impl = native.IMPL
         d = self._tiers[MEDIUM_GPU]
-        table = _native_table(d)
+        table = native.native_table(d, "MaskMap")
         if table is not None and len(self._tiers) == 1:
             # GPU only (no offload walk needs the slots): keyed by worker id in C.
             return PrefixMatches(table.walk(hashes, alive, ids), {}, n)

@@ -104,7 +104,8 @@ class StreamState:
         # Last seq seen on the live stream: a live seq below it is a restarted publisher;
         # one above it but already applied (<= last_seq) came through a replay first.
         self.live_last = -1
-        # tokens mode only: engine hash -> router hash, per tier (``new_xlat``).
+        # tokens mode only: engine hash -> router hash, per tier (``native.new_table``: a
+        # U64Map, a third of a dict's memory per block, no key object per entry).
         self.xlat: dict[str, MutableMapping[int, int]] = {}
         self.hash_checked = False
         self.events_applied = 0
@@ -490,7 +491,7 @@ class KvIngest:
         xlat = st.xlat
         x = xlat.get(tier)
         if x is None:
-            x = xlat[tier] = new_xlat()
+            x = xlat[tier] = native.new_table("U64Map")
         parent = ev.parent_block_hash
         if parent is None:
             p = 0
@@ -543,14 +544,6 @@ class KvIngest:
 
 
 _token_ids_decoder: Final = msgspec.msgpack.Decoder(list[int])
-
-
-def new_xlat() -> MutableMapping[int, int]:
-    """An empty engine hash -> router hash map: the extension's ``U64Map`` (a flat table of
-    64-bit pairs: a third of a dict's memory per block, no key object, fewer cache misses
-    per insert), else a dict. Either works with either path."""
-    impl = native.IMPL
-    return impl.U64Map() if impl is not None else {}  # type: ignore[no-any-return]
 
 
 def stored_tokens_py(

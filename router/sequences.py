@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import MutableMapping, Sequence
-from typing import Any
 
 from dynamo_ext import native
 
@@ -31,21 +30,9 @@ except ImportError:  # pragma: no cover - CPython has it since 3.2
             refs[h] = refs.get(h, 0) + 1
 
 
-def _new_refs() -> MutableMapping[int, int]:
-    impl = native.IMPL
-    return impl.U64Map() if impl is not None else {}  # type: ignore[no-any-return]
-
-
-def _native_refs(refs: MutableMapping[int, int]) -> Any:
-    """``refs`` when it is a ``U64Map`` and the hot loops run native, else None (the Python
-    loops below, the reference, work on either map)."""
-    impl = native.IMPL
-    return refs if impl is not None and type(refs) is impl.U64Map else None
-
-
 def count_up(refs: MutableMapping[int, int], hashes: Sequence[int]) -> None:
     """``refs[h] += 1`` for each hash in turn (1 where absent)."""
-    m = _native_refs(refs)
+    m = native.native_table(refs, "U64Map")
     if m is not None:
         m.count_up(hashes)
     else:
@@ -55,7 +42,7 @@ def count_up(refs: MutableMapping[int, int], hashes: Sequence[int]) -> None:
 def count_down(refs: MutableMapping[int, int], hashes: Sequence[int]) -> None:
     """``refs[h] -= 1`` for each hash in turn, deleted at 0. An absent hash raises KeyError
     with the hashes before it taken and those after it not, natively too."""
-    m = _native_refs(refs)
+    m = native.native_table(refs, "U64Map")
     if m is not None:
         m.count_down(hashes)
         return
@@ -70,7 +57,7 @@ def count_down(refs: MutableMapping[int, int], hashes: Sequence[int]) -> None:
 def run_in(refs: MutableMapping[int, int], hashes: Sequence[int], start: int, stop: int) -> int:
     """The first ``k >= start`` with ``hashes[k]`` not in ``refs``; ``min(stop, len(hashes))``
     (or ``start`` past it) when the run reaches it."""
-    m = _native_refs(refs)
+    m = native.native_table(refs, "U64Map")
     if m is not None:
         return m.run_in(hashes, start, stop)  # type: ignore[no-any-return]
     if start < 0 or stop < 0:
@@ -84,7 +71,7 @@ def run_in(refs: MutableMapping[int, int], hashes: Sequence[int], start: int, st
 
 def count_absent(refs: MutableMapping[int, int], hashes: Sequence[int]) -> int:
     """How many of ``hashes`` (each duplicate too) are not in ``refs``."""
-    m = _native_refs(refs)
+    m = native.native_table(refs, "U64Map")
     if m is not None:
         return m.count_absent(hashes)  # type: ignore[no-any-return]
     return sum(1 for h in hashes if h not in refs)
@@ -120,7 +107,7 @@ class WorkerLoad:
         self.requests = 0
         self.active_blocks = 0
         self.prefill_tokens = 0
-        self.block_refs: MutableMapping[int, int] = _new_refs()
+        self.block_refs: MutableMapping[int, int] = native.new_table("U64Map")
         self.hashed_blocks = 0
 
     @property
