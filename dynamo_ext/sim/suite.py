@@ -688,23 +688,38 @@ def _reach_note(row: dict[str, Any]) -> str:
     )
 
 
-def _seeds_ahead(ours: dict[str, Any], peers: list[dict[str, Any]]) -> str:
-    """Per verdict figure, the seeds where ours is at least as good as the better peer row
-    of that seed: "3/3 · 1/3 · 2/3" (TTFT p50 · p99 · goodput); "-" for a single run."""
+def _seed_pairs(
+    ours: dict[str, Any], peers: list[dict[str, Any]]
+) -> dict[str, tuple[list[tuple[float, float]], int]] | None:
+    """Per verdict figure, (ours, the better peer row) in each seed where both have it, and
+    the number of seeds ours ran; None for a single run."""
     mine = ours.get("per_seed")
     theirs = [p["per_seed"] for p in peers if p.get("per_seed")]
     if not mine or not theirs:
+        return None
+    out = {}
+    for k in PER_SEED:
+        xs = mine.get(k) or []
+        pairs = []
+        for i, x in enumerate(xs):
+            vals = [t[k][i] for t in theirs if len(t.get(k) or []) > i and t[k][i] is not None]
+            if x is not None and vals:
+                pairs.append((x, _best(k, vals)))
+        out[k] = (pairs, len(xs))
+    return out
+
+
+def _seeds_ahead(ours: dict[str, Any], peers: list[dict[str, Any]]) -> str:
+    """Per verdict figure, the seeds where ours is at least as good as the better peer row
+    of that seed: "3/3 · 1/3 · 2/3" (TTFT p50 · p99 · goodput); "-" for a single run."""
+    seeds = _seed_pairs(ours, peers)
+    if seeds is None:
         return "-"
     cells = []
     for k in PER_SEED:
-        xs = mine.get(k) or []
-        ahead = 0
-        for i, x in enumerate(xs):
-            vals = [t[k][i] for t in theirs if len(t.get(k) or []) > i and t[k][i] is not None]
-            if x is None or not vals:
-                continue
-            ahead += _best(k, [x, *vals]) == x  # at least as good as the better peer
-        cells.append(f"{ahead}/{len(xs)}")
+        pairs, n = seeds[k]
+        ahead = sum(_best(k, [x, best]) == x for x, best in pairs)  # at least as good
+        cells.append(f"{ahead}/{n}")
     return " · ".join(cells)
 
 
@@ -712,19 +727,9 @@ def _paired(ours: dict[str, Any], peers: list[dict[str, Any]]) -> dict[str, tupl
     """Per verdict figure, ours against the better peer row seed by seed, as signed
     percentages (``_versus``'s sign): their mean and sample standard deviation over the
     seeds. Empty for a single run."""
-    mine = ours.get("per_seed")
-    theirs = [p["per_seed"] for p in peers if p.get("per_seed")]
     out: dict[str, tuple[float, float]] = {}
-    if not mine or not theirs:
-        return out
-    for k in PER_SEED:
-        ds = []
-        for i, x in enumerate(mine.get(k) or []):
-            vals = [t[k][i] for t in theirs if len(t.get(k) or []) > i and t[k][i] is not None]
-            if x is None or not vals:
-                continue
-            best = _best(k, vals)
-            ds.append(100.0 * (x - best) / best if best else 0.0)
+    for k, (pairs, _) in (_seed_pairs(ours, peers) or {}).items():
+        ds = [100.0 * (x - best) / best if best else 0.0 for x, best in pairs]
         if len(ds) > 1:
             out[k] = (statistics.fmean(ds), statistics.stdev(ds))
     return out
