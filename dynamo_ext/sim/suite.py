@@ -191,6 +191,8 @@ def _load_prev(path: str, args: argparse.Namespace, tune_requests: int) -> dict[
     t = prev["tuning"]
     if (t["trace_requests"], t["budget_per_side"]) != (tune_requests, args.budget):
         bad.append(f"tuning {t['trace_requests']}x{t['budget_per_side']}")
+    if t.get("objective") != tune.OBJECTIVE:
+        bad.append(f"tuning objective {t.get('objective')!r} != {tune.OBJECTIVE!r}")
     if "trials" not in t.get("dynamo_core", {}):
         bad.append("no dynamo_core tuning")
     if bad:
@@ -375,7 +377,7 @@ def run_report(args: argparse.Namespace) -> dict[str, Any]:
         "tuning": {
             "trace_requests": len(tune_rows),
             "budget_per_side": 2 if quick else args.budget,
-            "objective": "sqrt(ttft_p50_ms * ttft_p99_ms)",
+            "objective": tune.OBJECTIVE,
             **tuned,
         },
         "sample_trace": {
@@ -557,7 +559,8 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"**Tuning** (same budget, {t['budget_per_side']} replays a side, defaults "
         f"included, on the first {t['trace_requests']} requests of the sample trace, "
-        f"objective {t['objective']}):",
+        f"objective {t['objective']}; a request's TTFT excess is its TTFT less its floor, "
+        "the delay the router's choices add):",
         "",
     ]
     for side in ("ours", "dynamo_core"):

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+from array import array
 from pathlib import Path
+
+import pytest
+
+from dynamo_ext.errors import ConfigError
+from dynamo_ext.sim.report import PolicyRun, Rec
 
 from dynamo_ext.sim import suite, tune
 from dynamo_ext.sim.model import MockerConfig
@@ -24,6 +31,26 @@ def test_sweep_gives_each_side_the_same_budget_defaults_first() -> None:
     assert set(trials[1]["knobs"]) == set(tune.OUR_SPACE)
     assert set(tune.DYNAMO_SPACE) == set(tune.DYNAMO_DEFAULTS)
     assert len(tune.DYNAMO_SPACE) == len(tune.OUR_SPACE)  # equal terms: five knobs each
+    for t in trials:  # the tail term is the excess over each request's own floor
+        assert 0 <= t["ttft_excess_p99_ms"] <= t["ttft_p99_ms"]
+        assert t["objective"] == round(
+            math.sqrt(max(t["ttft_p50_ms"], 1e-3) * max(t["ttft_excess_p99_ms"], 1e-3)), 2
+        )
+
+
+def test_excess_p99_is_ttft_less_each_requests_floor() -> None:
+    # 100 requests whose TTFT is their floor plus i ms: the floors (up to 5 s) drop out,
+    # the p99 is the routing delay's. A raw-p99 objective would see 5 s here.
+    floors = [5000.0 if i % 2 else 10.0 for i in range(100)]
+    recs = [Rec(1.0, 100, 10, first=1.0 + (f + i) / 1e3) for i, f in enumerate(floors)]
+    recs.append(Rec(1.0, 100, 10))  # never started: not counted
+    run = PolicyRun("x", recs, array("d"), [], [], 0.0, 64)
+    assert tune.excess_p99_ms(run, floors + [0.0]) == pytest.approx(98.01, abs=0.02)
+    # a TTFT under its floor (a hit the floor did not count) is no negative delay
+    run2 = PolicyRun("y", [Rec(0.0, 1, 1, first=0.001)], array("d"), [], [], 0.0, 64)
+    assert tune.excess_p99_ms(run2, [50.0]) == 0.0
+    with pytest.raises(ConfigError):
+        tune.excess_p99_ms(run2, [])
 
 
 def test_report_writes_results_tables_and_the_readme(tmp_path: Path) -> None:
