@@ -62,6 +62,22 @@ from dynamo_ext.security import load_curve, peer_key, start_authenticator
 
 log = logging.getLogger(__name__)
 
+
+def recv_now(sock: zmq.Socket[bytes]) -> list[bytes]:
+    """``sock.recv_multipart(zmq.NOBLOCK)``, at about half its cost: each part's "more"
+    flag is read from the part itself (``Frame.more``) where ``recv_multipart`` asks the
+    socket for it (a getsockopt per part, ~2 us each on the CI machine), and a KV batch is
+    three parts. Raises ``zmq.Again`` when no message is queued; a message's parts arrive
+    together, so once its first is read the rest are there (any number of them: a
+    malformed count is the caller's to refuse)."""
+    f = sock.recv(zmq.NOBLOCK, copy=False)
+    out = [f.bytes]
+    while f.more:
+        f = sock.recv(zmq.NOBLOCK, copy=False)
+        out.append(f.bytes)
+    return out
+
+
 # A route whose prompt has more blocks than this is hashed in a task of its own, a chunk
 # per event-loop turn, so it never delays the routes behind it by more than a chunk.
 INLINE_BLOCKS = 4 * HASH_CHUNK_BLOCKS
@@ -350,7 +366,7 @@ class RouterServer:
                 # awaited recv costs more than applying a 32-block batch), a bounded run.
                 for _ in range(_KV_DRAIN_BATCHES):
                     try:
-                        frames = drain.recv_multipart(zmq.NOBLOCK)
+                        frames = recv_now(drain)
                     except zmq.Again:
                         break
                     start = ingest.on_live(st, frames)

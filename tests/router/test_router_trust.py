@@ -27,6 +27,7 @@ from dynamo_ext.protocol import (
     WorkerRegistration,
     encode,
     reply_decoder,
+    seq_bytes,
 )
 from dynamo_ext.publisher import KvEventPublisher, MetricsPublisher
 from dynamo_ext.router.client import RouterClient
@@ -184,6 +185,87 @@ def test_no_frame_kills_the_kv_task_and_valid_blocks_interleaved_are_applied(
     run(main())
     text = router.scrape()
     assert metric(text, "dynamo_ext_router_malformed_messages_total", source="kv") >= 60
+    assert metric(text, "dynamo_ext_router_task_restarts_total") == 0
+
+
+def test_recv_now_reads_what_recv_multipart_reads_whatever_the_part_count() -> None:
+    """The KV drain's reader (``server.recv_now``) takes each part's "more" flag from the
+    part: messages of 1, 2, 3, 4 and 7 parts, empty parts, a 1 MB part, queued back to
+    back, come out one message at a time exactly as ``recv_multipart`` gives them (a
+    reader that assumed three parts would splice the next message into this one)."""
+    from dynamo_ext.router.server import recv_now
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"tcp://127.0.0.1:{port}")
+    msgs = [
+        [b"a"], [b"", b"\x00" * 8], [b"", b"\x00" * 8, b"x" * 100], [b"t", b"", b"", b""],
+        [bytes([i]) for i in range(7)], [b"", b"s" * 8, b"p" * (1 << 20)], [b""],
+    ]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 5
+        while True:  # a PUB drops what it sends before the subscription lands
+            pub.send_multipart([b"probe"])
+            if sub.poll(50):
+                assert recv_now(sub) == [b"probe"]
+                break
+            assert time.monotonic() < deadline, "SUB never joined"
+        while sub.poll(100):
+            sub.recv_multipart()
+        for m in msgs * 3:
+            pub.send_multipart(m)
+        got = []
+        deadline = time.monotonic() + 5
+        while len(got) < 3 * len(msgs) and time.monotonic() < deadline:
+            try:
+                got.append(recv_now(sub))
+            except zmq.Again:
+                time.sleep(0.01)
+        assert got == msgs * 3
+        with pytest.raises(zmq.Again):
+            recv_now(sub)
+    finally:
+        pub.close()
+        sub.close()
+        ctx.term()
+
+
+def test_kv_messages_with_the_wrong_part_count_are_malformed_and_splice_nothing(
+    router_factory, worker
+) -> None:
+    """A peer's KV PUB sends messages of 1, 2, 4 and 5 parts between valid batches, in one
+    burst (the drain path, where queued messages are read without an event-loop turn):
+    each bad one is counted malformed, every valid batch is indexed, no seq gap is seen."""
+    router = router_factory(block_size=BS, worker_timeout_s=5.0, resync_interval_s=0)
+    bad = [[b""], [b"", seq_bytes(10**6)], [b"", seq_bytes(1), b"\x90", b"x"], [b""] * 5]
+
+    async def main():
+        async with RouterClient(router.endpoint) as c:
+            await joined(c, worker)
+            before = metric(router.scrape(), "dynamo_ext_router_malformed_messages_total", source="kv")
+            want = 1
+            for i in range(40):
+                with worker.kv._lock:
+                    worker.kv._pub.send_multipart(bad[i % len(bad)])
+                toks, _ = blocks(1, seed=i)
+                worker.kv.publish([stored(toks)])
+                want += 1
+
+            async def all_valid():
+                return await indexed(c, "w0") == want
+
+            await wait_for(all_valid, timeout=20)
+            return before
+
+    before = run(main())
+    text = router.scrape()
+    assert metric(text, "dynamo_ext_router_malformed_messages_total", source="kv") - before >= 40
+    assert metric(text, "dynamo_ext_router_seq_gaps_total", worker="w0") == 0
     assert metric(text, "dynamo_ext_router_task_restarts_total") == 0
 
 
