@@ -256,7 +256,7 @@ def main(args: argparse.Namespace) -> int:
     }
     results.write_text(json.dumps(res, indent=1))
     md = markdown(res)
-    from dynamo_ext.sim.suite import write_readme  # one marker-block writer for both reports
+    from dynamo_ext.sim.render import write_readme  # one marker-block writer for both reports
 
     if args.readme and not write_readme(Path(args.readme), md, BEGIN, END):
         print(f"{args.readme} has no {BEGIN} ... {END} markers", file=sys.stderr)

@@ -673,6 +673,7 @@ def run(
     ]
     out["ingest"] = asyncio.run(bench_ingest(ingest_blocks))
     out["ingest"].update(bench_heap(ingest_blocks))
+    out["host"] = {"cpus": os.cpu_count(), "load_avg_1m_end": round(os.getloadavg()[0], 2)}
     big = max(out["fleets"], key=lambda r: r["workers"])
     r = big["route"]["ours_socket"]
     e = big["route"]["ours_embedded"]

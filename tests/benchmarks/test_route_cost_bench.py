@@ -59,8 +59,9 @@ def test_bench_route_cost_json_fields() -> None:
     t = res["targets"]["route_p99_us_8w"]
     assert t["measured"] == emb["p99_us"] and t["socket_measured"] == fleet["route"]["ours_socket"]["p99_us"]
     # the README block renders from these results, the embedded pair in it
-    from dynamo_ext.sim.suite import _route_cost_markdown
+    from dynamo_ext.sim.render import route_cost_markdown
 
-    md = "\n".join(_route_cost_markdown(res, None))
+    md = "\n".join(route_cost_markdown(res, None))
     assert "ours, embedded" in md and "Dynamo, embedded" in md
+    assert f"{res['host']['cpus']} CPUs, load average" in md  # as the run recorded it
     assert f"{emb['p50_us']:.0f} / {emb['p99_us']:.0f}" in md

@@ -14,7 +14,7 @@ import pytest
 from dynamo_ext.errors import ConfigError
 from dynamo_ext.sim.report import PolicyRun, Rec
 
-from dynamo_ext.sim import suite, tune
+from dynamo_ext.sim import render, suite, tune
 from dynamo_ext.sim.model import MockerConfig
 from dynamo_ext.sim.trace import TracePrompts, load_trace
 
@@ -125,7 +125,7 @@ def test_the_verdict_is_computed_from_the_rows_and_names_every_miss() -> None:
         "ttft_p50_ms": [10, 12], "ttft_p99_ms": [21, 21], "goodput_req_s": [5, 5]
     }
     chat["dynamo_core"]["load_imbalance"] = 1.1
-    text = "\n".join(suite._verdict_markdown(res))
+    text = "\n".join(render.verdict_markdown(res))
     assert "| leads | 0.50 | 2/2 · 1/2 · 2/2 | -9.2 ± 1.2 · -4.8 ± 13.5 · +0.0 ± 0.0 | 1.30 / 1.10 |" in text
     assert "| **trails** | 0.90 | - | - | - |" in text  # one run, no imbalance given
     assert "| sample trace, CPU tier | -16.7% | -7.7% | +9.1% |" in text
@@ -138,11 +138,11 @@ def test_the_verdict_is_computed_from_the_rows_and_names_every_miss() -> None:
     res["sample_trace"]["policies"]["kv"].update(
         hit_rate_of_limit=0.6, physical_limit_hit_rate=0.66, fleet_cache_limit_hit_rate=0.49
     )
-    text = "\n".join(suite._verdict_markdown(res))
+    text = "\n".join(render.verdict_markdown(res))
     assert "0.60 (target 0.85, **not met**)" in text
     assert "0.561, above the fleet-cache limit 0.490: the fleet's caches cannot hold it" in text
     res["sample_trace"]["policies"]["kv"]["fleet_cache_limit_hit_rate"] = 0.6
-    assert "whoever routes" not in "\n".join(suite._verdict_markdown(res))
+    assert "whoever routes" not in "\n".join(render.verdict_markdown(res))
     assert "**not met** on sample trace" in text and "chat / low" not in text.split("not met")[-1]
 
 
@@ -157,11 +157,11 @@ def test_a_trail_inside_the_seeds_spread_is_marked_and_still_a_miss() -> None:
         "sample_trace": {"policies": {"kv": _row(1, 1, 1), "dynamo_core": _row(1, 1, 1)}},
         "generated": {"chat": {"loads": {"low": {"policies": {"kv": ours, "dynamo_core": peer}}}}},
     }
-    text = "\n".join(suite._verdict_markdown(res))
+    text = "\n".join(render.verdict_markdown(res))
     assert "| **trails** (within seed spread) | 0.50 | 1/2 · 2/2 · 2/2 | +1.5 ± 16.3 · +0.0 ± 0.0 · +0.0 ± 0.0 |" in text
     assert "**not met** on chat / low" in text
     ours["per_seed"]["ttft_p50_ms"] = [101, 101]  # worse in every seed: no spread to hide in
-    text = "\n".join(suite._verdict_markdown(res))
+    text = "\n".join(render.verdict_markdown(res))
     assert "| **trails** | 0.50 | 0/2 · 2/2 · 2/2 | +1.0 ± 0.0 ·" in text
 
 
@@ -173,3 +173,23 @@ def test_mean_figures_keep_the_verdict_figures_per_seed() -> None:
         "ttft_p50_ms": [10, 30], "ttft_p99_ms": [20, 40], "goodput_req_s": [5, 7]
     }
     assert "per_seed" not in suite._mean_figures(runs[:1])
+
+
+def test_render_is_a_function_of_the_results_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: the route-cost table's "load average at the end" was read when the Markdown was
+    rendered, so re-rendering a results JSON later printed that moment's load. Now the run
+    records its host and rendering reads nothing live."""
+    res = json.loads((Path(__file__).parents[2] / "docs" / "bench" / "bench-report.json").read_text())
+    rc = res["route_cost"]
+    rc["host"] = {"cpus": 2, "load_avg_1m_end": 3.25}
+
+    def no(*_: object) -> None:
+        raise AssertionError("rendering read the live host")
+
+    monkeypatch.setattr("os.getloadavg", no)
+    monkeypatch.setattr("os.cpu_count", no)
+    md = render.markdown(res)
+    assert "2 CPUs, load average 3.2 at the end" in md or "2 CPUs, load average 3.3 at the end" in md
+    assert md == render.markdown(res)
+    del rc["host"]  # an older results file: said so, not guessed
+    assert "host not recorded" in render.markdown(res)
