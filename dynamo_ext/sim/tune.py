@@ -39,12 +39,12 @@ from typing import Any
 import msgspec
 
 from dynamo_ext.errors import ConfigError
-from dynamo_ext.stats import percentile
-from dynamo_ext.sim.model import MockerConfig
 from dynamo_ext.sim import workloads
+from dynamo_ext.sim.model import MockerConfig
 from dynamo_ext.sim.replay import KV_POLICY, Policy, simulate
 from dynamo_ext.sim.report import PolicyRun, summarize
 from dynamo_ext.sim.trace import TracePrompts, load_trace
+from dynamo_ext.stats import percentile
 
 # (low, high, scale) per knob; the sampled range spans the default on each side.
 OUR_SPACE: dict[str, tuple[float, float, str]] = {

@@ -247,7 +247,8 @@ def test_kv_messages_with_the_wrong_part_count_are_malformed_and_splice_nothing(
     async def main():
         async with RouterClient(router.endpoint) as c:
             await joined(c, worker)
-            before = metric(router.scrape(), "dynamo_ext_router_malformed_messages_total", source="kv")
+            text = router.scrape()
+            before = metric(text, "dynamo_ext_router_malformed_messages_total", source="kv")
             want = 1
             for i in range(40):
                 with worker.kv._lock:
